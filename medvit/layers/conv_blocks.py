@@ -1,0 +1,130 @@
+"""Convolutional blocks of the U-shaped decoders (UNETR, Swin-UNETR, TransUNet).
+
+They compute what MONAI's `UnetResBlock` / `UnetBasicBlock` and UNETR up-blocks compute,
+so MONAI checkpoints load into them by a key mapping (`medvit.convert.monai`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from medvit.layers.helpers import batch_norm_nd, conv_nd, conv_transpose_nd, instance_norm_nd
+
+NORMS = ("instance", "batch")
+
+
+def make_norm(name: str, channels: int, spatial_dims: int) -> nn.Module:
+    """`instance` (no affine, as MONAI's UNETR) or `batch`."""
+    if name == "instance":
+        return instance_norm_nd(spatial_dims)(channels)
+    if name == "batch":
+        return batch_norm_nd(spatial_dims)(channels)
+    raise ValueError(f"norm must be one of {NORMS}, got {name!r}")
+
+
+class ConvBlock(nn.Module):
+    """Two 3x3 convolutions with norm and LeakyReLU, optionally residual.
+
+    Args:
+        in_chans: Input channels.
+        out_chans: Output channels.
+        spatial_dims: 2 or 3.
+        kernel_size: Kernel of both convolutions.
+        norm: `instance` or `batch`.
+        residual: Add a (1x1-projected when the width changes) shortcut before the last
+            activation.
+    """
+
+    def __init__(
+        self,
+        in_chans: int,
+        out_chans: int,
+        spatial_dims: int = 3,
+        kernel_size: int = 3,
+        norm: str = "instance",
+        residual: bool = True,
+    ) -> None:
+        super().__init__()
+        conv = conv_nd(spatial_dims)
+        pad = kernel_size // 2
+        self.conv1 = conv(in_chans, out_chans, kernel_size, padding=pad, bias=False)
+        self.norm1 = make_norm(norm, out_chans, spatial_dims)
+        self.conv2 = conv(out_chans, out_chans, kernel_size, padding=pad, bias=False)
+        self.norm2 = make_norm(norm, out_chans, spatial_dims)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.residual = residual
+        self.shortcut: nn.Module | None = None
+        if residual and in_chans != out_chans:
+            self.shortcut = nn.Sequential(
+                conv(in_chans, out_chans, 1, bias=False), make_norm(norm, out_chans, spatial_dims)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        if self.residual:
+            out = out + (self.shortcut(x) if self.shortcut is not None else x)
+        return self.act(out)
+
+
+def upsample_conv(in_chans: int, out_chans: int, spatial_dims: int, scale: int = 2) -> nn.Module:
+    """Transposed convolution with kernel = stride = `scale` and no bias."""
+    return conv_transpose_nd(spatial_dims)(in_chans, out_chans, scale, stride=scale, bias=False)
+
+
+class ProjectionUpsample(nn.Module):
+    """Upsample a token map `num_up` times by 2 (UNETR's skip path from a transformer layer).
+
+    The first step projects `in_chans` to `out_chans`; each further step is an upsampling
+    followed by a conv block (when `conv_block`).
+    """
+
+    def __init__(
+        self,
+        in_chans: int,
+        out_chans: int,
+        num_up: int,
+        spatial_dims: int = 3,
+        norm: str = "instance",
+        residual: bool = True,
+        conv_block: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_up < 1:
+            raise ValueError(f"num_up must be >= 1, got {num_up}")
+        self.proj = upsample_conv(in_chans, out_chans, spatial_dims)
+        steps: list[nn.Module] = []
+        for _ in range(num_up - 1):
+            up = upsample_conv(out_chans, out_chans, spatial_dims)
+            if conv_block:
+                up = nn.Sequential(
+                    up, ConvBlock(out_chans, out_chans, spatial_dims, norm=norm, residual=residual)
+                )
+            steps.append(up)
+        self.steps = nn.ModuleList(steps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    """Upsample by 2, concatenate the skip, fuse with a conv block."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        out_chans: int,
+        spatial_dims: int = 3,
+        norm: str = "instance",
+        residual: bool = True,
+    ) -> None:
+        super().__init__()
+        self.up = upsample_conv(in_chans, out_chans, spatial_dims)
+        self.fuse = ConvBlock(2 * out_chans, out_chans, spatial_dims, norm=norm, residual=residual)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.fuse(torch.cat([self.up(x), skip], dim=1))

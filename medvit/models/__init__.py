@@ -1,0 +1,5 @@
+"""Model families; importing this package registers every variant."""
+
+from __future__ import annotations
+
+from medvit.models import image, volume  # noqa: F401

@@ -1,0 +1,1 @@
+"""medvit.models.video."""
