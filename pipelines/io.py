@@ -1,0 +1,505 @@
+"""Scan reading and mask writing: NIfTI, NRRD, MetaImage and DICOM series.
+
+Every scan comes back as a :class:`Scan` in one convention, whatever the file format:
+the voxel array in file voxel order (i, j, k) and a 4x4 affine mapping (i, j, k) to
+RAS world millimetres, as nibabel does. Files read through ITK (NRRD, MHA/MHD, DICOM)
+are LPS internally; their affine is flipped to RAS exactly as MONAI's ``ITKReader``
+(``affine_lps_to_ras=True``) does, so a scan has the same affine whichever reader
+MONAI is later pointed at.
+
+A mask is always written as NIfTI on the scan's own grid. The writer reuses the
+input's own geometry record (the NIfTI header fields, or the ITK origin, spacing and
+direction) rather than re-deriving it from the affine, so no rounding creeps in, and
+it writes atomically so a failed write never leaves a partial file behind.
+
+Every problem a user can cause raises :class:`ScanError` with a one-line message that
+names the file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from medvit.pipelines.errors import MedvitError
+
+__all__ = ["SCAN_SUFFIXES", "Scan", "ScanError", "find_scans", "is_dicom_folder", "read_scan", "write_mask"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_FILE_SUFFIXES = {".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
+SCAN_SUFFIXES = NIFTI_SUFFIXES + tuple(ITK_FILE_SUFFIXES)
+# Stripped from names to make output stems; longest first so ".nii.gz" wins over ".gz".
+_STEM_SUFFIXES = (*SCAN_SUFFIXES, ".dcm", ".dicom", ".ima", ".gz")
+
+# ITK is LPS, nibabel and MONAI (affine_lps_to_ras=True) are RAS: flip x and y.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Enough files to recognise a DICOM folder without opening thousands of slices.
+_DICOM_PROBE_FILES = 8
+_MAX_REASON_CHARS = 160
+
+
+class ScanError(MedvitError):
+    """A user's input problem; ``str(e)`` is one line naming the file and what is wrong.
+
+    A ``MedvitError``, hence a ``ValueError``: the CLI reports it as one line, no traceback.
+    """
+
+
+@dataclass(frozen=True)
+class _ItkGeometry:
+    """The ITK grid of a scan, kept verbatim so a mask lands on exactly the same grid."""
+
+    origin: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    direction: tuple[float, ...]  # row-major 3x3, as SimpleITK's GetDirection
+
+
+@dataclass
+class Scan:
+    """A 3D scan in nibabel's convention.
+
+    Attributes:
+        array: Voxel array in file voxel order (i, j, k), with the file's own dtype
+            (float32 when the NIfTI header asks for intensity scaling).
+        affine: 4x4 float64 matrix from voxel (i, j, k) to RAS world millimetres.
+        path: What the user gave: a file, or a DICOM series folder.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path
+    _nifti_header: nib.Nifti1Header | None = field(default=None, repr=False, compare=False)
+    _itk_geometry: _ItkGeometry | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along i, j, k: ITK's own spacing, else the affine's column norms."""
+        if self._itk_geometry is not None:
+            return self._itk_geometry.spacing
+        norms = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Number of voxels along i, j, k."""
+        i, j, k = self.array.shape
+        return (int(i), int(j), int(k))
+
+    @property
+    def stem(self) -> str:
+        """File name without its scan suffix; the folder name for a DICOM folder."""
+        return _stem(Path(self.path))
+
+    def orientation(self) -> str:
+        """Axis codes of the voxel axes, such as ``"RAS"`` or ``"LPS"``."""
+        return "".join(nib.aff2axcodes(self.affine))
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    lower = name.lower()
+    for suffix in _STEM_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _error(path: str | Path, problem: str) -> ScanError:
+    # Library messages can span lines; a user error must stay on one line.
+    return ScanError(" ".join(f"{path}: {problem}".split()))
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > _MAX_REASON_CHARS:
+        text = text[: _MAX_REASON_CHARS - 3] + "..."
+    return text
+
+
+@contextmanager
+def _quiet_itk() -> Iterator[None]:
+    # ITK prints warnings (such as GDCM's "No Series were found") straight to stderr;
+    # the ScanError raised instead is what the user should see.
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_scan_file_name(path: Path) -> bool:
+    return path.name.lower().endswith(SCAN_SUFFIXES)
+
+
+def _visible(entries: list[Path]) -> list[Path]:
+    # Hidden files include our own ".tmp-*" partial writes and OS litter (.DS_Store).
+    return [p for p in entries if not p.name.startswith(".")]
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """Tell whether a folder holds DICOM slice files.
+
+    Cheap on purpose: only the first few files (by name) are opened, looking for the
+    ``DICM`` marker at byte 128. Files with a known non-DICOM scan suffix and the
+    ``DICOMDIR`` index are not slices and are not looked at.
+
+    Args:
+        path: Folder to look into; anything else gives False.
+
+    Returns:
+        True when one of the probed files is a DICOM file.
+    """
+    path = Path(path)
+    try:
+        if not path.is_dir():
+            return False
+        entries = sorted(_visible(list(path.iterdir())))
+    except OSError:
+        return False
+    probed = 0
+    for entry in entries:
+        if probed >= _DICOM_PROBE_FILES:
+            break
+        if _is_scan_file_name(entry) or entry.name.upper() == "DICOMDIR" or not entry.is_file():
+            continue
+        probed += 1
+        if _has_dicom_magic(entry):
+            return True
+    return False
+
+
+def find_scans(paths: Sequence[str | Path]) -> list[Path]:
+    """Expand user inputs into the list of scans to process.
+
+    A scan file stays itself; a DICOM series folder stays the folder; any other folder
+    becomes the scan files directly inside it (sorted) followed by its DICOM
+    sub-folders. Duplicates are dropped, keeping the first occurrence.
+
+    Args:
+        paths: Files and folders as the user gave them.
+
+    Returns:
+        Scan files and DICOM folders, in input order.
+
+    Raises:
+        ScanError: A path is missing, is not a scan, or is a folder without scans.
+    """
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise _error(path, "no such file or folder")
+        if path.is_file():
+            if not (_is_scan_file_name(path) or _has_dicom_magic(path)):
+                raise _error(path, f"not a supported scan file (expected {', '.join(SCAN_SUFFIXES)} or DICOM)")
+            found.append(path)
+        elif is_dicom_folder(path):
+            found.append(path)
+        else:
+            found.extend(_scans_in_folder(path))
+    seen: set[Path] = set()
+    unique = []
+    for path in found:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def _scans_in_folder(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(_visible(list(folder.iterdir())))
+    except OSError as exc:
+        raise _error(folder, f"cannot list folder ({_reason(exc)})") from None
+    if not entries:
+        raise _error(folder, "folder is empty")
+    files = [p for p in entries if p.is_file() and _is_scan_file_name(p)]
+    series = [p for p in entries if p.is_dir() and is_dicom_folder(p)]
+    if not files and not series:
+        raise _error(
+            folder, f"no scans found in folder (looked for {', '.join(SCAN_SUFFIXES)} files and DICOM series folders)"
+        )
+    return files + series
+
+
+def read_scan(path: str | Path) -> Scan:
+    """Read a 3D scan from NIfTI, NRRD, MetaImage, a DICOM file or a DICOM series folder.
+
+    Args:
+        path: A scan file, or a folder holding one DICOM series (when it holds
+            several, the series with the most files is read).
+
+    Returns:
+        The scan in file voxel order with its RAS affine.
+
+    Raises:
+        ScanError: The path is missing, empty, damaged, not an image, not 3D, or has
+            NaN or infinite voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise _error(path, "no such file or folder")
+    if path.is_dir():
+        return _read_dicom_folder(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise _error(path, f"cannot access file ({_reason(exc)})") from None
+    if size == 0:
+        raise _error(path, "file is empty")
+    lower = path.name.lower()
+    if lower.endswith(NIFTI_SUFFIXES):
+        return _read_nifti(path)
+    suffix = Path(lower).suffix
+    if suffix in ITK_FILE_SUFFIXES:
+        return _read_itk_file(path, ITK_FILE_SUFFIXES[suffix])
+    if _has_dicom_magic(path):
+        # A single DICOM file can be a whole multi-frame volume.
+        return _read_itk_file(path, "DICOM")
+    raise _error(path, f"not a supported scan file (expected {', '.join(SCAN_SUFFIXES)}, DICOM, or a DICOM folder)")
+
+
+def _squeeze_to_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
+    dims = list(shape)
+    # Trailing singleton axes (a 4D file with one time point) carry no data.
+    while len(dims) > 3 and dims[-1] == 1:
+        dims.pop()
+    if len(dims) != 3:
+        raise _error(path, f"expected a 3D image, got shape {tuple(int(d) for d in shape)}")
+    return (int(dims[0]), int(dims[1]), int(dims[2]))
+
+
+def _check_voxel_type(path: Path, dtype: np.dtype) -> None:
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise _error(path, f"unsupported voxel type {dtype} (expected a single-channel integer or float image)")
+
+
+def _check_finite(path: Path, array: np.ndarray) -> None:
+    if array.dtype.kind != "f":
+        return
+    bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise _error(path, f"contains {bad} NaN/infinite voxels")
+
+
+def _read_nifti(path: Path) -> Scan:
+    try:
+        img = nib.load(str(path))
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _error(path, f"not a readable NIfTI file ({_reason(exc)})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise _error(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
+    shape = _squeeze_to_3d(path, img.shape)
+    disk_dtype = np.dtype(img.get_data_dtype())
+    _check_voxel_type(path, disk_dtype)
+    # nibabel moves scl_slope/scl_inter from the loaded header into the data proxy
+    # (the header then reports none), so ask the proxy.
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    scaled = (slope, inter) != (1.0, 0.0)
+    try:
+        if scaled:
+            # Scaled voxels are real numbers; float32 is exact for CT-range integers.
+            float_type = np.float64 if disk_dtype == np.float64 else np.float32
+            array = img.get_fdata(dtype=float_type)
+        else:
+            array = np.asarray(img.dataobj)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _error(path, f"damaged or truncated NIfTI file ({_reason(exc)})") from None
+    array = array.reshape(shape)
+    if not array.dtype.isnative:
+        # torch.from_numpy refuses big-endian arrays.
+        array = array.astype(array.dtype.newbyteorder("="))
+    _check_finite(path, array)
+    return Scan(array=array, affine=np.array(img.affine, dtype=np.float64), path=path, _nifti_header=img.header)
+
+
+def _read_itk_file(path: Path, kind: str) -> Scan:
+    try:
+        with _quiet_itk():
+            image = sitk.ReadImage(str(path))
+    except MemoryError:
+        raise
+    except Exception:
+        # ITK's messages are multi-line C++ traces; the file name and kind say enough.
+        problem = f"not a readable {kind} image (damaged, truncated, not an image, or a data file is missing)"
+        raise _error(path, problem) from None
+    return _scan_from_itk(path, image)
+
+
+def _read_dicom_folder(folder: Path) -> Scan:
+    try:
+        if not any(folder.iterdir()):
+            raise _error(folder, "folder is empty")
+        with _quiet_itk():
+            series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+            series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
+    except ScanError:
+        raise
+    except Exception as exc:
+        raise _error(folder, f"cannot scan folder for DICOM files ({_reason(exc)})") from None
+    series = [files for files in series if files]
+    if not series:
+        raise _error(folder, "no DICOM series found in folder")
+    # GDCM returns each series' files sorted by slice position along the normal.
+    files = max(series, key=len)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        with _quiet_itk():
+            image = reader.Execute()
+    except MemoryError:
+        raise
+    except Exception:
+        problem = f"DICOM series of {len(files)} files could not be read (damaged or inconsistent slices)"
+        raise _error(folder, problem) from None
+    return _scan_from_itk(folder, image)
+
+
+def _scan_from_itk(path: Path, image: sitk.Image) -> Scan:
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise _error(path, f"has {components} components per voxel; expected a single-channel image")
+    dim = image.GetDimension()
+    size = image.GetSize()
+    shape = _squeeze_to_3d(path, size)
+    array = sitk.GetArrayFromImage(image)
+    _check_voxel_type(path, array.dtype)
+    # ITK arrays are (k, j, i); transposing gives nibabel's voxel order without a copy.
+    array = array.reshape(shape[::-1]).transpose(2, 1, 0)
+    _check_finite(path, array)
+
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    spacing = np.array(image.GetSpacing(), dtype=np.float64)[:3]
+    origin = np.array(image.GetOrigin(), dtype=np.float64)[:3]
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = origin
+    geometry = _ItkGeometry(
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        direction=tuple(float(v) for v in direction.ravel()),
+    )
+    return Scan(array=array, affine=_LPS_TO_RAS @ lps, path=path, _itk_geometry=geometry)
+
+
+def _mask_dtype(out_path: Path, mask: np.ndarray) -> np.dtype:
+    if mask.dtype.kind not in "biu":
+        raise _error(out_path, f"mask must hold integer labels, got dtype {mask.dtype}")
+    if mask.size == 0:
+        return np.dtype(np.uint8)
+    low, high = int(mask.min()), int(mask.max())
+    if low < 0:
+        raise _error(out_path, f"mask has negative label {low}")
+    if high > np.iinfo(np.uint16).max:
+        raise _error(out_path, f"mask label {high} does not fit in uint16")
+    return np.dtype(np.uint8 if high <= np.iinfo(np.uint8).max else np.uint16)
+
+
+def write_mask(mask: np.ndarray, scan: Scan, out_path: str | Path) -> Path:
+    """Write a label mask as NIfTI on exactly the scan's grid.
+
+    The mask is stored as uint8, or uint16 when a label exceeds 255. The file is
+    written under a hidden temporary name in the target folder and renamed into place,
+    so the target is either complete or untouched.
+
+    Args:
+        mask: Integer labels of shape ``scan.shape``, in the scan's (i, j, k) order.
+        scan: The scan the mask was computed from.
+        out_path: Target file; must end in ``.nii.gz`` (or ``.nii``). Missing parent
+            folders are created.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ScanError: The mask does not fit the scan, or the file cannot be written.
+    """
+    out_path = Path(out_path)
+    if not out_path.name.lower().endswith(NIFTI_SUFFIXES) or out_path.name.lower() in NIFTI_SUFFIXES:
+        raise _error(out_path, "masks are written as NIfTI; the output name must end in .nii.gz")
+    mask = np.asarray(mask)
+    if mask.shape != scan.shape:
+        raise _error(out_path, f"mask shape {mask.shape} does not match the shape {scan.shape} of scan {scan.path}")
+    mask = mask.astype(_mask_dtype(out_path, mask), copy=False)
+    if out_path.is_dir():
+        raise _error(out_path, "output path is a folder")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _error(out_path, f"cannot create output folder ({_reason(exc)})") from None
+
+    # The temp name keeps the real suffix: both writers pick the format from it.
+    tmp = out_path.parent / f".tmp-{secrets.token_hex(6)}-{out_path.name}"
+    try:
+        if scan._itk_geometry is not None:
+            _write_itk(mask, scan._itk_geometry, tmp)
+        else:
+            _write_nibabel(mask, scan, tmp)
+        os.replace(tmp, out_path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and not isinstance(exc, ScanError):
+            raise _error(out_path, f"cannot write mask ({_reason(exc)})") from None
+        raise
+    return out_path
+
+
+def _write_itk(mask: np.ndarray, geometry: _ItkGeometry, tmp: Path) -> None:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose(2, 1, 0)))
+    image.SetOrigin(geometry.origin)
+    image.SetSpacing(geometry.spacing)
+    image.SetDirection(geometry.direction)
+    sitk.WriteImage(image, str(tmp), True)
+
+
+# The header fields that define a NIfTI grid; copying them verbatim (not the affine)
+# keeps qform quaternions and sform rows bit-identical to the input.
+_NIFTI_GEOMETRY_FIELDS = (
+    "pixdim", "xyzt_units", "dim_info", "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d",
+    "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z",
+)  # fmt: skip
+
+
+def _write_nibabel(mask: np.ndarray, scan: Scan, tmp: Path) -> None:
+    source = scan._nifti_header
+    if source is None:
+        # A Scan built in code has only its affine: record it as scanner coordinates.
+        image = nib.Nifti1Image(mask, scan.affine)
+        image.header.set_qform(scan.affine, code=1)
+        image.header.set_sform(scan.affine, code=1)
+    else:
+        # A fresh header drops intensity windows, intents and extensions that describe
+        # the scan, not the mask.
+        header = type(source)()
+        for name in _NIFTI_GEOMETRY_FIELDS:
+            header[name] = source[name]
+        header.set_data_dtype(mask.dtype)
+        image_class = nib.Nifti2Image if isinstance(source, nib.Nifti2Header) else nib.Nifti1Image
+        image = image_class(mask, None, header=header)
+    image.header.set_data_dtype(mask.dtype)
+    image.header.set_slope_inter(1.0, 0.0)
+    nib.save(image, str(tmp))
