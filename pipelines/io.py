@@ -31,7 +31,7 @@ import SimpleITK as sitk
 
 from medvit.pipelines.errors import MedvitError
 
-__all__ = ["SCAN_SUFFIXES", "Scan", "ScanError", "find_scans", "is_dicom_folder", "read_scan", "write_mask"]
+__all__ = ["SCAN_SUFFIXES", "Scan", "ScanError", "find_scans", "is_dicom_folder", "read_scan", "scan_stem", "write_mask"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_FILE_SUFFIXES = {".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
@@ -96,14 +96,15 @@ class Scan:
     @property
     def stem(self) -> str:
         """File name without its scan suffix; the folder name for a DICOM folder."""
-        return _stem(Path(self.path))
+        return scan_stem(Path(self.path))
 
     def orientation(self) -> str:
         """Axis codes of the voxel axes, such as ``"RAS"`` or ``"LPS"``."""
         return "".join(nib.aff2axcodes(self.affine))
 
 
-def _stem(path: Path) -> str:
+def scan_stem(path: Path) -> str:
+    """A scan's name without its format suffixes (`ct.nii.gz` -> `ct`); a folder's own name."""
     name = path.name
     lower = name.lower()
     for suffix in _STEM_SUFFIXES:

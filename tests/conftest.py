@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import make_tiny_checkpoint
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -21,3 +23,20 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "ct" / "example_ct.nii.gz").exists():
         pytest.skip(f"shared real scans not found at {SHARED_DATA} (a clone outside the workplace)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def phantom_scan(tmp_path_factory) -> tuple[Path, Path]:
+    """A small LPS phantom (image, labels) on disk."""
+    from medvit.pipelines.phantom import make_phantom, save_phantom
+
+    folder = tmp_path_factory.mktemp("phantom")
+    ph = make_phantom(seed=3, shape=(48, 40, 20), spacing=(3.0, 3.0, 6.0), orientation="LPS")
+    img, lab = folder / "phantom.nii.gz", folder / "phantom_labels.nii.gz"
+    save_phantom(ph, img, lab)
+    return img, lab

@@ -42,7 +42,7 @@ def test_tiny_forward_backward(name: str) -> None:
 
 
 def test_list_models_pattern() -> None:
-    assert medvit.list_models("unetr_*") == ["unetr_base"]
+    assert medvit.list_models("unetr_*") == ["unetr_base", "unetr_small", "unetr_tiny"]
     vits = medvit.list_models("vit_*_patch16_224")
     assert vits == sorted(vits) and "vit_base_patch16_224" in vits and "vit_huge_patch16_224" in vits
     assert medvit.list_models("nothing*") == []

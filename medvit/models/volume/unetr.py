@@ -110,12 +110,32 @@ class UNETR(nn.Module):
         return self.head(y)
 
 
-@register_model(
-    tiny=dict(img_size=32, feature_size=4, skip_indices=(0, 1, 2), encoder_args=dict(embed_dim=32, depth=3, num_heads=2))
-)
-def unetr_base(**kwargs: Any) -> UNETR:
-    """The paper's UNETR: ViT-B/16 on 96^3 crops, feature size 16, skips from blocks 3/6/9."""
-    args: dict[str, Any] = dict(encoder="vit_base_patch16_96_3d", feature_size=16, skip_indices=(3, 6, 9))
+def _unetr_variant(encoder: str, feature_size: int, kwargs: dict[str, Any]) -> UNETR:
+    args: dict[str, Any] = dict(encoder=encoder, feature_size=feature_size, skip_indices=(3, 6, 9))
     args.update(kwargs)
+    # MONAI's UNETR encoder: no q/k/v bias, LayerNorm eps 1e-5 (so its checkpoints load)
     args["encoder_args"] = {"qkv_bias": False, "norm_eps": 1e-5, **(kwargs.get("encoder_args") or {})}
     return UNETR(**args)
+
+
+_TINY_UNETR = dict(
+    img_size=32, feature_size=4, skip_indices=(0, 1, 2), encoder_args=dict(embed_dim=32, depth=3, num_heads=2)
+)
+
+
+@register_model(tiny=_TINY_UNETR)
+def unetr_base(**kwargs: Any) -> UNETR:
+    """The paper's UNETR: ViT-B/16 on 96^3 crops, feature size 16, skips from blocks 3/6/9."""
+    return _unetr_variant("vit_base_patch16_96_3d", 16, kwargs)
+
+
+@register_model(tiny=_TINY_UNETR)
+def unetr_small(**kwargs: Any) -> UNETR:
+    """UNETR on ViT-S/16 (384 wide, 12 blocks, 6 heads), feature size 16."""
+    return _unetr_variant("vit_small_patch16_96_3d", 16, kwargs)
+
+
+@register_model(tiny=_TINY_UNETR)
+def unetr_tiny(**kwargs: Any) -> UNETR:
+    """UNETR on ViT-Ti/16 (192 wide, 12 blocks, 3 heads), feature size 16: trains on a CPU."""
+    return _unetr_variant("vit_tiny_patch16_96_3d", 16, kwargs)

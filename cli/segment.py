@@ -1,0 +1,38 @@
+"""`medvit segment`: masks for scans, on each scan's own grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from medvit.cli._common import device_option, user_errors
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "-m", "checkpoint", required=True, type=click.Path(path_type=Path),
+              help="A medvit checkpoint (.safetensors).")
+@click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for <stem>_seg.nii.gz and <stem>_volumes.json.")
+@click.option("--overlap", default=0.5, show_default=True, help="Sliding-window overlap fraction.")
+@click.option("--sw-batch-size", default=4, show_default=True, help="Windows per forward pass.")
+@device_option()
+@click.option("--tta", is_flag=True, help="Average over the 8 axis flips (8x slower).")
+@click.option("--labels", multiple=True, help="Keep only these label names (repeatable).")
+@click.option("--preview", is_flag=True, help="Also write <stem>_preview.png.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@user_errors
+def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, tta, labels, preview, quiet) -> None:
+    """Segment INPUTS: scan files, DICOM series folders or folders of scans."""
+    from medvit.pipelines.segment import SegmentConfig, segment as run, card_summary
+    from medvit.pipelines.checkpoint import read_card
+
+    card = read_card(checkpoint)
+    if not quiet:
+        click.echo(f"model: {card_summary(card)}")
+    cfg = SegmentConfig(overlap=overlap, sw_batch_size=sw_batch_size, device=device, tta=tta,
+                        labels=list(labels) or None, preview=preview, progress=not quiet)
+    for r in run(inputs, checkpoint, out_dir, cfg):
+        vols = ", ".join(f"{k} {v:.1f} ml" for k, v in r.volumes_ml.items())
+        click.echo(f"{r.input} -> {r.mask} ({vols})")

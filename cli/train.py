@@ -1,0 +1,65 @@
+"""`medvit train`: train a segmentation model on a dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from medvit.cli._common import device_option, user_errors
+
+
+def _model_arg(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+@click.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Run folder: checkpoints, TensorBoard logs (tb/), config.json.")
+@click.option("--model", "-m", default="unetr_base", show_default=True, help="Registered model name.")
+@click.option("--model-arg", "model_args", multiple=True, callback=_model_arg,
+              help="Extra model argument KEY=VALUE (VALUE as JSON), repeatable.")
+@click.option("--epochs", default=100, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimiser steps.")
+@click.option("--patch-size", nargs=3, type=int, default=(96, 96, 96), show_default=True)
+@click.option("--spacing", nargs=3, type=float, default=(1.5, 1.5, 2.0), show_default=True,
+              help="Target voxel size in mm (ignored for a preprocessed folder).")
+@click.option("--intensity", type=click.Choice(["ct", "mr", "none"]), default=None,
+              help="Intensity preset (default: from the dataset's modality).")
+@click.option("--batch-size", default=2, show_default=True)
+@click.option("--samples-per-volume", default=2, show_default=True, help="Random crops per volume and pass.")
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--val-fraction", default=0.2, show_default=True)
+@click.option("--val-every", default=1, show_default=True, help="Validate every N epochs.")
+@device_option()
+@click.option("--amp", is_flag=True, help="Mixed precision (CUDA only; ignored on CPU).")
+@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT where it stopped.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@user_errors
+def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, spacing, intensity, batch_size,
+          samples_per_volume, lr, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
+    """Train on DATA: a dataset.json (MSD or nnU-Net v2) or a `medvit preprocess` folder."""
+    from medvit.pipelines.train import TrainConfig, train as run
+
+    cfg = TrainConfig(
+        data=data, out_dir=out_dir, model=model, model_args=model_args, epochs=epochs, max_steps=max_steps,
+        patch_size=tuple(patch_size), spacing=tuple(spacing), intensity=intensity, batch_size=batch_size,
+        samples_per_volume=samples_per_volume, lr=lr, val_fraction=val_fraction, val_every=val_every,
+        device=device, amp=amp, resume=resume, seed=seed, progress=not quiet,
+    )
+    result = run(cfg)
+    dice = ", ".join(f"{k} {v:.3f}" for k, v in result.last_dice.items())
+    click.echo(f"trained {result.steps} steps ({result.epochs} epochs); validation Dice: {dice}")
+    click.echo(f"best mean Dice {result.best_dice:.3f}; checkpoints in {result.out_dir}")

@@ -1,0 +1,146 @@
+"""Checkpoints: safetensors weights with the model card in the file's metadata.
+
+A checkpoint is never unpickled. The card (JSON under the metadata key `medvit`) holds
+everything needed to rebuild and use the model: registered name and arguments, label
+ids and names, preprocessing, patch size, the medvit version, and for training runs the
+optimiser state file and progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import medvit
+from medvit.pipelines.errors import CheckpointError
+
+CARD_KEY = "medvit"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelCard:
+    """What a checkpoint says about its model.
+
+    Attributes:
+        model_name: Registered model name.
+        model_args: Arguments given to `create_model` (JSON-serialisable).
+        labels: Output class index (1..K) -> {"id": label id written in masks, "name": ...};
+            class 0 is background.
+        preprocessing: `Preprocessing.to_dict()`.
+        patch_size: Sliding-window size (the model's input size).
+        extra: Training progress and anything else (epoch, step, best Dice ...).
+    """
+
+    model_name: str
+    model_args: dict[str, Any]
+    labels: dict[int, dict[str, Any]]
+    preprocessing: dict[str, Any]
+    patch_size: tuple[int, ...]
+    medvit_version: str = medvit.__version__
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels) + 1
+
+    def label_names(self) -> dict[int, str]:
+        """Label id written in masks -> name (background excluded)."""
+        return {int(v["id"]): str(v["name"]) for v in self.labels.values()}
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["labels"] = {str(k): v for k, v in self.labels.items()}
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, path: str | Path = "checkpoint") -> ModelCard:
+        try:
+            d = json.loads(text)
+            d["labels"] = {int(k): v for k, v in d["labels"].items()}
+            d["patch_size"] = tuple(d["patch_size"])
+            return cls(**d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: the medvit model card is unreadable ({e})") from None
+
+    def build_model(self) -> nn.Module:
+        """Create the (untrained) model the card describes."""
+        try:
+            return medvit.create_model(self.model_name, **self.model_args)
+        except ValueError as e:
+            raise CheckpointError(f"model card names a model that cannot be built: {e}") from None
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
+
+
+def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path:
+    """Write weights and card to `path` atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    model = getattr(model, "module", model)  # DDP wrapper
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    try:
+        save_file(tensors, str(tmp), metadata={CARD_KEY: card.to_json()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_card(path: str | Path) -> ModelCard:
+    """The model card of a checkpoint, without reading the weights."""
+    path = Path(path)
+    with _open(path) as f:
+        meta = f.metadata() or {}
+    if CARD_KEY not in meta:
+        raise CheckpointError(f"{path}: a safetensors file without a medvit model card")
+    return ModelCard.from_json(meta[CARD_KEY], path)
+
+
+def _open(path: Path) -> Any:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path}: a pickle/torch.save file; medvit never unpickles checkpoints "
+            "(convert it with `medvit convert`)"
+        )
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: not a safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """Rebuild the model from its card and load the weights (strictly).
+
+    Raises:
+        CheckpointError: Not a medvit safetensors file, or weights that do not fit.
+    """
+    path = Path(path)
+    card = read_card(path)
+    model = card.build_model()
+    with _open(path) as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit {card.model_name} ({str(e).splitlines()[0][:160]})") from None
+    return model.to(device).eval(), card

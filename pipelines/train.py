@@ -1,0 +1,315 @@
+"""Train a segmentation model: DiceCE, AdamW with warmup + cosine, sliding-window Dice.
+
+One process per device; under `torchrun` (WORLD_SIZE > 1) the model is wrapped in
+DistributedDataParallel (NCCL on GPUs, gloo on CPUs). Only rank 0 validates, logs to
+TensorBoard and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from monai.data import CacheDataset, DataLoader, list_data_collate
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import compute_dice
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+import medvit
+from medvit.pipelines.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from medvit.pipelines.data import DatasetSpec, load_dataset
+from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.runtime import autocast, resolve_device
+from medvit.pipelines.train_images import overlay_slice
+from medvit.pipelines.transforms import Preprocessing, preprocess_transforms, train_transforms
+
+
+@dataclass
+class TrainConfig:
+    """Options of `medvit train` (see the CLI for their meaning)."""
+
+    data: str | Path
+    out_dir: str | Path
+    model: str = "unetr_base"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 100
+    max_steps: int | None = None
+    patch_size: tuple[int, int, int] = (96, 96, 96)
+    spacing: tuple[float, float, float] | None = (1.5, 1.5, 2.0)
+    intensity: str | None = None
+    batch_size: int = 2
+    samples_per_volume: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_fraction: float = 0.05
+    val_fraction: float = 0.2
+    val_every: int = 1
+    overlap: float = 0.25
+    device: str = "auto"
+    amp: bool = False
+    resume: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    epochs: int
+    best_dice: float
+    last_dice: dict[str, float]
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _split(spec: DatasetSpec, val_fraction: float, seed: int) -> tuple[list, list]:
+    cases = list(spec.cases)
+    if len(cases) < 2 or val_fraction <= 0:
+        return cases, cases  # too few cases to hold one out: validate on the training data
+    rng = random.Random(seed)
+    rng.shuffle(cases)
+    n_val = max(1, round(len(cases) * val_fraction))
+    return cases[n_val:], cases[:n_val]
+
+
+class Trainer:
+    """Holds the model, data and optimiser of one run; `run()` trains to the end."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.cfg = config
+        self.world, self.rank, local_rank = _dist_info()
+        self.device = resolve_device(config.device)
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", local_rank)
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.is_main = self.rank == 0
+        self.out = Path(config.out_dir)
+        if config.max_steps is not None and config.max_steps < 1:
+            raise MedvitError(f"--max-steps must be >= 1, got {config.max_steps}")
+        if config.epochs < 1 or config.batch_size < 1:
+            raise MedvitError("--epochs and --batch-size must be >= 1")
+        torch.manual_seed(config.seed + self.rank)
+        np.random.seed(config.seed + self.rank)
+        random.seed(config.seed + self.rank)
+
+        self.spec = load_dataset(config.data)
+        self.class_ids = sorted(self.spec.labels)
+        self.num_classes = len(self.class_ids) + 1
+        self.prep, self.card_prep = self._preprocessing()
+        self.model = self._build_model().to(self.device)
+        self.card = ModelCard(
+            model_name=config.model,
+            model_args=self.model_args,
+            labels={i + 1: {"id": lid, "name": self.spec.labels[lid]} for i, lid in enumerate(self.class_ids)},
+            preprocessing=self.card_prep.to_dict(),
+            patch_size=tuple(config.patch_size),
+        )
+        train_cases, val_cases = _split(self.spec, config.val_fraction, config.seed)
+        self.train_loader = self._loader(train_cases)
+        self.val_data = self._val_data(val_cases) if self.is_main else []
+        steps_per_epoch = len(self.train_loader)
+        total = config.epochs * steps_per_epoch
+        self.total_steps = min(total, config.max_steps) if config.max_steps else total
+        self.warmup = max(1, int(config.warmup_fraction * self.total_steps))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup)
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and self.device.type == "cuda")
+        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.step, self.epoch, self.best = 0, 0, -1.0
+        self.last_dice: dict[str, float] = {}
+        if config.resume:
+            self._resume()
+        self.ddp_model: nn.Module = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    # -- set-up -------------------------------------------------------------------------
+    def _preprocessing(self) -> tuple[Preprocessing, Preprocessing]:
+        """(what to apply here, what the checkpoint records for inference)."""
+        if self.spec.layout == "preprocessed":
+            recorded = Preprocessing.from_dict(self.spec.preprocessing or {})
+            return Preprocessing(spacing=None, intensity="none"), recorded
+        modality = (self.spec.modality or "CT").upper()
+        intensity = self.cfg.intensity or ("ct" if modality == "CT" else "mr" if modality in ("MR", "MRI") else "none")
+        prep = Preprocessing(spacing=self.cfg.spacing, intensity=intensity)
+        return prep, prep
+
+    def _build_model(self) -> nn.Module:
+        args = dict(self.cfg.model_args)
+        args.update(img_size=tuple(self.cfg.patch_size), num_classes=self.num_classes, in_chans=1)
+        self.model_args = args
+        try:
+            return medvit.create_model(self.cfg.model, **args)
+        except ValueError as e:
+            raise MedvitError(f"cannot build model {self.cfg.model!r} for this run: {e}") from None
+
+    def _items(self, cases: list) -> list[dict[str, str]]:
+        return [{"image": str(c.image), "label": str(c.label)} for c in cases]
+
+    def _load_transform(self):
+        remap = None if getattr(self.spec, "remapped", False) else self.class_ids
+        return preprocess_transforms(self.prep, ("image", "label"), label_ids=remap, crop_foreground=True)
+
+    def _loader(self, cases: list) -> DataLoader:
+        from monai.transforms import Compose
+
+        tf = Compose([self._load_transform(), train_transforms(self.cfg.patch_size, self.cfg.samples_per_volume)])
+        ds = CacheDataset(self._items(cases), tf, progress=False, num_workers=0)
+        gen = torch.Generator().manual_seed(self.cfg.seed + self.rank)
+        return DataLoader(
+            ds, batch_size=self.cfg.batch_size, shuffle=True, num_workers=0,
+            collate_fn=list_data_collate, generator=gen, drop_last=False,
+        )
+
+    def _val_data(self, cases: list) -> list[dict]:
+        tf = self._load_transform()
+        return [tf(item) for item in self._items(cases)]
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _save(self, name: str) -> None:
+        self.card.extra = {"step": self.step, "epoch": self.epoch, "best_dice": self.best, "last_dice": self.last_dice}
+        save_checkpoint(self.model, self.card, self.out / f"{name}.safetensors")
+        if name == "last":
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "step": self.step,
+                "epoch": self.epoch,
+                "best": self.best,
+            }
+            tmp = self.out / ".last_state.pt.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, self.out / "last_state.pt")
+
+    def _resume(self) -> None:
+        ckpt, state_path = self.out / "last.safetensors", self.out / "last_state.pt"
+        if not ckpt.exists() or not state_path.exists():
+            raise MedvitError(f"{self.out}: nothing to resume (no last.safetensors / last_state.pt)")
+        model, card = load_checkpoint(ckpt, self.device)
+        if card.model_name != self.cfg.model or card.model_args != json.loads(json.dumps(self.model_args)):
+            raise MedvitError(f"{ckpt}: was trained as {card.model_name} {card.model_args}; resume with the same settings")
+        self.model.load_state_dict(model.state_dict())
+        state = torch.load(state_path, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.best = int(state["step"]), int(state["epoch"]), float(state["best"])
+
+    # -- loop -----------------------------------------------------------------------------
+    def _train_step(self, batch: dict) -> float:
+        x = batch["image"].to(self.device)
+        y = batch["label"].to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.cfg.amp):
+            loss = self.loss_fn(self.ddp_model(x), y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validate(self, writer: SummaryWriter | None) -> dict[str, float]:
+        self.model.eval()
+        dices, shown = [], False
+        for item in self.val_data:
+            img = item["image"].as_tensor()[None].to(self.device)
+            with autocast(self.device, self.cfg.amp):
+                logits = sliding_window_inference(
+                    img, self.cfg.patch_size, 4, self.model, overlap=self.cfg.overlap, mode="gaussian"
+                )
+            pred = logits.argmax(1, keepdim=True).cpu()
+            lab = item["label"].as_tensor()[None].long()
+            onehot = lambda t: torch.nn.functional.one_hot(t[:, 0], self.num_classes).movedim(-1, 1)  # noqa: E731
+            dices.append(compute_dice(onehot(pred), onehot(lab), include_background=False, ignore_empty=False)[0])
+            if writer is not None and not shown:
+                writer.add_image("val/prediction", overlay_slice(img[0, 0].cpu(), pred[0, 0], lab[0, 0]), self.step)
+                shown = True
+        self.model.train()
+        mean = torch.stack(dices).nanmean(0) if dices else torch.zeros(self.num_classes - 1)
+        names = [self.spec.labels[i] for i in self.class_ids]
+        return {n: float(d) for n, d in zip(names, mean)}
+
+    def run(self) -> TrainResult:
+        writer = SummaryWriter(str(self.out / "tb")) if self.is_main else None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            run_info = {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps}
+            (self.out / "config.json").write_text(json.dumps(run_info, default=str, indent=2))
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not (self.is_main and self.cfg.progress))
+        try:
+            while self.step < self.total_steps:
+                for batch in self.train_loader:
+                    loss = self._train_step(batch)
+                    self.step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                    if writer is not None:
+                        writer.add_scalar("train/loss", loss, self.step)
+                        writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+                    if self.step >= self.total_steps:
+                        break
+                self.epoch += 1
+                end = self.step >= self.total_steps
+                if self.is_main and (end or self.epoch % self.cfg.val_every == 0):
+                    self._end_of_epoch(writer)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if self.world > 1:
+            dist.barrier()
+        return TrainResult(self.out, self.step, self.epoch, self.best, self.last_dice)
+
+    def _end_of_epoch(self, writer: SummaryWriter | None) -> None:
+        self.last_dice = self.validate(writer)
+        mean = float(np.nanmean(list(self.last_dice.values()))) if self.last_dice else 0.0
+        if writer is not None:
+            for name, d in self.last_dice.items():
+                writer.add_scalar(f"val/dice_{name}", d, self.step)
+            writer.add_scalar("val/mean_dice", mean, self.step)
+        if mean > self.best:
+            self.best = mean
+            self._save("best")
+        self._save("last")
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train as configured; under torchrun every process calls this."""
+    trainer = Trainer(config)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,204 @@
+"""MONAI dictionary transforms: loading, orientation, spacing, intensity, augmentation.
+
+Spatial steps (orientation to RAS, resampling to the target spacing, foreground crop)
+are MONAI invertible transforms, so `segment` maps predictions back onto the scan's own
+grid with MONAI's inversion (`Invertd`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    ScaleIntensityRanged,
+    SpatialPadd,
+    Spacingd,
+)
+
+from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.io import Scan, read_scan
+
+INTENSITY_PRESETS = ("ct", "mr", "none")
+
+
+@dataclass
+class Preprocessing:
+    """How scans are brought to the model's space; stored in every checkpoint.
+
+    Attributes:
+        spacing: Target voxel size in mm (RAS axes x, y, z); None keeps each scan's own.
+        intensity: `ct` (clip the HU window and scale to 0..1), `mr` (z-score over the
+            non-zero voxels) or `none`.
+        ct_window: HU window of the `ct` preset.
+        orientation: Axis codes the volumes are reoriented to.
+    """
+
+    spacing: tuple[float, float, float] | None = (1.5, 1.5, 2.0)
+    intensity: str = "ct"
+    ct_window: tuple[float, float] = (-175.0, 250.0)
+    orientation: str = "RAS"
+
+    def __post_init__(self) -> None:
+        if self.intensity not in INTENSITY_PRESETS:
+            raise MedvitError(f"intensity preset must be one of {INTENSITY_PRESETS}, got {self.intensity!r}")
+        if self.spacing is not None:
+            self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
+            if len(self.spacing) != 3 or min(self.spacing) <= 0:
+                raise MedvitError(f"spacing must be three positive numbers (mm), got {self.spacing}")
+        self.ct_window = tuple(float(v) for v in self.ct_window)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
+        known = {k: d[k] for k in ("spacing", "intensity", "ct_window", "orientation") if k in d}
+        return cls(**known)
+
+
+def scan_to_tensor(scan: Scan, dtype: torch.dtype = torch.float32) -> MetaTensor:
+    """A channel-first MetaTensor carrying the scan's RAS affine and file name."""
+    data = torch.from_numpy(np.ascontiguousarray(scan.array)).to(dtype)[None]
+    affine = torch.as_tensor(scan.affine, dtype=torch.float64)
+    meta = {
+        "filename_or_obj": str(scan.path),
+        "original_affine": affine.clone(),
+        "spatial_shape": np.asarray(scan.shape),
+        "original_channel_dim": "no_channel",
+    }
+    return MetaTensor(data, affine=affine, meta=meta)
+
+
+class LoadScand(MapTransform):
+    """Read the files under `keys` with `medvit.pipelines.io.read_scan` (any format)."""
+
+    def __init__(self, keys: Sequence[Hashable], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if isinstance(d[key], MetaTensor):
+                continue
+            d[key] = scan_to_tensor(d[key] if isinstance(d[key], Scan) else read_scan(d[key]))
+        return d
+
+
+class RemapLabelsd(MapTransform):
+    """Map label ids to contiguous class indices; ids not listed become background (0)."""
+
+    def __init__(self, keys: Sequence[Hashable], label_ids: Sequence[int]) -> None:
+        super().__init__(keys)
+        self.label_ids = [int(i) for i in label_ids]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            lab = d[key]
+            out = torch.zeros_like(lab)
+            for cls, lid in enumerate(self.label_ids, start=1):
+                out[lab == lid] = cls
+            d[key] = out
+        return d
+
+
+def intensity_transform(prep: Preprocessing, key: str = "image") -> MapTransform | None:
+    if prep.intensity == "ct":
+        lo, hi = prep.ct_window
+        return ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    if prep.intensity == "mr":
+        return NormalizeIntensityd(key, nonzero=True, channel_wise=True)
+    return None
+
+
+def preprocess_transforms(
+    prep: Preprocessing,
+    keys: Sequence[str] = ("image",),
+    label_ids: Sequence[int] | None = None,
+    crop_foreground: bool = False,
+) -> Compose:
+    """Load, reorient, resample and normalise; labels (key `label`) use nearest neighbour.
+
+    Args:
+        prep: Target orientation, spacing and intensity preset.
+        keys: `image` and optionally `label`.
+        label_ids: Label ids kept as classes 1..K (others become background).
+        crop_foreground: Crop to the body (image above its minimum), for training.
+    """
+    keys = list(keys)
+    modes = ["nearest" if k == "label" else "bilinear" for k in keys]
+    steps: list[Any] = [LoadScand(keys)]
+    if "label" in keys and label_ids is not None:
+        steps.append(RemapLabelsd("label", label_ids))
+    steps.append(Orientationd(keys, axcodes=prep.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if prep.spacing is not None:
+        steps.append(Spacingd(keys, pixdim=prep.spacing, mode=modes, dtype=torch.float32))
+    norm = intensity_transform(prep)
+    if norm is not None:
+        steps.append(norm)
+    if crop_foreground:
+        steps.append(CropForegroundd(keys, source_key="image", select_fn=_body, margin=2, allow_smaller=True))
+    steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True))
+    return Compose(steps)
+
+
+def _body(x: torch.Tensor) -> torch.Tensor:
+    return x > x.min()
+
+
+@dataclass
+class Augmentation:
+    """Training augmentation strengths (what `medvit train` applies by default)."""
+
+    pos_fraction: float = 0.67
+    flip_prob: float = 0.5
+    affine_prob: float = 0.3
+    rotate_deg: float = 15.0
+    scale: float = 0.1
+    intensity_prob: float = 0.5
+    intensity_shift: float = 0.1
+    intensity_scale: float = 0.1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def train_transforms(
+    patch_size: Sequence[int], num_samples: int = 2, aug: Augmentation | None = None
+) -> Compose:
+    """Random crops balanced between foreground and background, flips, affine, intensity."""
+    aug = aug or Augmentation()
+    keys = ["image", "label"]
+    pos = aug.pos_fraction
+    return Compose(
+        [
+            SpatialPadd(keys, spatial_size=patch_size),
+            RandCropByPosNegLabeld(
+                keys, "label", spatial_size=patch_size, pos=pos, neg=1.0 - pos,
+                num_samples=num_samples, image_key="image", image_threshold=0.0,
+            ),
+            RandFlipd(keys, prob=aug.flip_prob, spatial_axis=0),
+            RandFlipd(keys, prob=aug.flip_prob, spatial_axis=1),
+            RandFlipd(keys, prob=aug.flip_prob, spatial_axis=2),
+            RandAffined(
+                keys, prob=aug.affine_prob, rotate_range=[np.deg2rad(aug.rotate_deg)] * 3,
+                scale_range=[aug.scale] * 3, mode=["bilinear", "nearest"], padding_mode="border",
+            ),
+            RandScaleIntensityd("image", factors=aug.intensity_scale, prob=aug.intensity_prob),
+            RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=aug.intensity_prob),
+        ]
+    )

@@ -1,0 +1,164 @@
+"""`medvit segment` and `medvit train` through click, including every bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from medvit.cli.main import main
+from medvit.pipelines.phantom import write_phantom_dataset
+
+TINY_ARGS = [
+    "--model", "unetr_tiny", "--model-arg", "feature_size=4", "--model-arg", "skip_indices=[0,1,2]",
+    "--model-arg", 'encoder_args={"embed_dim": 32, "depth": 3, "num_heads": 2}',
+    "--patch-size", "32", "32", "32", "--spacing", "4", "4", "4", "-q",
+]
+
+
+def run(args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def assert_user_error(result, *fragments) -> None:
+    assert result.exit_code != 0
+    out = result.output.strip()
+    assert "Traceback" not in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1, out
+    for frag in fragments:
+        assert frag in lines[0], (frag, lines[0])
+
+
+def test_help_lists_commands() -> None:
+    out = run(["--help"]).output
+    for cmd in ("segment", "train", "preprocess", "evaluate", "models", "info"):
+        assert cmd in out
+
+
+def test_segment_cli(tmp_path, tiny_checkpoint, phantom_scan) -> None:
+    img, _ = phantom_scan
+    res = run(["segment", img, "--model", tiny_checkpoint, "-o", tmp_path, "--preview", "--overlap", "0.25"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "phantom_seg.nii.gz").exists() and (tmp_path / "phantom_preview.png").exists()
+    assert "liver" in json.loads((tmp_path / "phantom_volumes.json").read_text())
+    assert "unetr_tiny" in res.output
+
+
+def test_segment_folder_of_scans(tmp_path, tiny_checkpoint, phantom_scan) -> None:
+    img, lab = phantom_scan
+    res = run(["segment", img.parent, "--model", tiny_checkpoint, "-o", tmp_path / "out", "-q"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_seg.nii.gz")) == [
+        "phantom_labels_seg.nii.gz", "phantom_seg.nii.gz"
+    ]
+
+
+@pytest.fixture()
+def bad_files(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "empty.nii.gz").write_bytes(b"")
+    (d / "text.nii.gz").write_text("not an image\n")
+    good = nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4))
+    nib.save(good, d / "good.nii.gz")
+    raw = (d / "good.nii.gz").read_bytes()
+    (d / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8, 3), np.int16), np.eye(4)), d / "four_d.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), d / "two_d.nii.gz")
+    nan = np.zeros((8, 8, 8), np.float32)
+    nan[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), d / "nan.nii.gz")
+    (tmp_path / "emptydir").mkdir()
+    return d
+
+
+@pytest.mark.parametrize(
+    "name,fragment",
+    [
+        ("missing.nii.gz", "missing.nii.gz"),
+        ("empty.nii.gz", "empty.nii.gz"),
+        ("text.nii.gz", "text.nii.gz"),
+        ("truncated.nii.gz", "truncated.nii.gz"),
+        ("four_d.nii.gz", "four_d.nii.gz"),
+        ("two_d.nii.gz", "two_d.nii.gz"),
+        ("nan.nii.gz", "nan.nii.gz"),
+        ("../emptydir", "emptydir"),
+    ],
+)
+def test_segment_bad_inputs(tmp_path, bad_files, tiny_checkpoint, name, fragment) -> None:
+    out = tmp_path / "out"
+    res = run(["segment", bad_files / name, "--model", tiny_checkpoint, "-o", out, "-q"])
+    assert_user_error(res, fragment)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_pickle_checkpoint_is_refused_never_loaded(tmp_path, phantom_scan) -> None:
+    img, _ = phantom_scan
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch_file = tmp_path / "model.pt"
+    torch.save({"weights": torch.zeros(1)}, torch_file)
+    raw_pickle = tmp_path / "model.safetensors"
+    raw_pickle.write_bytes(pickle.dumps(Evil()))
+    for ckpt in (torch_file, raw_pickle):
+        res = run(["segment", img, "--model", ckpt, "-o", tmp_path / "out"])
+        assert_user_error(res, ckpt.name)
+    assert not marker.exists()
+    res = run(["segment", img, "--model", tmp_path / "nope.safetensors", "-o", tmp_path / "out"])
+    assert_user_error(res, "nope.safetensors")
+
+
+def test_segment_keeps_existing_output_when_a_later_step_fails(tmp_path, tiny_checkpoint, phantom_scan, bad_files) -> None:
+    img, _ = phantom_scan
+    out = tmp_path / "out"
+    assert run(["segment", img, "--model", tiny_checkpoint, "-o", out, "-q"]).exit_code == 0
+    before = (out / "phantom_seg.nii.gz").read_bytes()
+    res = run(["segment", img, "--model", tiny_checkpoint, "-o", out, "--labels", "lung", "-q"])
+    assert_user_error(res, "lung")
+    assert (out / "phantom_seg.nii.gz").read_bytes() == before
+    assert not list(out.glob(".tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("ds"), 2, seed=9, shape=(40, 32, 16), spacing=(3.0, 3.0, 6.0))
+
+
+def test_train_cli_then_segment(tmp_path, dataset, phantom_scan) -> None:
+    run_dir = tmp_path / "run"
+    res = run(["train", dataset, "-o", run_dir, *TINY_ARGS, "--epochs", "1", "--batch-size", "1"])
+    assert res.exit_code == 0, res.output
+    assert "trained 1 steps" in res.output or "trained 2 steps" in res.output
+    img, _ = phantom_scan
+    res = run(["segment", img, "--model", run_dir / "best.safetensors", "-o", tmp_path / "seg", "-q"])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--model", "unetr_nope"], "unetr_nope"),
+        (["--patch-size", "30", "32", "32"], "does not divide"),
+    ],
+)
+def test_train_bad_settings(tmp_path, dataset, extra, fragment) -> None:
+    res = run(["train", dataset, "-o", tmp_path / "run", *TINY_ARGS, *extra, "--max-steps", "1"])
+    assert_user_error(res, fragment)
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_train_missing_dataset(tmp_path) -> None:
+    res = run(["train", tmp_path / "nothing.json", "-o", tmp_path / "run", *TINY_ARGS])
+    assert_user_error(res, "nothing.json")

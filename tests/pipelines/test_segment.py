@@ -1,0 +1,122 @@
+"""Segmentation pipeline: masks land on the input's grid, in the right place."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from medvit.pipelines.checkpoint import read_card
+from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.io import read_scan
+from medvit.pipelines.segment import SegmentConfig, Segmenter, segment
+
+from helpers import make_tiny_checkpoint
+
+THRESHOLD_HU = 90.0  # kidneys, aorta and bone of the phantom
+
+
+def _threshold_logits(seg: Segmenter, prep_window=(-175.0, 250.0)):
+    """Replace the network by 'class 1 where HU > THRESHOLD_HU', computed in model space."""
+    lo, hi = prep_window
+    level = (THRESHOLD_HU - lo) / (hi - lo)
+
+    def fake(image: torch.Tensor) -> torch.Tensor:
+        x = image.as_tensor()[0]
+        out = torch.zeros(seg.card.num_classes, *x.shape)
+        out[1] = (x > level).float()
+        out[0] = 1.0 - out[1]
+        return out
+
+    return fake
+
+
+def test_mask_is_exact_when_model_space_equals_input_grid(tmp_path, phantom_scan) -> None:
+    """Target spacing = the scan's: only reorientation happens, so inversion must be exact."""
+    img, _ = phantom_scan
+    ckpt = make_tiny_checkpoint(tmp_path / "c.safetensors", spacing=(3.0, 3.0, 6.0))
+    seg = Segmenter(ckpt, SegmentConfig(progress=False))
+    seg._logits = _threshold_logits(seg)
+    scan = read_scan(img)
+    assert scan.orientation() == "LPS"
+    mask = seg.predict(scan)
+    expected = (scan.array > THRESHOLD_HU).astype(np.uint8)
+    assert mask.shape == scan.shape
+    np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("fmt", [".nii.gz", ".mha"])
+def test_mask_lands_on_resampled_oblique_input(tmp_path, phantom_scan, fmt) -> None:
+    """Anisotropic resampling + oblique direction: the mask still overlays the structure."""
+    img, _ = phantom_scan
+    image = sitk.ReadImage(str(img))
+    angle = np.deg2rad(20)
+    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    image.SetDirection(tuple((rot @ np.array(image.GetDirection()).reshape(3, 3)).ravel()))
+    path = tmp_path / f"oblique{fmt}"
+    sitk.WriteImage(image, str(path))
+    ckpt = make_tiny_checkpoint(tmp_path / "c.safetensors", spacing=(2.0, 2.0, 2.0))
+    seg = Segmenter(ckpt, SegmentConfig(progress=False))
+    seg._logits = _threshold_logits(seg)
+    result = seg.segment_file(path, tmp_path / "out")
+    written = sitk.ReadImage(str(result.mask))
+    assert written.GetSize() == image.GetSize()
+    np.testing.assert_allclose(written.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(written.GetSpacing(), image.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(written.GetDirection(), image.GetDirection(), atol=1e-5)
+    mask = sitk.GetArrayFromImage(written) > 0
+    truth = sitk.GetArrayFromImage(image) > THRESHOLD_HU
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.85, dice
+
+
+def test_segment_writes_mask_volumes_preview(tmp_path, tiny_checkpoint, phantom_scan) -> None:
+    img, _ = phantom_scan
+    results = segment([img], tiny_checkpoint, tmp_path, SegmentConfig(progress=False, preview=True, tta=True))
+    (r,) = results
+    assert r.mask == tmp_path / "phantom_seg.nii.gz" and r.preview.exists()
+    out = nib.load(r.mask)
+    src = nib.load(img)
+    assert out.shape == src.shape and np.allclose(out.affine, src.affine)
+    assert out.get_data_dtype() == np.uint8
+    vols = json.loads(r.volumes.read_text())
+    assert set(vols) == {"liver", "spleen", "kidney_right", "kidney_left"}
+    voxel_ml = np.prod(src.header.get_zooms()) / 1000
+    data = np.asarray(out.dataobj)
+    assert vols["liver"] == pytest.approx((data == 1).sum() * voxel_ml, abs=1e-3)
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_labels_filter_and_unknown_label(tmp_path, tiny_checkpoint, phantom_scan) -> None:
+    img, _ = phantom_scan
+    seg = Segmenter(tiny_checkpoint, SegmentConfig(progress=False, labels=["spleen"]))
+    mask = seg.predict(read_scan(img))
+    assert set(np.unique(mask)) <= {0, 2}
+    with pytest.raises(MedvitError, match="unknown label name.*lung"):
+        Segmenter(tiny_checkpoint, SegmentConfig(labels=["lung"]))
+
+
+def test_card_is_readable(tiny_checkpoint) -> None:
+    card = read_card(tiny_checkpoint)
+    assert card.model_name == "unetr_tiny" and card.label_names()[1] == "liver"
+    assert card.patch_size == (32, 32, 32) and card.preprocessing["intensity"] == "ct"
+
+
+def test_real_ct_and_dicom_series(tmp_path, tiny_checkpoint, shared_data) -> None:
+    results = segment(
+        [shared_data / "ct" / "example_ct.nii.gz", shared_data / "ct_dicom"],
+        tiny_checkpoint, tmp_path, SegmentConfig(progress=False, sw_batch_size=8),
+    )
+    nifti, dicom = results
+    assert nib.load(nifti.mask).shape == (122, 101, 112)
+    series = read_scan(shared_data / "ct_dicom")
+    written = sitk.ReadImage(str(dicom.mask))
+    assert written.GetSize() == (512, 512, 20)
+    ref = series._itk_geometry
+    np.testing.assert_allclose(written.GetOrigin(), ref.origin, atol=1e-3)
+    np.testing.assert_allclose(written.GetSpacing(), ref.spacing, atol=1e-5)
+    np.testing.assert_allclose(written.GetDirection(), ref.direction, atol=1e-6)
