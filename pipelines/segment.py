@@ -136,8 +136,8 @@ class Segmenter:
         prob = inverted.as_tensor() if hasattr(inverted, "as_tensor") else torch.as_tensor(inverted)
         if tuple(prob.shape[1:]) != scan.shape:
             raise RuntimeError(f"inversion gave {tuple(prob.shape[1:])}, expected {scan.shape}")
-        prob[~torch.from_numpy(self.keep)] = -1.0
-        classes = prob.argmax(0).numpy()
+        kept = np.flatnonzero(self.keep)
+        classes = kept[prob[torch.from_numpy(kept)].argmax(0).numpy()]
         return self.class_ids[classes]
 
     def volumes_ml(self, mask: np.ndarray, scan: Scan) -> dict[str, float]:

@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from medvit.models import image, volume  # noqa: F401
+from medvit.models import image, video, volume  # noqa: F401

@@ -12,9 +12,10 @@ ALL = medvit.list_models()
 
 
 def _input_for(model: torch.nn.Module) -> torch.Tensor:
-    size = getattr(model, "img_size", None) or model.patch_embed.img_size
-    in_chans = getattr(model, "in_chans", None) or model.patch_embed.proj.in_channels
-    return torch.randn(2, in_chans, *size)
+    """Every model states its input: `in_chans` and `img_size` (plus `num_frames` for video)."""
+    size = tuple(model.img_size)
+    frames = getattr(model, "num_frames", None)
+    return torch.randn(2, model.in_chans, *((frames,) if frames else ()), *size)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -23,6 +24,7 @@ def test_full_configuration_builds(name: str) -> None:
         model = medvit.create_model(name)
     assert sum(p.numel() for p in model.parameters()) > 0
     assert model.model_name == name
+    assert isinstance(model.in_chans, int) and len(model.img_size) == model.spatial_dims
 
 
 @pytest.mark.parametrize("name", ALL)

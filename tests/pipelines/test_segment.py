@@ -120,3 +120,17 @@ def test_real_ct_and_dicom_series(tmp_path, tiny_checkpoint, shared_data) -> Non
     np.testing.assert_allclose(written.GetOrigin(), ref.origin, atol=1e-3)
     np.testing.assert_allclose(written.GetSpacing(), ref.spacing, atol=1e-5)
     np.testing.assert_allclose(written.GetDirection(), ref.direction, atol=1e-6)
+
+
+def test_real_model_when_model_space_is_the_scans_own(tmp_path) -> None:
+    """RAS at the target spacing: inversion is a no-op on inference-mode tensors."""
+    from medvit.pipelines.phantom import make_phantom, save_phantom
+
+    img = tmp_path / "ras.nii.gz"
+    ph = make_phantom(seed=4, shape=(40, 32, 16), spacing=(3.0, 3.0, 6.0), orientation="RAS")
+    save_phantom(ph, img, tmp_path / "ras_labels.nii.gz")
+    ckpt = make_tiny_checkpoint(tmp_path / "c.safetensors", spacing=(3.0, 3.0, 6.0))
+    seg = Segmenter(ckpt, SegmentConfig(progress=False, labels=["liver", "spleen"]))
+    scan = read_scan(img)
+    mask = seg.predict(scan)
+    assert mask.shape == scan.shape and set(np.unique(mask)) <= {0, 1, 2}

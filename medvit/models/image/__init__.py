@@ -1,8 +1,14 @@
-"""2D image backbones; importing this package registers their variants."""
+"""2D image backbones; importing this package registers every variant.
+
+Each model family is one module here; all of them are imported, so a new family only
+adds a file.
+"""
 
 from __future__ import annotations
 
-from medvit.models.image import vit  # noqa: F401
-from medvit.models.image.vit import VisionTransformer
+import importlib
+import pkgutil
 
-__all__ = ["VisionTransformer"]
+for _mod in pkgutil.iter_modules(__path__):
+    if not _mod.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod.name}")

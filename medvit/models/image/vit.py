@@ -131,6 +131,8 @@ class VisionTransformer(nn.Module):
         )
         self.grid_size = self.patch_embed.grid_size
         self.patch_size = self.patch_embed.patch_size
+        self.img_size = self.patch_embed.img_size
+        self.in_chans = in_chans
         if freeze_patch_embed:
             self.patch_embed.requires_grad_(False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None

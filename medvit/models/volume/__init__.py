@@ -1,8 +1,14 @@
-"""Segmentation models for volumes (and slices); importing registers their variants."""
+"""Segmentation models for volumes (and slices); importing this package registers every variant.
+
+Each model family is one module here; all of them are imported, so a new family only
+adds a file.
+"""
 
 from __future__ import annotations
 
-from medvit.models.volume import unetr  # noqa: F401
-from medvit.models.volume.unetr import UNETR
+import importlib
+import pkgutil
 
-__all__ = ["UNETR"]
+for _mod in pkgutil.iter_modules(__path__):
+    if not _mod.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod.name}")

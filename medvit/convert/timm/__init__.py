@@ -1,18 +1,19 @@
 """Load timm state dicts into the medvit model of the same name.
 
-Each family registers a mapper here (`register_timm_mapper`); the ViT's parameter names
-already follow timm's, so its mapper only fits the position table to the model's grid.
+One module per model family in this package registers its mapper with
+`register_timm_mapper`; every module here is imported, so a new family only adds a file.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
 
-from medvit.convert._common import StateDict, fit_pos_embed, load_strict, unwrap
-from medvit.models.image.vit import VisionTransformer
+from medvit.convert._common import StateDict, load_strict, unwrap
 
 Mapper = Callable[[StateDict, nn.Module], StateDict]
 _MAPPERS: dict[type, Mapper] = {}
@@ -26,16 +27,6 @@ def register_timm_mapper(cls: type) -> Callable[[Mapper], Mapper]:
         return fn
 
     return wrap
-
-
-@register_timm_mapper(VisionTransformer)
-def _map_vit(sd: StateDict, model: nn.Module) -> StateDict:
-    if any(k == "reg_token" for k in sd):
-        raise ValueError("timm ViTs with register tokens are not supported")
-    if "pos_embed" in sd and isinstance(model.pos_embed, nn.Parameter):
-        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-        sd["pos_embed"] = fit_pos_embed(sd["pos_embed"], model.grid_size, prefix)
-    return sd
 
 
 def load_timm(
@@ -55,7 +46,8 @@ def load_timm(
     Raises:
         ValueError: No mapper for this model class, or the weights do not fit.
     """
-    mapper = next((fn for cls, fn in _MAPPERS.items() if isinstance(model, cls)), None)
+    # the most specific registered class wins (a DeiT mapper over the ViT one it extends)
+    mapper = next((_MAPPERS[c] for c in type(model).__mro__ if c in _MAPPERS), None)
     if mapper is None:
         raise ValueError(f"load_timm does not know how to load into {type(model).__name__}")
     sd = mapper(unwrap(state_dict), model)
@@ -64,3 +56,7 @@ def load_timm(
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         sd.update({k: v for k, v in own.items() if k.startswith("head.")})
     return load_strict(model, sd, "timm")
+
+
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")
