@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -33,4 +34,27 @@ def device_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         default="auto",
         show_default=True,
         help="auto picks CUDA when present, else CPU.",
+    )
+
+
+def _parse_model_args(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def model_arg_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--model-arg",
+        "model_args",
+        multiple=True,
+        callback=_parse_model_args,
+        help="Extra model argument KEY=VALUE (VALUE as JSON), repeatable.",
     )

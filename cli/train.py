@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from medvit.cli._common import device_option, user_errors
-
-
-def _model_arg(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
-    out = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
+from medvit.cli._common import device_option, model_arg_option, user_errors
 
 
 @click.command()
@@ -28,8 +14,7 @@ def _model_arg(ctx: click.Context, param: click.Parameter, values: tuple[str, ..
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Run folder: checkpoints, TensorBoard logs (tb/), config.json.")
 @click.option("--model", "-m", default="unetr_base", show_default=True, help="Registered model name.")
-@click.option("--model-arg", "model_args", multiple=True, callback=_model_arg,
-              help="Extra model argument KEY=VALUE (VALUE as JSON), repeatable.")
+@model_arg_option()
 @click.option("--epochs", default=100, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimiser steps.")
 @click.option("--patch-size", nargs=3, type=int, default=(96, 96, 96), show_default=True)

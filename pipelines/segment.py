@@ -122,8 +122,8 @@ class Segmenter:
             total = prob if total is None else total + prob
         return (total / len(flips))[0].cpu()
 
-    def predict(self, scan: Scan) -> np.ndarray:
-        """The label-id mask of a scan, on the scan's own grid."""
+    def predict_proba(self, scan: Scan) -> torch.Tensor:
+        """Class probabilities `(C, *scan.shape)` on the scan's own grid."""
         data = self.transform({"image": scan})
         image = data["image"]
         if any(s < 1 for s in image.shape[1:]):
@@ -136,6 +136,11 @@ class Segmenter:
         prob = inverted.as_tensor() if hasattr(inverted, "as_tensor") else torch.as_tensor(inverted)
         if tuple(prob.shape[1:]) != scan.shape:
             raise RuntimeError(f"inversion gave {tuple(prob.shape[1:])}, expected {scan.shape}")
+        return prob
+
+    def predict(self, scan: Scan) -> np.ndarray:
+        """The label-id mask of a scan, on the scan's own grid."""
+        prob = self.predict_proba(scan)
         kept = np.flatnonzero(self.keep)
         classes = kept[prob[torch.from_numpy(kept)].argmax(0).numpy()]
         return self.class_ids[classes]

@@ -1,0 +1,148 @@
+"""End-to-end segmentation: `medvit segment` against the MONAI reference pipeline.
+
+Usage: python benchmarks/bench_segment.py [--scan ../shared/data/ct/example_ct.nii.gz] [--fidelity]
+
+Both sides run in their own fresh process on the same scan and the same weights (a
+random-initialised MONAI `UNETR`, paper configuration, 14 classes, saved with torch.save
+and brought to medvit with `medvit convert`):
+
+- reference: LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd(1.5, 1.5, 2.0)
+  -> ScaleIntensityRanged(-175..250 -> 0..1, clip) -> sliding_window_inference(96^3, overlap
+  0.5, gaussian, sw_batch_size 4) -> Invertd -> argmax -> SaveImaged;
+- medvit: `medvit segment SCAN --model CKPT -o OUT` with the same settings.
+
+Printed: each side's wall time (process start to mask on disk, imports included) and
+peak RSS, the speed ratio, and the per-label Dice between the two masks. `--fidelity`
+also saves both sides' inverted probabilities and prints their max abs difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SPACING = (1.5, 1.5, 2.0)
+ROI = (96, 96, 96)
+NUM_CLASSES = 14
+
+
+def child_monai(scan: str, weights: str, out: str, probs: str | None) -> None:
+    import torch
+    from monai.data import MetaTensor
+    from monai.inferers import sliding_window_inference
+    from monai.networks.nets import UNETR
+    from monai.transforms import (
+        AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd,
+        SaveImaged, ScaleIntensityRanged, Spacingd,
+    )
+
+    model = UNETR(1, NUM_CLASSES, ROI)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.eval()
+    pre = Compose([
+        LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"),
+        Spacingd("image", pixdim=SPACING, mode="bilinear"),
+        ScaleIntensityRanged("image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
+    ])
+    d = pre({"image": scan})
+    with torch.no_grad():
+        logits = sliding_window_inference(d["image"][None], ROI, 4, model, overlap=0.5, mode="gaussian")
+    pred = MetaTensor(torch.softmax(logits[0], 0), meta=d["image"].meta, applied_operations=d["image"].applied_operations)
+    d["pred"] = pred
+    d = Invertd("pred", pre, orig_keys="image", nearest_interp=False)(d)
+    if probs:
+        np.save(probs, d["pred"].numpy().astype(np.float32))
+    d = AsDiscreted("pred", argmax=True)(d)
+    SaveImaged("pred", output_dir=out, output_postfix="seg", separate_folder=False, resample=False,
+               output_dtype=np.uint8, print_log=False)(d)
+
+
+def child_medvit(scan: str, ckpt: str, out: str, probs: str | None) -> None:
+    if probs:
+        from medvit.pipelines.io import read_scan
+        from medvit.pipelines.segment import SegmentConfig, Segmenter
+
+        seg = Segmenter(ckpt, SegmentConfig(progress=False))
+        np.save(probs, seg.predict_proba(read_scan(scan)).numpy().astype(np.float32))
+    from medvit.cli.main import main
+
+    main(["segment", scan, "--model", ckpt, "-o", out, "-q"], standalone_mode=False)
+
+
+def run_child(side: str, *args: str) -> dict:
+    t0 = time.perf_counter()
+    cmd = [sys.executable, __file__, "--child", side, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{side} failed:\n{proc.stderr[-3000:]}")
+    return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def dice_per_label(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
+    out = {}
+    for lab in range(1, NUM_CLASSES):
+        s = (a == lab).sum() + (b == lab).sum()
+        if s:
+            out[lab] = float(2 * ((a == lab) & (b == lab)).sum() / s)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scan", default=str(DATA / "ct" / "example_ct.nii.gz"))
+    p.add_argument("--fidelity", action="store_true", help="also compare inverted probabilities")
+    p.add_argument("--work", default=None, help="folder for weights and masks (default: a temp dir)")
+    p.add_argument("--child", choices=["monai", "medvit"], help=argparse.SUPPRESS)
+    p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        scan, weights, out, probs = args.rest
+        (child_monai if args.child == "monai" else child_medvit)(scan, weights, out, probs or None)
+        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
+
+    import nibabel as nib
+    import torch
+    from monai.networks.nets import UNETR
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="medvit_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    weights = work / "monai_unetr.pt"
+    torch.save(UNETR(1, NUM_CLASSES, ROI).state_dict(), weights)
+    ckpt = work / "unetr.safetensors"
+    subprocess.run([sys.executable, "-m", "medvit.cli", "convert", str(weights), "-o", str(ckpt), "--from", "monai",
+                    "--model", "unetr_base", "--num-classes", str(NUM_CLASSES), "--spacing", *map(str, SPACING)],
+                   check=True, capture_output=True)
+    stem = Path(args.scan).name.replace(".nii.gz", "").replace(".nii", "")
+    res = {}
+    for side, model_file in (("monai", weights), ("medvit", ckpt)):
+        out = work / side
+        probs = str(work / f"{side}_probs.npy") if args.fidelity else ""
+        res[side] = run_child(side, args.scan, str(model_file), str(out), probs)
+        print(f"{side:>6}: {res[side]['wall_s']:7.1f} s wall, peak RSS {res[side]['peak_rss_mb']:7.0f} MB", flush=True)
+    a = np.asarray(nib.load(work / "monai" / f"{stem}_seg.nii.gz").dataobj)
+    b = np.asarray(nib.load(work / "medvit" / f"{stem}_seg.nii.gz").dataobj)
+    print(f"scan {args.scan}, shape {a.shape}, torch threads {torch.get_num_threads()}")
+    print(f"speed ratio (MONAI / medvit): {res['monai']['wall_s'] / res['medvit']['wall_s']:.2f}x")
+    print(f"peak RSS ratio (MONAI / medvit): {res['monai']['peak_rss_mb'] / res['medvit']['peak_rss_mb']:.2f}x")
+    print(f"identical mask voxels: {(a == b).mean() * 100:.4f} %")
+    d = dice_per_label(a, b)
+    print("Dice per label (medvit vs MONAI): " + ", ".join(f"{k}: {v:.4f}" for k, v in d.items()))
+    if args.fidelity:
+        pa, pb = np.load(work / "monai_probs.npy"), np.load(work / "medvit_probs.npy")
+        print(f"max |probability difference| after inversion: {np.abs(pa - pb).max():.2e}")
+
+
+if __name__ == "__main__":
+    main()
