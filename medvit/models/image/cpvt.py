@@ -1,0 +1,176 @@
+"""CPVT: a ViT whose position information comes from a conv over the tokens, not a table.
+
+Chu et al., "Conditional Positional Encodings for Vision Transformers", ICLR 2023.
+
+The position table is removed; a positional encoding generator (`medvit.layers.peg.PEG`,
+a residual 3x3 depthwise conv on the token grid) after the first block gives the tokens
+positions conditioned on their neighbourhood. Nothing depends on the number of tokens,
+so the model takes any input size the patch divides (`dynamic_img_size` is on by
+default). The registered models are the paper's CPVT-GAP: no class token, the normed
+tokens averaged (global average pooling) for the classifier, DeiT's widths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from medvit.layers.peg import PEG
+from medvit.layers.token_map import format_tokens
+from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models.image.vit import VisionTransformer
+from medvit.registry import register_model
+
+
+class CPVT(VisionTransformer):
+    """ViT with a PEG after block `peg_index` and no position table.
+
+    Args:
+        img_size: Nominal input size (the registry's and `img_size` attribute's); other
+            sizes the patch divides are accepted while `dynamic_img_size` is on.
+        patch_size: Patch extent.
+        in_chans: Input channels.
+        num_classes: Classifier outputs; 0 gives the pooled features.
+        global_pool: `avg` (CPVT-GAP), `token` (CPVT with a class token), `map` or ``.
+        class_token: Prepend a class token; None: only for `global_pool='token'`.
+        embed_dim: Token width.
+        depth: Number of blocks.
+        num_heads: Attention heads.
+        peg_index: The PEG follows this block (0, after the first, is the paper's best).
+        peg_kernel: Kernel extent of the PEG's depthwise conv.
+        dynamic_img_size: Accept any input size the patch divides.
+        **kwargs: The remaining `VisionTransformer` arguments (`mlp_ratio`,
+            `drop_path_rate`, `fc_norm`, ...); position tables do not apply.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int | Sequence[int] = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        class_token: bool | None = None,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        peg_index: int = 0,
+        peg_kernel: int = 3,
+        dynamic_img_size: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if "pos_embed" in kwargs or "no_embed_class" in kwargs:
+            raise ValueError("CPVT has no position table (its positions come from the PEG)")
+        if not 0 <= peg_index < depth:
+            raise ValueError(f"peg_index must be a block index in [0, {depth}), got {peg_index}")
+        # the paper's GAP head normalises the tokens, then averages them
+        kwargs.setdefault("fc_norm", False)
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            global_pool=global_pool,
+            class_token=global_pool == "token" if class_token is None else class_token,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            pos_embed="none",
+            dynamic_img_size=dynamic_img_size,
+            **kwargs,
+        )
+        self.peg_index = peg_index
+        self.pos_block = PEG(embed_dim, peg_kernel, spatial_dims=self.spatial_dims)
+
+    def _run_blocks(
+        self, x: torch.Tensor, grid: tuple[int, ...], last: int, take: Sequence[int] = ()
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Blocks 0..last with the PEG after block `peg_index`; outputs of blocks in `take`."""
+        taken = []
+        for i, blk in enumerate(self.blocks[: last + 1]):
+            x = blk(x)
+            if i == self.peg_index:
+                x = self.pos_block(x, grid, self.num_prefix_tokens)
+            if i in take:
+                taken.append(x)
+        return x, taken
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the last block and the final norm, `(B, prefix + N, D)`."""
+        x, grid = self.embed(x)
+        x, _ = self._run_blocks(x, grid, len(self.blocks) - 1)
+        return self.norm(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        stop_early: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs of selected blocks (block `peg_index`'s with the PEG applied).
+
+        Args:
+            x: Input `(B, C, H, W)`.
+            indices: Blocks to return: None = all, n = the last n, or a list (0-based).
+            norm: Apply the final norm to each intermediate.
+            output_fmt: `NCHW` (`(B, D, *grid)` maps) or `NLC` (patch tokens `(B, N, D)`).
+            intermediates_only: Return only the list.
+            stop_early: Stop after the last requested block (only with
+                `intermediates_only`).
+
+        Returns:
+            The intermediates, or `(final_tokens, intermediates)` where `final_tokens` is
+            what `forward_features` returns.
+        """
+        check_output_fmt(output_fmt)
+        take = feature_take_indices(len(self.blocks), indices)
+        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
+        x, grid = self.embed(x)
+        x, taken = self._run_blocks(x, grid, last, take)
+        feats = [
+            format_tokens(self.norm(y) if norm else y, grid, self.num_prefix_tokens, output_fmt)
+            for y in taken
+        ]
+        return feats if intermediates_only else (self.norm(x), feats)
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Softmax attention weights of every block, each `(B, heads, T, T)`."""
+        x, grid = self.embed(x)
+        maps = []
+        for i, blk in enumerate(self.blocks):
+            x, attn = blk(x, return_attn=True)
+            maps.append(attn)
+            if i == self.peg_index:
+                x = self.pos_block(x, grid, self.num_prefix_tokens)
+        return maps
+
+
+# -- registered variants ---------------------------------------------------------------
+# DeiT's Ti/S/B widths (Table 1 of DeiT), as the paper's CPVT-Ti/S/B.
+_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+_TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_classes=10)
+
+
+def _variant(name: str, **cfg: Any) -> None:
+    """Register `name` as a CPVT-GAP whose defaults are `cfg` (overridable per call)."""
+
+    def build(**overrides: Any) -> CPVT:
+        return CPVT(**{**cfg, **overrides})
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = f"CPVT-GAP variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
+    register_model(build, tiny=_TINY)
+
+
+for _size, _cfg in _SIZES.items():
+    _variant(f"cpvt_{_size}", img_size=224, patch_size=16, global_pool="avg", **_cfg)
