@@ -18,12 +18,14 @@ from medvit.cli._common import device_option, user_errors
 @click.option("--overlap", default=0.5, show_default=True, help="Sliding-window overlap fraction.")
 @click.option("--sw-batch-size", default=4, show_default=True, help="Windows per forward pass.")
 @device_option()
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (the exact path).")
 @click.option("--tta", is_flag=True, help="Average over the 8 axis flips (8x slower).")
 @click.option("--labels", multiple=True, help="Keep only these label names (repeatable).")
 @click.option("--preview", is_flag=True, help="Also write <stem>_preview.png.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @user_errors
-def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, tta, labels, preview, quiet) -> None:
+def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, precision, tta, labels, preview, quiet) -> None:
     """Segment INPUTS: scan files, DICOM series folders or folders of scans."""
     from medvit.pipelines.segment import SegmentConfig, segment as run, card_summary
     from medvit.pipelines.checkpoint import read_card
@@ -31,7 +33,7 @@ def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, tta, la
     card = read_card(checkpoint)
     if not quiet:
         click.echo(f"model: {card_summary(card)}")
-    cfg = SegmentConfig(overlap=overlap, sw_batch_size=sw_batch_size, device=device, tta=tta,
+    cfg = SegmentConfig(overlap=overlap, sw_batch_size=sw_batch_size, device=device, precision=precision, tta=tta,
                         labels=list(labels) or None, preview=preview, progress=not quiet)
     for r in run(inputs, checkpoint, out_dir, cfg):
         vols = ", ".join(f"{k} {v:.1f} ml" for k, v in r.volumes_ml.items())

@@ -22,8 +22,37 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """fp16 autocast on CUDA when enabled; a no-op elsewhere (CPU runs in fp32)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels here (AVX512-BF16 / AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The autocast dtype for inference: `auto` = fp16 on CUDA, bf16 on CPUs that have it,
+    else fp32; `fp32` is the exact path."""
+    if precision not in PRECISIONS:
+        raise MedvitError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if precision == "fp16" and device.type != "cuda":
+        raise MedvitError("fp16 inference needs a CUDA device; use bf16 or fp32 on the CPU")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` when enabled (fp16 on CUDA by default); fp32 is a no-op."""
+    if not enabled or dtype == torch.float32:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=dtype or torch.float16)
+    if dtype is not None:
+        return torch.autocast("cpu", dtype=dtype)
     return contextlib.nullcontext()

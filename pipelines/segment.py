@@ -25,7 +25,7 @@ from medvit.pipelines.checkpoint import ModelCard, load_checkpoint
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.io import Scan, find_scans, read_scan, write_mask
 from medvit.pipelines.preview import write_preview
-from medvit.pipelines.runtime import autocast, resolve_device
+from medvit.pipelines.runtime import autocast, inference_dtype, resolve_device
 from medvit.pipelines.transforms import Preprocessing, preprocess_transforms
 
 
@@ -37,7 +37,8 @@ class SegmentConfig:
         overlap: Sliding-window overlap fraction.
         sw_batch_size: Windows per forward pass.
         device: `auto`, `cpu` or `cuda`.
-        amp: fp16 autocast on CUDA.
+        precision: `auto` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32),
+            `fp32` (the exact path: probabilities equal MONAI's), `bf16` or `fp16`.
         tta: Average the predictions over the 8 flips of the three axes.
         labels: Keep only these label names (others become background).
         preview: Also write `<stem>_preview.png`.
@@ -47,7 +48,7 @@ class SegmentConfig:
     overlap: float = 0.5
     sw_batch_size: int = 4
     device: str = "auto"
-    amp: bool = True
+    precision: str = "auto"
     tta: bool = False
     labels: Sequence[str] | None = None
     preview: bool = False
@@ -76,6 +77,7 @@ class Segmenter:
         if self.config.sw_batch_size < 1:
             raise MedvitError(f"--sw-batch-size must be >= 1, got {self.config.sw_batch_size}")
         self.device = resolve_device(self.config.device)
+        self.dtype = inference_dtype(self.device, self.config.precision)
         self.model, self.card = load_checkpoint(checkpoint, self.device)
         self.prep = Preprocessing.from_dict(self.card.preprocessing)
         self.transform = preprocess_transforms(self.prep, keys=("image",))
@@ -107,7 +109,7 @@ class Segmenter:
         total = None
         for axes in flips:
             xi = torch.flip(x, axes) if axes else x
-            with autocast(self.device, self.config.amp):
+            with autocast(self.device, True, self.dtype):
                 out = sliding_window_inference(
                     xi,
                     roi_size=self.card.patch_size,
