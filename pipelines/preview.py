@@ -18,9 +18,28 @@ _PALETTE = np.array(
 )
 
 
+VIEW_HEIGHT = 256  # pixels; each view is scaled to this height with its physical aspect
+
+
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
     ornt = nib.orientations.io_orientation(affine)
     return nib.orientations.apply_orientation(array, ornt)
+
+
+def _ras_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel size along the RAS-reordered axes."""
+    ornt = nib.orientations.io_orientation(affine)
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    out = np.empty(3)
+    out[ornt[:, 0].astype(int)] = sizes
+    return out
+
+
+def _scaled(rgb: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:
+    """Resize a view so pixels are square in millimetres and it is VIEW_HEIGHT tall."""
+    h_mm, w_mm = rgb.shape[0] * row_mm, rgb.shape[1] * col_mm
+    width = max(1, round(VIEW_HEIGHT * w_mm / h_mm))
+    return np.asarray(Image.fromarray(rgb).resize((width, VIEW_HEIGHT), Image.NEAREST))
 
 
 def _window(img: np.ndarray) -> np.ndarray:
@@ -47,11 +66,12 @@ def write_preview(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, out_p
     lab = _to_ras(mask, affine)
     centre = np.argwhere(lab > 0).mean(0).round().astype(int) if lab.any() else np.array(lab.shape) // 2
     x, y, z = centre
+    sx, sy, sz = _ras_spacing(affine)
     # rot90 puts anterior / superior at the top; fliplr gives the radiological left-right
     views = [
-        np.fliplr(np.rot90(_overlay(img[:, :, z], lab[:, :, z]))),
-        np.fliplr(np.rot90(_overlay(img[:, y, :], lab[:, y, :]))),
-        np.rot90(_overlay(img[x, :, :], lab[x, :, :])),
+        _scaled(np.ascontiguousarray(np.fliplr(np.rot90(_overlay(img[:, :, z], lab[:, :, z])))), sy, sx),
+        _scaled(np.ascontiguousarray(np.fliplr(np.rot90(_overlay(img[:, y, :], lab[:, y, :])))), sz, sx),
+        _scaled(np.ascontiguousarray(np.rot90(_overlay(img[x, :, :], lab[x, :, :]))), sz, sy),
     ]
     height = max(v.shape[0] for v in views)
     padded = [np.pad(v, ((0, height - v.shape[0]), (0, 4), (0, 0))) for v in views]
