@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from medvit.layers import ConvBlock, ProjectionUpsample, UpBlock
-from medvit.layers.helpers import check_spatial_dims, conv_nd, to_ntuple
+from medvit.layers.conv_blocks import PointwiseConv
+from medvit.layers.helpers import check_spatial_dims, to_ntuple
 from medvit.registry import create_model, register_model
 
 
@@ -91,7 +92,12 @@ class UNETR(nn.Module):
             UpBlock(hidden if i == num_up - 1 else widths[i + 1], widths[i], **kw)
             for i in reversed(range(num_up))
         )
-        self.head = conv_nd(spatial_dims)(feature_size, num_classes, 1)
+        self.head = PointwiseConv(feature_size, num_classes, spatial_dims)
+        # oneDNN's channels-last convolutions are ~2x faster on CPUs; the decoder runs in it
+        self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+        if spatial_dims > 1:
+            for part in (self.stem, self.skips, self.ups):
+                part.to(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         final, feats = self.encoder.forward_intermediates(x, self.skip_indices, output_fmt="NLC")
@@ -99,15 +105,18 @@ class UNETR(nn.Module):
         if grid is None:
             grid = self.encoder.patch_embed.dynamic_grid(x.shape[2:])
 
+        fmt = self.memory_format if self.spatial_dims > 1 else torch.contiguous_format
+
         def to_map(tokens: torch.Tensor) -> torch.Tensor:
-            return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid).contiguous(memory_format=fmt)
 
         prefix = getattr(self.encoder, "num_prefix_tokens", 0)
-        skips = [self.stem(x)] + [path(to_map(f)) for path, f in zip(self.skips, feats)]
+        stem = self.stem(x.contiguous(memory_format=fmt))
+        skips = [stem] + [path(to_map(f)) for path, f in zip(self.skips, feats)]
         y = to_map(final[:, prefix:])
         for up, skip in zip(self.ups, reversed(skips)):
             y = up(y, skip)
-        return self.head(y)
+        return self.head(y).contiguous()
 
 
 def _unetr_variant(encoder: str, feature_size: int, kwargs: dict[str, Any]) -> UNETR:
