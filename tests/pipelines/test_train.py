@@ -117,7 +117,7 @@ def test_bad_training_settings(dataset, tmp_path) -> None:
 def test_ddp_two_cpu_processes_with_gloo(dataset, tmp_path) -> None:
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "medvit.cli", "train", str(dataset), "-o", str(out), "--model", "unetr_tiny",
         "--model-arg", "feature_size=4", "--model-arg", "skip_indices=[0,1,2]",
         "--model-arg", 'encoder_args={"embed_dim": 32, "depth": 3, "num_heads": 2}',
