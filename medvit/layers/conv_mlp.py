@@ -1,0 +1,61 @@
+"""Feed-forward with a depthwise convolution between its linears.
+
+The convolutional feed-forward of PVT v2 (Wang et al., 2022) and the Mix-FFN of
+SegFormer (Xie et al., 2021): the 3x3 depthwise convolution on the hidden map leaks
+enough position information that the models need no position embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from medvit.layers.helpers import check_spatial_dims, conv_nd
+from medvit.layers.token_map import map_to_tokens, tokens_to_map
+
+
+class DWConvMlp(nn.Module):
+    """Linear -> (ReLU) -> depthwise 3x3 conv -> act -> dropout -> linear -> dropout.
+
+    Drops in as `Block(mlp_layer=partial(DWConvMlp, grid_size=...))`; the token grid is
+    fixed at construction.
+
+    Args:
+        in_features: Token width (also the output width).
+        hidden_features: Hidden width (defaults to `in_features`).
+        act_layer: Activation after the depthwise conv.
+        drop: Dropout after the activation and after the output projection.
+        grid_size: Grid of the tokens.
+        extra_relu: ReLU before the depthwise conv (PVT v2's linear-SRA variant).
+        spatial_dims: 2 for images, 3 for volumes.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        drop: float = 0.0,
+        grid_size: Sequence[int] = (56, 56),
+        extra_relu: bool = False,
+        spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        check_spatial_dims(spatial_dims)
+        if len(grid_size) != spatial_dims:
+            raise ValueError(f"grid_size {tuple(grid_size)} does not have {spatial_dims} dims")
+        hidden = hidden_features or in_features
+        self.grid_size = tuple(grid_size)
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.relu: nn.Module = nn.ReLU() if extra_relu else nn.Identity()
+        self.dwconv = conv_nd(spatial_dims)(hidden, hidden, 3, padding=1, groups=hidden)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, y = tokens_to_map(self.fc1(x), self.grid_size)
+        y = map_to_tokens(self.dwconv(self.relu(y)))
+        return self.drop(self.fc2(self.drop(self.act(y))))

@@ -1,0 +1,123 @@
+"""Spatial-reduction attention (SRA) of the Pyramid Vision Transformers.
+
+Queries come from every token; keys and values from a reduced map: a strided
+`sr_ratio` convolution + LayerNorm (PVT v1, PVT v2, SegFormer's efficient
+self-attention), or, in the linear variant of PVT v2, adaptive average pooling to a
+fixed `pool_size` grid + 1x1 convolution + LayerNorm + GELU, whose cost is linear in
+the number of tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medvit.layers.helpers import check_spatial_dims, conv_nd
+from medvit.layers.token_map import map_to_tokens, tokens_to_map
+
+
+def _adaptive_avg_pool_nd(spatial_dims: int) -> type[nn.Module]:
+    return {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[spatial_dims]
+
+
+class SpatialReductionAttention(nn.Module):
+    """Multi-head attention whose keys/values come from a spatially reduced token map.
+
+    Drops in as `Block(attn_layer=partial(SpatialReductionAttention, grid_size=...,
+    sr_ratio=...))`. The token grid is fixed at construction.
+
+    Args:
+        dim: Token width.
+        num_heads: Attention heads.
+        qkv_bias: Bias of the query and key/value projections.
+        qk_norm: Not part of these papers; accepted for `Block`'s calling convention and
+            must be False.
+        attn_drop: Dropout on the attention weights.
+        proj_drop: Dropout after the output projection.
+        norm_layer: Accepted for `Block`'s calling convention; the reduction norm is a
+            default `nn.LayerNorm`, as in the papers' code (whose blocks use eps 1e-6).
+        grid_size: Grid of the patch tokens.
+        sr_ratio: Kernel and stride of the reduction convolution; 1: no reduction.
+        linear: PVT v2's linear SRA (pooling to `pool_size`, then a 1x1 conv).
+        pool_size: Side of the pooled grid of the linear SRA.
+        num_prefix_tokens: Leading tokens (class token) kept unreduced in the keys/values.
+        spatial_dims: 2 for images, 3 for volumes.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        grid_size: Sequence[int] = (56, 56),
+        sr_ratio: int = 1,
+        linear: bool = False,
+        pool_size: int = 7,
+        num_prefix_tokens: int = 0,
+        spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        check_spatial_dims(spatial_dims)
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if qk_norm:
+            raise ValueError("spatial-reduction attention has no qk_norm option")
+        if len(grid_size) != spatial_dims:
+            raise ValueError(f"grid_size {tuple(grid_size)} does not have {spatial_dims} dims")
+        if sr_ratio < 1:
+            raise ValueError(f"sr_ratio must be positive, got {sr_ratio}")
+        if not linear and any(g < sr_ratio for g in grid_size):
+            raise ValueError(
+                f"the token grid {tuple(grid_size)} is smaller than the reduction ratio {sr_ratio}"
+                " (use a larger img_size)"
+            )
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        conv = conv_nd(spatial_dims)
+        self.pool: nn.Module | None = None
+        self.sr: nn.Module | None = None
+        self.norm: nn.Module | None = None
+        self.act: nn.Module | None = None
+        if linear:
+            self.pool = _adaptive_avg_pool_nd(spatial_dims)(pool_size)
+            self.sr = conv(dim, dim, kernel_size=1, stride=1)
+            self.norm = nn.LayerNorm(dim)
+            self.act = nn.GELU()
+        elif sr_ratio > 1:
+            self.sr = conv(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sr is None:
+            return x
+        prefix, y = tokens_to_map(x, self.grid_size, self.num_prefix_tokens)
+        if self.pool is not None:
+            y = self.pool(y)
+        y = self.norm(map_to_tokens(self.sr(y)))
+        if self.act is not None:
+            y = self.act(y)
+        return torch.cat([prefix, y], dim=1) if prefix.shape[1] else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(self._reduce(x)).reshape(b, -1, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.0
+        )
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))

@@ -1,0 +1,297 @@
+"""PVT v2 (Wang et al., "PVT v2: Improved Baselines with Pyramid Vision Transformer", CVMJ 2022).
+
+Four stages at strides 4/8/16/32, each an overlapping patch embedding (7/4 stem, then
+3/2), blocks of spatial-reduction attention (or its linear, pooled form) and a
+convolutional feed-forward, and a LayerNorm. No position embedding. The same code runs
+on volumes with `spatial_dims=3`; SegFormer's Mix Transformer (`mit.py`) reuses it.
+Parameter names follow timm's `PyramidVisionTransformerV2`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from medvit.layers.block import Block
+from medvit.layers.conv_mlp import DWConvMlp
+from medvit.layers.drop import drop_path_schedule
+from medvit.layers.helpers import check_spatial_dims, to_ntuple
+from medvit.layers.overlap_embed import OverlapPatchEmbed
+from medvit.layers.sra import SpatialReductionAttention
+from medvit.layers.token_map import tokens_to_map
+from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.registry import register_model
+
+# the papers' code normalises blocks and stages with eps 1e-6, the embeddings with 1e-5
+_NORM = partial(nn.LayerNorm, eps=1e-6)
+
+
+class PyramidVisionTransformerStage(nn.Module):
+    """Downsampling embedding (none in the first stage), blocks, LayerNorm.
+
+    Args:
+        dim: Input channels.
+        dim_out: Token width of the stage.
+        depth: Number of blocks.
+        in_size: Spatial size of the input map.
+        downsample: Embed with a 3/2 overlapping conv; False: the input is already tokens.
+        num_heads: Attention heads.
+        sr_ratio: Spatial reduction of the keys/values.
+        linear: Linear (pooled) SRA, with a ReLU in the feed-forward.
+        mlp_ratio: Hidden width of the feed-forward relative to `dim_out`.
+        qkv_bias: Bias of the query and key/value projections.
+        proj_drop: Dropout after the projections.
+        attn_drop: Dropout on the attention weights.
+        drop_path: Per-block stochastic-depth probabilities.
+        spatial_dims: 2 for images, 3 for volumes.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_out: int,
+        depth: int,
+        in_size: Sequence[int],
+        downsample: bool = True,
+        num_heads: int = 1,
+        sr_ratio: int = 1,
+        linear: bool = False,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: Sequence[float] = (),
+        spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        self.downsample: OverlapPatchEmbed | None = None
+        grid = tuple(in_size)
+        if downsample:
+            self.downsample = OverlapPatchEmbed(grid, 3, 2, dim, dim_out, spatial_dims)
+            grid = self.downsample.grid_size
+        elif dim != dim_out:
+            raise ValueError(
+                f"a stage without downsampling keeps its width, got {dim} -> {dim_out}"
+            )
+        self.grid_size = grid
+        attn = partial(
+            SpatialReductionAttention, grid_size=grid, sr_ratio=sr_ratio, linear=linear,
+            spatial_dims=spatial_dims,
+        )
+        mlp = partial(DWConvMlp, grid_size=grid, extra_relu=linear, spatial_dims=spatial_dims)
+        dpr = list(drop_path) or [0.0] * depth
+        self.blocks = nn.ModuleList(
+            Block(
+                dim_out, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
+                attn_drop=attn_drop, drop_path=dpr[i], norm_layer=_NORM, attn_layer=attn,
+                mlp_layer=mlp,
+            )
+            for i in range(depth)
+        )
+        self.norm = _NORM(dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-first map in (tokens in the first stage), channels-first map out."""
+        if self.downsample is not None:
+            x = self.downsample(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return tokens_to_map(self.norm(x), self.grid_size)[1]
+
+
+class PyramidVisionTransformerV2(nn.Module):
+    """PVT v2 / Mix Transformer backbone with an average-pooled linear classifier.
+
+    Args:
+        img_size: Input spatial size; an int is repeated over `spatial_dims`.
+        in_chans: Input channels.
+        num_classes: Classifier outputs; 0 returns the pooled features.
+        global_pool: "avg" (average of the last stage's tokens) or "" (no pooling).
+        depth: Blocks per stage.
+        embed_dim: Width per stage.
+        num_heads: Attention heads per stage.
+        sr_ratios: Key/value spatial reduction per stage.
+        mlp_ratio: Feed-forward expansion per stage (a number applies to all).
+        qkv_bias: Bias of the query and key/value projections.
+        linear: Linear SRA (PVT v2-li).
+        drop_rate: Dropout before the classifier.
+        proj_drop_rate: Dropout after the projections.
+        attn_drop_rate: Dropout on the attention weights.
+        drop_path_rate: Stochastic depth, rising linearly over all blocks.
+        spatial_dims: 2 for images, 3 for volumes.
+        freeze_patch_embed: Keep the stem's patch projection fixed (MoCo v3).
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        depth: Sequence[int] = (3, 4, 6, 3),
+        embed_dim: Sequence[int] = (64, 128, 320, 512),
+        num_heads: Sequence[int] = (1, 2, 5, 8),
+        sr_ratios: Sequence[int] = (8, 4, 2, 1),
+        mlp_ratio: float | Sequence[float] = (8.0, 8.0, 4.0, 4.0),
+        qkv_bias: bool = True,
+        linear: bool = False,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        spatial_dims: int = 2,
+        freeze_patch_embed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        _check_pool(global_pool)
+        n = len(depth)
+        if not (len(embed_dim) == len(num_heads) == len(sr_ratios) == n) or n == 0:
+            raise ValueError("depth, embed_dim, num_heads and sr_ratios need one entry per stage")
+        ratios = (mlp_ratio,) * n if isinstance(mlp_ratio, (int, float)) else tuple(mlp_ratio)
+        if len(ratios) != n:
+            raise ValueError(f"mlp_ratio needs {n} entries, got {len(ratios)}")
+        self.img_size = to_ntuple(img_size, spatial_dims, "img_size")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.patch_embed = OverlapPatchEmbed(
+            self.img_size, 7, 4, in_chans, embed_dim[0], spatial_dims
+        )
+        if freeze_patch_embed:
+            self.patch_embed.requires_grad_(False)
+        dpr = drop_path_schedule(drop_path_rate, sum(depth))
+        stages, size, prev, cur = [], self.patch_embed.grid_size, embed_dim[0], 0
+        for i in range(n):
+            stage = PyramidVisionTransformerStage(
+                prev, embed_dim[i], depth[i], size, downsample=i > 0, num_heads=num_heads[i],
+                sr_ratio=sr_ratios[i], linear=linear, mlp_ratio=ratios[i], qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[cur : cur + depth[i]], spatial_dims=spatial_dims,
+            )
+            stages.append(stage)
+            size, prev, cur = stage.grid_size, embed_dim[i], cur + depth[i]
+        self.stages = nn.Sequential(*stages)
+        self.stage_channels = list(embed_dim)
+        self.stage_strides = [4 * 2**i for i in range(n)]
+        self.num_features = embed_dim[-1]
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head: nn.Module = nn.Identity()
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (and optionally the pooling); 0 removes it."""
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's channels-first map."""
+        return self.stages(self.patch_embed(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=tuple(range(2, x.ndim)))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        stop_early: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        """Per-stage feature maps (strides `stage_strides`, widths `stage_channels`).
+
+        Args:
+            x: Input batch.
+            indices: Stages to return (None: all, n: the last n, or a list).
+            norm: Unused: every stage already ends in its LayerNorm.
+            output_fmt: "NCHW" maps or "NLC" token sequences.
+            intermediates_only: Return only the list.
+            stop_early: Stop after the last requested stage.
+        """
+        check_output_fmt(output_fmt)
+        take = feature_take_indices(len(self.stages), indices)
+        last = max(take) if stop_early else len(self.stages) - 1
+        out = []
+        x = self.patch_embed(x)
+        for i, stage in enumerate(self.stages[: last + 1]):
+            x = stage(x)
+            if i in take:
+                out.append(x if output_fmt == "NCHW" else x.flatten(2).transpose(1, 2))
+        return out if intermediates_only else (x, out)
+
+
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+    return global_pool
+
+
+_B_NARROW = dict(embed_dim=(32, 64, 160, 256), num_heads=(1, 2, 5, 8))
+_B_WIDE = dict(embed_dim=(64, 128, 320, 512), num_heads=(1, 2, 5, 8))
+_TINY_2D: dict[str, Any] = dict(
+    img_size=32, depth=(1, 1, 1, 1), embed_dim=(8, 16, 24, 32), num_heads=(1, 2, 3, 4),
+    num_classes=10,
+)
+_TINY_3D: dict[str, Any] = dict(_TINY_2D, img_size=(32, 32, 32))
+
+
+def _create(variant_args: dict[str, Any], **kwargs: Any) -> PyramidVisionTransformerV2:
+    return PyramidVisionTransformerV2(**{**variant_args, **kwargs})
+
+
+@register_model(tiny=_TINY_2D)
+def pvt_v2_b0(**kwargs: Any) -> PyramidVisionTransformerV2:
+    return _create(dict(depth=(2, 2, 2, 2), **_B_NARROW), **kwargs)
+
+
+@register_model(tiny=_TINY_2D)
+def pvt_v2_b1(**kwargs: Any) -> PyramidVisionTransformerV2:
+    return _create(dict(depth=(2, 2, 2, 2), **_B_WIDE), **kwargs)
+
+
+@register_model(tiny=_TINY_2D)
+def pvt_v2_b2(**kwargs: Any) -> PyramidVisionTransformerV2:
+    return _create(dict(depth=(3, 4, 6, 3), **_B_WIDE), **kwargs)
+
+
+@register_model(tiny=_TINY_2D)
+def pvt_v2_b2_li(**kwargs: Any) -> PyramidVisionTransformerV2:
+    return _create(dict(depth=(3, 4, 6, 3), linear=True, **_B_WIDE), **kwargs)
+
+
+@register_model(tiny=_TINY_2D)
+def pvt_v2_b3(**kwargs: Any) -> PyramidVisionTransformerV2:
+    return _create(dict(depth=(3, 4, 18, 3), **_B_WIDE), **kwargs)
+
+
+@register_model(tiny=_TINY_2D)
+def pvt_v2_b4(**kwargs: Any) -> PyramidVisionTransformerV2:
+    return _create(dict(depth=(3, 8, 27, 3), **_B_WIDE), **kwargs)
+
+
+@register_model(tiny=_TINY_2D)
+def pvt_v2_b5(**kwargs: Any) -> PyramidVisionTransformerV2:
+    return _create(dict(depth=(3, 6, 40, 3), mlp_ratio=4.0, **_B_WIDE), **kwargs)
+
+
+@register_model(tiny=_TINY_3D)
+def pvt_v2_b0_3d(**kwargs: Any) -> PyramidVisionTransformerV2:
+    return _create(
+        dict(depth=(2, 2, 2, 2), **_B_NARROW,
+             img_size=(96, 96, 96), in_chans=1, spatial_dims=3),
+        **kwargs,
+    )
