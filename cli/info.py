@@ -46,12 +46,17 @@ def models(pattern: str) -> None:
     """List registered models matching PATTERN with their parameter counts.
 
     PATTERN is a shell-style pattern (`vit_*_224`); without wildcards it matches
-    any name containing it (`unetr`). No match is an error (exit 1).
+    any name containing it (`unetr`). `image*`, `video*` and `volume*` list a kind.
+    No match is an error (exit 1).
     """
     import medvit
+    from medvit.registry import KINDS
 
-    query = pattern if any(c in pattern for c in _GLOB_CHARS) else f"*{pattern}*"
-    names = medvit.list_models(query)
+    if pattern.rstrip("*") in KINDS:
+        names = medvit.list_models(kind=pattern.rstrip("*"))
+    else:
+        query = pattern if any(c in pattern for c in _GLOB_CHARS) else f"*{pattern}*"
+        names = medvit.list_models(query)
     total = len(medvit.list_models())
     if not names:
         raise MedvitError(f"no registered model matches {pattern!r} ({total} models registered; run `medvit models`)")

@@ -35,9 +35,22 @@ def register_model(
     return wrap(fn) if fn is not None else wrap
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style pattern, sorted."""
-    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+KINDS = ("image", "video", "volume")
+
+
+def model_kind(name: str) -> str:
+    """`image`, `video` or `volume`: the `medvit.models` sub-package the variant lives in."""
+    _check_name(name)
+    parts = _MODELS[name].__module__.split(".")
+    return next((p for p in parts if p in KINDS), "other")
+
+
+def list_models(pattern: str = "*", kind: str | None = None) -> list[str]:
+    """Registered model names matching a shell-style pattern (and kind), sorted."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    names = (n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+    return sorted(n for n in names if kind is None or model_kind(n) == kind)
 
 
 def is_model(name: str) -> bool:

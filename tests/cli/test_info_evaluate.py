@@ -233,3 +233,14 @@ def test_evaluate_real_segmentation_against_itself(tmp_path: Path) -> None:
     assert all(float(r["dice"]) == 1.0 and float(r["hd95_mm"]) == 0.0 for r in rows)
     liver = next(r for r in rows if r["label_id"] == "5")
     assert liver["label"] == "liver" and float(liver["gt_ml"]) > 0
+
+
+def test_models_video_kind_lists_video_backbones() -> None:
+    from click.testing import CliRunner
+
+    from medvit.cli.main import main
+
+    res = CliRunner().invoke(main, ["models", "video*"])
+    assert res.exit_code == 0, res.output
+    assert "timesformer_base" in res.output and "vivit_b_16x2_st" in res.output
+    assert "vit_base_patch16_224 " not in res.output and "unetr_base" not in res.output

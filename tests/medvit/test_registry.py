@@ -86,3 +86,14 @@ def test_unetr_base_is_the_paper_configuration() -> None:
     assert model.stem.conv1.out_channels == 16 and model.skip_indices == (3, 6, 9)
     # MONAI's UNETR has 92.80M parameters, 18,432 of them unused cross-attention norms
     assert sum(p.numel() for p in model.parameters()) == 92_802_478 - 18_432
+
+
+def test_models_by_kind() -> None:
+    from medvit.registry import model_kind
+
+    video = medvit.list_models(kind="video")
+    assert {"timesformer_base", "vivit_b_16x2_fe", "mvit_base_16x4", "vtn_vit_base"} <= set(video)
+    assert "unetr_base" in medvit.list_models(kind="volume") and model_kind("vit_base_patch16_224") == "image"
+    assert not set(video) & set(medvit.list_models(kind="image"))
+    with pytest.raises(ValueError, match="kind"):
+        medvit.list_models(kind="audio")
