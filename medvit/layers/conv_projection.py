@@ -24,7 +24,7 @@ class ConvEmbed(nn.Module):
         stride: Conv stride.
         padding: Conv padding.
         spatial_dims: 2 or 3.
-        norm_layer: Norm over the token width.
+        norm_layer: Norm over the token width; None for none (MViT v2).
     """
 
     def __init__(
@@ -35,11 +35,11 @@ class ConvEmbed(nn.Module):
         stride: int = 4,
         padding: int = 2,
         spatial_dims: int = 2,
-        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        norm_layer: Callable[[int], nn.Module] | None = nn.LayerNorm,
     ) -> None:
         super().__init__()
         self.proj = conv_nd(spatial_dims)(in_chans, embed_dim, patch_size, stride=stride, padding=padding)
-        self.norm = norm_layer(embed_dim)
+        self.norm = norm_layer(embed_dim) if norm_layer is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         x = self.proj(x)

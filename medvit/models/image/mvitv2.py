@@ -17,6 +17,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from medvit.layers.conv_projection import ConvEmbed
 from medvit.layers.drop import DropPath, drop_path_schedule
 from medvit.layers.helpers import to_ntuple
 from medvit.layers.mlp import Mlp
@@ -119,18 +120,6 @@ class MultiScaleVitStage(nn.Module):
         return x, feat_size
 
 
-class PatchEmbed(nn.Module):
-    """Overlapping conv patch embedding (7x7, stride 4); tokens and their grid."""
-
-    def __init__(self, in_chans: int, embed_dim: int, kernel: int = 7, stride: int = 4, padding: int = 3) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel, stride=stride, padding=padding)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        x = self.proj(x)
-        return x.flatten(2).transpose(1, 2), list(x.shape[2:])
-
-
 class MultiScaleVit(nn.Module):
     """MViTv2 classifier/backbone (2D).
 
@@ -191,7 +180,7 @@ class MultiScaleVit(nn.Module):
         self.spatial_dims = 2
         self.num_prefix_tokens = 0
 
-        self.patch_embed = PatchEmbed(in_chans, embed_dim)
+        self.patch_embed = ConvEmbed(in_chans, embed_dim, patch_size=7, stride=4, padding=3, norm_layer=None)
         if freeze_patch_embed:
             self.patch_embed.requires_grad_(False)
         feat_size = [s // 4 for s in self.img_size]
