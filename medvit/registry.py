@@ -45,6 +45,25 @@ def model_kind(name: str) -> str:
     return next((p for p in parts if p in KINDS), "other")
 
 
+def register_variant(cls: Callable[..., nn.Module], name: str, tiny: dict[str, Any] | None, **cfg: Any) -> None:
+    """Register `name` as `cls` with defaults `cfg`, overridable per `create_model` call.
+
+    Args:
+        cls: The model class (or builder) of the family.
+        name: The variant's registered name.
+        tiny: Overrides for the registry tests (see `register_model`).
+        **cfg: The variant's configuration.
+    """
+
+    def build(**overrides: Any) -> nn.Module:
+        return cls(**{**cfg, **overrides})
+
+    build.__name__ = build.__qualname__ = name
+    build.__module__ = getattr(cls, "__module__", build.__module__)
+    build.__doc__ = f"{name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
+    register_model(build, tiny=tiny)
+
+
 def list_models(pattern: str = "*", kind: str | None = None) -> list[str]:
     """Registered model names matching a shell-style pattern (and kind), sorted."""
     if kind is not None and kind not in KINDS:

@@ -36,7 +36,7 @@ from medvit.layers.hybrid_embed import HybridEmbed
 from medvit.layers.token_map import format_tokens
 from medvit.models._features import check_output_fmt, feature_take_indices
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 
 class Image2Tokens(nn.Module):
@@ -225,12 +225,7 @@ _TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, stem_width=8, num_
 def _variant(name: str, **cfg: Any) -> None:
     """Register `name` as a CeiT whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: Any) -> CeiT:
-        return CeiT(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"CeiT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=_TINY)
+    register_variant(CeiT, name, _TINY, **cfg)
 
 
 for _name, _cfg in _VARIANTS.items():

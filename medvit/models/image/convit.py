@@ -24,6 +24,7 @@ from medvit.layers import Attention, Block, grid_for
 from medvit.layers.gpsa import GPSA
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.registry import register_variant
 from medvit.models.image.vit import VisionTransformer
 
 
@@ -219,14 +220,7 @@ _TINY = dict(
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
     """Register `name` as a ConViT whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: object) -> ConViT:
-        return ConViT(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"ConViT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    from medvit.registry import register_model
-
-    register_model(build, tiny=tiny)
+    register_variant(ConViT, name, tiny, **cfg)
 
 
 for _size, _cfg in _SIZES.items():

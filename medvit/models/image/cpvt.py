@@ -21,7 +21,7 @@ from medvit.layers.peg import PEG
 from medvit.layers.token_map import format_tokens
 from medvit.models._features import check_output_fmt, feature_take_indices
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 
 class CPVT(VisionTransformer):
@@ -164,12 +164,7 @@ _TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_classes=10)
 def _variant(name: str, **cfg: Any) -> None:
     """Register `name` as a CPVT-GAP whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: Any) -> CPVT:
-        return CPVT(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"CPVT-GAP variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=_TINY)
+    register_variant(CPVT, name, _TINY, **cfg)
 
 
 for _size, _cfg in _SIZES.items():

@@ -29,6 +29,7 @@ from medvit.layers import Block, PatchEmbed, drop_path_schedule
 from medvit.layers.cross_attention import CrossAttentionBlock
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.registry import register_variant
 
 _POOLS = ("token", "avg")
 
@@ -379,14 +380,7 @@ def _variant(name: str, embed_dim: tuple[int, int], large_depth: int, heads: int
         depth=((1, large_depth, 0),) * 3, num_heads=(heads, heads), mlp_ratio=(mlp, mlp),
     )
 
-    def build(**overrides: object) -> CrossViT:
-        return CrossViT(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"CrossViT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    from medvit.registry import register_model
-
-    register_model(build, tiny=_TINY)
+    register_variant(CrossViT, name, _TINY, **cfg)
 
 
 _variant("crossvit_tiny_240", (96, 192), 4, 3, 4.0)

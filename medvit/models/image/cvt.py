@@ -21,6 +21,7 @@ from medvit.layers.drop import DropPath, drop_path_schedule
 from medvit.layers.helpers import check_spatial_dims, to_ntuple
 from medvit.layers.mlp import Mlp
 from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.registry import register_variant
 
 POOL_TYPES = ("token", "avg", "")
 
@@ -269,14 +270,7 @@ class ConvolutionalVisionTransformer(nn.Module):
 
 
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    def build(**overrides: object) -> ConvolutionalVisionTransformer:
-        return ConvolutionalVisionTransformer(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"CvT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    from medvit.registry import register_model
-
-    register_model(build, tiny=tiny)
+    register_variant(ConvolutionalVisionTransformer, name, tiny, **cfg)
 
 
 _TINY = dict(embed_dim=(16, 32, 32), depth=(1, 1, 1), num_heads=(1, 2, 2), img_size=32, num_classes=10)

@@ -30,7 +30,7 @@ from medvit.layers import Attention, Block
 from medvit.layers.hybrid_embed import HybridEmbed
 from medvit.layers.reattention import ReAttention
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 
 class ConvStem(nn.Module):
@@ -165,12 +165,7 @@ _TINY = dict(embed_dim=36, depth=2, num_heads=3, reattn_depth=1, img_size=32, st
 def _variant(name: str, **cfg: Any) -> None:
     """Register `name` as a DeepViT whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: Any) -> DeepVisionTransformer:
-        return DeepVisionTransformer(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"DeepViT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=_TINY)
+    register_variant(DeepVisionTransformer, name, _TINY, **cfg)
 
 
 for _name, _cfg in _VARIANTS.items():

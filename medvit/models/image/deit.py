@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from medvit.layers import resample_pos_embed
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 
 class VisionTransformerDistilled(VisionTransformer):
@@ -122,12 +122,7 @@ _TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_classes=10)
 def _variant(name: str, cls: Callable[..., VisionTransformer], **cfg: Any) -> None:
     """Register `name` as a `cls` whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: Any) -> VisionTransformer:
-        return cls(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"DeiT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=_TINY)
+    register_variant(cls, name, _TINY, **cfg)
 
 
 for _size, _cfg in _SIZES.items():

@@ -19,7 +19,7 @@ import torch.nn as nn
 from medvit.layers.token_pool import TokenMaxPool1d
 from medvit.models._features import check_output_fmt, feature_take_indices
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 
 class HierarchicalVisionTransformer(VisionTransformer):
@@ -156,12 +156,7 @@ _TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_
 
 
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    def build(**overrides: object) -> HierarchicalVisionTransformer:
-        return HierarchicalVisionTransformer(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"HVT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=tiny)
+    register_variant(HierarchicalVisionTransformer, name, tiny, **cfg)
 
 
 for _size, _cfg in (("ti", dict(embed_dim=192, num_heads=3)), ("s", dict(embed_dim=384, num_heads=6))):

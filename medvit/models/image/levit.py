@@ -26,7 +26,7 @@ from medvit.layers.attention_bias import AttentionBias, AttentionSubsample
 from medvit.layers.helpers import to_ntuple
 from medvit.layers.linear_norm import ConvNorm, LinearNorm, NormLinear
 from medvit.models._features import check_output_fmt, feature_take_indices
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 
 class Stem16(nn.Sequential):
@@ -386,12 +386,7 @@ _TINY = dict(
 
 
 def _variant(name: str, **cfg: object) -> None:
-    def build(**overrides: object) -> Levit:
-        return Levit(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"LeViT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=_TINY)
+    register_variant(Levit, name, _TINY, **cfg)
 
 
 _variant("levit_128s", embed_dim=(128, 256, 384), key_dim=16, num_heads=(4, 6, 8), depth=(2, 3, 4))

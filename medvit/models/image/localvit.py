@@ -26,7 +26,7 @@ from medvit.layers import Block, grid_for
 from medvit.layers.conv_ffn import ConvFeedForward
 from medvit.layers.helpers import to_ntuple
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 ACTIVATIONS = {"hswish": nn.Hardswish, "relu6": nn.ReLU6}
 
@@ -123,12 +123,7 @@ _TINY = dict(embed_dim=32, depth=2, num_heads=2, se_reduction=32, img_size=32, n
 def _variant(name: str, **cfg: Any) -> None:
     """Register `name` as a LocalViT whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: Any) -> LocalViT:
-        return LocalViT(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"LocalViT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=_TINY)
+    register_variant(LocalViT, name, _TINY, **cfg)
 
 
 for _name, _cfg in _VARIANTS.items():

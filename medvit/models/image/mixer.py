@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from medvit.layers import DropPath, Mlp, PatchEmbed, drop_path_schedule
 from medvit.models._features import check_output_fmt, feature_take_indices
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 POOL_TYPES = ("avg", "")
 
@@ -234,12 +234,7 @@ _TINY = dict(embed_dim=32, depth=2, num_classes=10)
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
     """Register `name` as an MLP-Mixer whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: object) -> MlpMixer:
-        return MlpMixer(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"MLP-Mixer variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=tiny)
+    register_variant(MlpMixer, name, tiny, **cfg)
 
 
 for _size, _cfg in _SIZES.items():

@@ -26,6 +26,7 @@ from medvit.layers.helpers import check_spatial_dims, conv_nd, to_ntuple
 from medvit.layers.mlp import Mlp
 from medvit.layers.pooling_attention_v1 import POOL_MODES, PoolingAttentionV1
 from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.registry import register_variant
 
 POOL_TYPES = ("token", "avg", "")
 
@@ -334,14 +335,7 @@ class MViT(nn.Module):
 
 
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    def build(**overrides: object) -> MViT:
-        return MViT(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"MViT v1 variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    from medvit.registry import register_model
-
-    register_model(build, tiny=tiny)
+    register_variant(MViT, name, tiny, **cfg)
 
 
 _TINY = dict(embed_dim=16, depth=(1, 1, 1, 1), img_size=64, num_classes=10)

@@ -23,6 +23,7 @@ from medvit.layers.helpers import to_ntuple
 from medvit.layers.mlp import Mlp
 from medvit.layers.pooling_attention import PoolingAttention
 from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.registry import register_variant
 
 POOL_TYPES = ("avg", "")
 
@@ -290,14 +291,7 @@ class MultiScaleVit(nn.Module):
 
 
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    def build(**overrides: object) -> MultiScaleVit:
-        return MultiScaleVit(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"MViTv2 variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    from medvit.registry import register_model
-
-    register_model(build, tiny=tiny)
+    register_variant(MultiScaleVit, name, tiny, **cfg)
 
 
 _TINY = dict(embed_dim=16, depth=(1, 1, 1, 1), img_size=64, num_classes=10)

@@ -19,7 +19,7 @@ from medvit.layers import Block, drop_path_schedule
 from medvit.layers.conv_token_pool import ConvTokenPool
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import check_output_fmt, feature_take_indices
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 
 class ConvEmbedding(nn.Module):
@@ -274,12 +274,7 @@ _TINY = dict(
 
 
 def _variant(name: str, **cfg: object) -> None:
-    def build(**overrides: object) -> PoolingVisionTransformer:
-        return PoolingVisionTransformer(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"PiT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=_TINY)
+    register_variant(PoolingVisionTransformer, name, _TINY, **cfg)
 
 
 _variant("pit_ti_224", embed_dim=(64, 128, 256), depth=(2, 6, 4), num_heads=(2, 4, 8))

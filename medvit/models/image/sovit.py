@@ -33,7 +33,7 @@ from medvit.layers.bottleneck import Bottleneck
 from medvit.layers.cov_pool import CovariancePool
 from medvit.layers.hybrid_embed import HybridEmbed
 from medvit.models.image.t2t_vit import T2TViT
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 
 class ResNetTokenStem(nn.Module):
@@ -170,12 +170,7 @@ _TINY = dict(embed_dim=32, depth=2, num_heads=2, token_dim=8, cov_dim=6, img_siz
 def _variant(name: str, **cfg: Any) -> None:
     """Register `name` as a So-ViT whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: Any) -> SoViT:
-        return SoViT(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"So-ViT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=_TINY)
+    register_variant(SoViT, name, _TINY, **cfg)
 
 
 for _name, _cfg in _VARIANTS.items():

@@ -20,7 +20,7 @@ from medvit.layers import Block, PatchEmbed, drop_path_schedule
 from medvit.layers.helpers import to_ntuple
 from medvit.layers.window_attention import PatchMerging, WindowAttention
 from medvit.models._features import check_output_fmt, feature_take_indices
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 SWIN_POOL_TYPES = ("avg", "")
 
@@ -305,12 +305,7 @@ _TINY = dict(embed_dim=16, depth=(2, 2, 1, 1), num_heads=(1, 2, 2, 2), window_si
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
     """Register `name` as a Swin Transformer whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: object) -> SwinTransformer:
-        return SwinTransformer(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"Swin variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=tiny)
+    register_variant(SwinTransformer, name, tiny, **cfg)
 
 
 for _size, _cfg in _SIZES.items():

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from medvit.layers import Mlp, PatchEmbed, grid_for, sincos_pos_embed
 from medvit.layers.helpers import to_ntuple
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 # kernel, stride, padding of the three soft splits; together they stride 16
 SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
@@ -292,12 +292,7 @@ _TINY = dict(embed_dim=32, depth=2, num_heads=2, token_dim=8, img_size=32, num_c
 def _variant(name: str, **cfg: Any) -> None:
     """Register `name` as a T2T-ViT whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: Any) -> T2TViT:
-        return T2TViT(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"T2T-ViT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=_TINY)
+    register_variant(T2TViT, name, _TINY, **cfg)
 
 
 for _name, _cfg in _VARIANTS.items():

@@ -25,6 +25,7 @@ import torch.nn as nn
 from medvit.layers import Block, check_pool_type, drop_path_schedule, grid_for, pool_tokens
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.registry import register_variant
 
 _POOLS = ("token", "avg", "")
 
@@ -337,14 +338,7 @@ _TINY = dict(img_size=32, patch_size=16, embed_dim=32, inner_dim=8, depth=2, num
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
     """Register `name` as a TNT whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: object) -> TNT:
-        return TNT(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"TNT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    from medvit.registry import register_model
-
-    register_model(build, tiny=tiny)
+    register_variant(TNT, name, tiny, **cfg)
 
 
 _variant("tnt_s_patch16_224", _TINY, patch_size=16, embed_dim=384, inner_dim=24, depth=12, num_heads=6)

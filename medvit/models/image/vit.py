@@ -27,6 +27,7 @@ from medvit.layers import (
     sincos_pos_embed,
 )
 from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.registry import register_variant
 
 POS_EMBED_TYPES = ("learn", "sincos", "none")
 
@@ -314,14 +315,7 @@ _TINY_2D = dict(embed_dim=32, depth=2, num_heads=2)
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
     """Register `name` as a ViT whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: object) -> VisionTransformer:
-        return VisionTransformer(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"ViT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    from medvit.registry import register_model
-
-    register_model(build, tiny=tiny)
+    register_variant(VisionTransformer, name, tiny, **cfg)
 
 
 for _size, _cfg in _SIZES.items():

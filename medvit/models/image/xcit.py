@@ -24,7 +24,7 @@ from medvit.layers.attention_variants import XCA
 from medvit.layers.class_attention import ClassAttentionBlock
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import check_output_fmt, feature_take_indices
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 _POOLS = ("token", "avg", "")
 
@@ -432,12 +432,7 @@ _TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_classes=10)
 def _variant(name: str, **cfg: Any) -> None:
     """Register `name` as an XCiT whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: Any) -> Xcit:
-        return Xcit(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"XCiT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=_TINY)
+    register_variant(Xcit, name, _TINY, **cfg)
 
 
 for _name, _cfg in _VARIANTS.items():

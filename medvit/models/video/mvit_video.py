@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from medvit.layers.helpers import to_ntuple
 from medvit.models.image.mvit import MViT
+from medvit.registry import register_variant
 
 
 class MViTVideo(MViT):
@@ -95,14 +96,7 @@ class MViTVideo(MViT):
 
 
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    def build(**overrides: object) -> MViTVideo:
-        return MViTVideo(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"MViT v1 video variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    from medvit.registry import register_model
-
-    register_model(build, tiny=tiny)
+    register_variant(MViTVideo, name, tiny, **cfg)
 
 
 _TINY = dict(embed_dim=16, depth=(1, 1, 1, 1), img_size=32, num_frames=4, num_classes=10)

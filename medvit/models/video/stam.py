@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from medvit.layers import Block, drop_path_schedule
 from medvit.models._features import check_output_fmt
+from medvit.registry import register_variant
 from medvit.models.image.vit import VisionTransformer
 
 
@@ -175,14 +176,7 @@ class STAM(nn.Module):
 
 
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    def build(**overrides: object) -> STAM:
-        return STAM(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"STAM variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    from medvit.registry import register_model
-
-    register_model(build, tiny=tiny)
+    register_variant(STAM, name, tiny, **cfg)
 
 
 _TINY = dict(embed_dim=32, depth=2, num_heads=2, temporal_depth=2, temporal_heads=2, img_size=32,

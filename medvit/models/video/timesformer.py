@@ -24,6 +24,7 @@ import torch.nn as nn
 from medvit.layers import Block
 from medvit.layers.video_attention import GROUPINGS, FactorisedSpaceTimeBlock, check_grouping
 from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.registry import register_variant
 from medvit.models.image.vit import VisionTransformer
 
 # (steps before the last, last grouping) of each factorised scheme.
@@ -249,14 +250,7 @@ _TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_frames=4, num_
 def _variant(name: str, **cfg: object) -> None:
     """Register `name` as a TimeSformer whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: object) -> TimeSformer:
-        return TimeSformer(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"TimeSformer variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    from medvit.registry import register_model
-
-    register_model(build, tiny=_TINY)
+    register_variant(TimeSformer, name, _TINY, **cfg)
 
 
 # The paper's three Kinetics-400 models: ViT-B/16 with divided space-time attention.

@@ -24,7 +24,7 @@ from medvit.layers import Attention, Block, PatchEmbed, check_pool_type, drop_pa
 from medvit.layers.factorised_attention import FactorisedDotProductAttention, FactorisedSelfAttentionBlock
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import check_output_fmt, feature_take_indices
-from medvit.registry import register_model
+from medvit.registry import register_variant
 
 ATTENTION_TYPES = ("st", "fe", "fsa", "fdp")
 
@@ -281,12 +281,7 @@ _TINY = dict(embed_dim=32, depth=2, temporal_depth=1, num_heads=2, num_frames=4,
 def _variant(name: str, **cfg: object) -> None:
     """Register `name` as a ViViT whose defaults are `cfg` (overridable per call)."""
 
-    def build(**overrides: object) -> ViViT:
-        return ViViT(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"ViViT variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=_TINY)
+    register_variant(ViViT, name, _TINY, **cfg)
 
 
 for _size, _cfg in _SIZES.items():

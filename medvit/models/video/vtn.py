@@ -21,6 +21,7 @@ import torch.nn as nn
 from medvit.layers import Block, Mlp, drop_path_schedule
 from medvit.layers.longformer_1d import LongformerAttention1d
 from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.registry import register_variant
 
 
 class VTN(nn.Module):
@@ -182,14 +183,7 @@ class VTN(nn.Module):
 
 
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    def build(**overrides: object) -> VTN:
-        return VTN(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"VTN variant {name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    from medvit.registry import register_model
-
-    register_model(build, tiny=tiny)
+    register_variant(VTN, name, tiny, **cfg)
 
 
 _TINY = dict(backbone_args=dict(embed_dim=32, depth=1, num_heads=2, img_size=32), num_frames=4,
