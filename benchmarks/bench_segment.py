@@ -13,7 +13,8 @@ and brought to medvit with `medvit convert`):
 
 Printed: each side's wall time (process start to mask on disk, imports included) and
 peak RSS, the speed ratio, and the per-label Dice between the two masks. `--fidelity`
-also saves both sides' inverted probabilities and prints their max abs difference.
+adds untimed runs that save both sides' inverted probabilities (medvit on its exact fp32
+path) and prints their max abs difference.
 """
 
 from __future__ import annotations
@@ -67,12 +68,13 @@ def child_monai(scan: str, weights: str, out: str, probs: str | None) -> None:
 
 
 def child_medvit(scan: str, ckpt: str, out: str, probs: str | None) -> None:
-    if probs:
+    if probs:  # a separate, untimed run: the exact path's inverted probabilities
         from medvit.pipelines.io import read_scan
         from medvit.pipelines.segment import SegmentConfig, Segmenter
 
-        seg = Segmenter(ckpt, SegmentConfig(progress=False))
+        seg = Segmenter(ckpt, SegmentConfig(progress=False, precision="fp32"))
         np.save(probs, seg.predict_proba(read_scan(scan)).numpy().astype(np.float32))
+        return
     from medvit.cli.main import main
 
     main(["segment", scan, "--model", ckpt, "-o", out, "-q"], standalone_mode=False)
@@ -126,11 +128,13 @@ def main() -> None:
                    check=True, capture_output=True)
     stem = Path(args.scan).name.replace(".nii.gz", "").replace(".nii", "")
     res = {}
-    for side, model_file in (("monai", weights), ("medvit", ckpt)):
-        out = work / side
-        probs = str(work / f"{side}_probs.npy") if args.fidelity else ""
-        res[side] = run_child(side, args.scan, str(model_file), str(out), probs)
+    sides = (("monai", weights), ("medvit", ckpt))
+    for side, model_file in sides:
+        res[side] = run_child(side, args.scan, str(model_file), str(work / side), "")
         print(f"{side:>6}: {res[side]['wall_s']:7.1f} s wall, peak RSS {res[side]['peak_rss_mb']:7.0f} MB", flush=True)
+    if args.fidelity:  # untimed runs that also dump the inverted probabilities
+        for side, model_file in sides:
+            run_child(side, args.scan, str(model_file), str(work / f"{side}_fidelity"), str(work / f"{side}_probs.npy"))
     a = np.asarray(nib.load(work / "monai" / f"{stem}_seg.nii.gz").dataobj)
     b = np.asarray(nib.load(work / "medvit" / f"{stem}_seg.nii.gz").dataobj)
     print(f"scan {args.scan}, shape {a.shape}, torch threads {torch.get_num_threads()}")
