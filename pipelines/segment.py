@@ -12,7 +12,7 @@ import json
 import os
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,6 @@ class SegmentResult:
     volumes: Path
     volumes_ml: dict[str, float]
     preview: Path | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Segmenter:

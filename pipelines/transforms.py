@@ -8,7 +8,7 @@ grid with MONAI's inversion (`Invertd`).
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -174,7 +174,6 @@ class Augmentation:
     intensity_prob: float = 0.5
     intensity_shift: float = 0.1
     intensity_scale: float = 0.1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def train_transforms(
