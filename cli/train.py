@@ -17,7 +17,12 @@ from medvit.cli._common import device_option, model_arg_option, user_errors
 @model_arg_option()
 @click.option("--epochs", default=100, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimiser steps.")
-@click.option("--patch-size", nargs=3, type=int, default=(96, 96, 96), show_default=True)
+@click.option("--patch-size", nargs=3, type=int, default=(96, 96, 96), show_default=True,
+              help="Window size in voxels (x y z); for a 2D model the entry along --slice-axis is ignored.")
+@click.option("--slice-axis", type=click.Choice(["axial", "coronal", "sagittal"]), default="axial",
+              show_default=True, help="2D models: the slices they are trained on (and segment).")
+@click.option("--slab", default=1, show_default=True,
+              help="2D models: odd number of neighbouring slices given as input channels.")
 @click.option("--spacing", nargs=3, type=float, default=(1.5, 1.5, 2.0), show_default=True,
               help="Target voxel size in mm (ignored for a preprocessed folder).")
 @click.option("--intensity", type=click.Choice(["ct", "mr", "none"]), default=None,
@@ -33,14 +38,15 @@ from medvit.cli._common import device_option, model_arg_option, user_errors
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
-def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, spacing, intensity, batch_size,
-          samples_per_volume, lr, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
+def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice_axis, slab, spacing, intensity,
+          batch_size, samples_per_volume, lr, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
     """Train on DATA: a dataset.json (MSD or nnU-Net v2) or a `medvit preprocess` folder."""
+    from medvit.pipelines.inference import parse_axis
     from medvit.pipelines.train import TrainConfig, train as run
 
     cfg = TrainConfig(
         data=data, out_dir=out_dir, model=model, model_args=model_args, epochs=epochs, max_steps=max_steps,
-        patch_size=tuple(patch_size), spacing=tuple(spacing), intensity=intensity, batch_size=batch_size,
+        patch_size=tuple(patch_size), slice_axis=parse_axis(slice_axis), slab=slab, spacing=tuple(spacing), intensity=intensity, batch_size=batch_size,
         samples_per_volume=samples_per_volume, lr=lr, val_fraction=val_fraction, val_every=val_every,
         device=device, amp=amp, resume=resume, seed=seed, progress=not quiet,
     )

@@ -37,7 +37,9 @@ class ModelCard:
         labels: Output class index (1..K) -> {"id": label id written in masks, "name": ...};
             class 0 is background.
         preprocessing: `Preprocessing.to_dict()`.
-        patch_size: Sliding-window size (the model's input size).
+        patch_size: Sliding-window size (the model's input size; 2 entries for 2D models).
+        slicing: For 2D models, how volumes are sliced: {"axis": 0|1|2, "slab": odd n}
+            (see `medvit.pipelines.inference.SliceSpec`); None for 3D models.
         extra: Training progress and anything else (epoch, step, best Dice ...).
     """
 
@@ -46,6 +48,7 @@ class ModelCard:
     labels: dict[int, dict[str, Any]]
     preprocessing: dict[str, Any]
     patch_size: tuple[int, ...]
+    slicing: dict[str, int] | None = None
     medvit_version: str = medvit.__version__
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)

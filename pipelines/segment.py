@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
 from medvit.pipelines.checkpoint import ModelCard, load_checkpoint
 from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.inference import SliceSpec, window_logits
 from medvit.pipelines.io import Scan, find_scans, read_scan, write_mask
 from medvit.pipelines.preview import write_preview
 from medvit.pipelines.runtime import autocast, inference_dtype, resolve_device
@@ -82,6 +82,7 @@ class Segmenter:
         self.transform = preprocess_transforms(self.prep, keys=("image",))
         self.class_ids = np.array([0] + [int(self.card.labels[c]["id"]) for c in sorted(self.card.labels)])
         self.keep = self._kept_classes(self.config.labels)
+        self.slices = slice_spec(self.card, self.model)
 
     def _kept_classes(self, names: Sequence[str] | None) -> np.ndarray:
         classes = sorted(self.card.labels)
@@ -109,14 +110,9 @@ class Segmenter:
         for axes in flips:
             xi = torch.flip(x, axes) if axes else x
             with autocast(self.device, True, self.dtype):
-                out = sliding_window_inference(
-                    xi,
-                    roi_size=self.card.patch_size,
-                    sw_batch_size=self.config.sw_batch_size,
-                    predictor=self.model,
-                    overlap=self.config.overlap,
-                    mode="gaussian",
-                    progress=self.config.progress and not self.config.tta,
+                out = window_logits(
+                    self.model, xi, self.card.patch_size, self.config.sw_batch_size, self.config.overlap,
+                    slices=self.slices, progress=self.config.progress and not self.config.tta,
                 )
             prob = torch.softmax(out.float(), dim=1)
             prob = torch.flip(prob, axes) if axes else prob
@@ -169,6 +165,19 @@ class Segmenter:
         return SegmentResult(Path(path), mask_path, vol_path, vols, preview)
 
 
+def slice_spec(card: ModelCard, model: torch.nn.Module) -> SliceSpec | None:
+    """How a 2D model slices volumes (None for 3D models); checks the card fits the model."""
+    dims = getattr(model, "spatial_dims", len(card.patch_size))
+    if dims == 3:
+        return None
+    if dims != 2 or len(card.patch_size) != 2:
+        raise MedvitError(f"{card.model_name}: a {dims}D model with patch size {card.patch_size} cannot segment volumes")
+    spec = SliceSpec(**card.slicing) if card.slicing else SliceSpec(2, getattr(model, "in_chans", 1))
+    if spec.slab != getattr(model, "in_chans", spec.slab):
+        raise MedvitError(f"{card.model_name}: slab of {spec.slab} slices but the model takes {model.in_chans} channels")
+    return spec
+
+
 def _write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
@@ -197,4 +206,8 @@ def segment(
 
 def card_summary(card: ModelCard) -> str:
     names = ", ".join(card.label_names().values())
-    return f"{card.model_name} ({card.num_classes - 1} labels: {names}), patch {card.patch_size}"
+    slicing = ""
+    if card.slicing:
+        axis = {0: "sagittal", 1: "coronal", 2: "axial"}.get(card.slicing["axis"], card.slicing["axis"])
+        slicing = f", 2D on {axis} slices (slab {card.slicing['slab']})"
+    return f"{card.model_name} ({card.num_classes - 1} labels: {names}), patch {card.patch_size}{slicing}"

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from monai.data import CacheDataset, DataLoader, list_data_collate
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice
 from torch.utils.tensorboard import SummaryWriter
@@ -30,6 +29,7 @@ import medvit
 from medvit.pipelines.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from medvit.pipelines.data import DatasetSpec, load_dataset
 from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.inference import SliceSpec, in_plane, window_logits
 from medvit.pipelines.runtime import autocast, resolve_device
 from medvit.pipelines.train_images import overlay_slice
 from medvit.pipelines.transforms import Preprocessing, preprocess_transforms, train_transforms
@@ -46,6 +46,8 @@ class TrainConfig:
     epochs: int = 100
     max_steps: int | None = None
     patch_size: tuple[int, int, int] = (96, 96, 96)
+    slice_axis: int = 2
+    slab: int = 1
     spacing: tuple[float, float, float] | None = (1.5, 1.5, 2.0)
     intensity: str | None = None
     batch_size: int = 2
@@ -122,13 +124,15 @@ class Trainer:
         self.class_ids = sorted(self.spec.labels)
         self.num_classes = len(self.class_ids) + 1
         self.prep, self.card_prep = self._preprocessing()
+        self.slices: SliceSpec | None = None
         self.model = self._build_model().to(self.device)
         self.card = ModelCard(
             model_name=config.model,
             model_args=self.model_args,
             labels={i + 1: {"id": lid, "name": self.spec.labels[lid]} for i, lid in enumerate(self.class_ids)},
             preprocessing=self.card_prep.to_dict(),
-            patch_size=tuple(config.patch_size),
+            patch_size=self.window,
+            slicing=None if self.slices is None else {"axis": self.slices.axis, "slab": self.slices.slab},
         )
         train_cases, val_cases = _split(self.spec, config.val_fraction, config.seed)
         self.train_loader = self._loader(train_cases)
@@ -164,12 +168,23 @@ class Trainer:
         return prep, prep
 
     def _build_model(self) -> nn.Module:
+        """The model at the run's patch size; a 2D model gets in-plane windows and slab channels."""
         args = dict(self.cfg.model_args)
-        args.update(img_size=tuple(self.cfg.patch_size), num_classes=self.num_classes, in_chans=1)
-        self.model_args = args
         try:
+            with torch.device("meta"):  # only to learn whether the model is 2D or 3D
+                dims = getattr(medvit.create_model(self.cfg.model, **args), "spatial_dims", 3)
+            self.window = tuple(int(p) for p in self.cfg.patch_size)
+            in_chans = 1
+            if dims == 2:
+                self.slices = SliceSpec(self.cfg.slice_axis, self.cfg.slab)
+                self.window = in_plane(self.cfg.patch_size, self.slices.axis)
+                in_chans = self.slices.slab
+            elif dims != 3:
+                raise ValueError(f"it is a {dims}D model; segmentation needs a 2D or 3D one")
+            args.update(img_size=self.window, num_classes=self.num_classes, in_chans=in_chans)
+            self.model_args = args
             return medvit.create_model(self.cfg.model, **args)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise MedvitError(f"cannot build model {self.cfg.model!r} for this run: {e}") from None
 
     def _items(self, cases: list) -> list[dict[str, str]]:
@@ -182,7 +197,12 @@ class Trainer:
     def _loader(self, cases: list) -> DataLoader:
         from monai.transforms import Compose
 
-        tf = Compose([self._load_transform(), train_transforms(self.cfg.patch_size, self.cfg.samples_per_volume)])
+        crop = list(self.cfg.patch_size)
+        axis = None
+        if self.slices is not None:
+            axis = self.slices.axis
+            crop[axis] = self.slices.slab
+        tf = Compose([self._load_transform(), train_transforms(crop, self.cfg.samples_per_volume, slice_axis=axis)])
         ds = CacheDataset(self._items(cases), tf, progress=False, num_workers=0)
         gen = torch.Generator().manual_seed(self.cfg.seed + self.rank)
         return DataLoader(
@@ -245,9 +265,7 @@ class Trainer:
         for item in self.val_data:
             img = item["image"].as_tensor()[None].to(self.device)
             with autocast(self.device, self.cfg.amp):
-                logits = sliding_window_inference(
-                    img, self.cfg.patch_size, 4, self.model, overlap=self.cfg.overlap, mode="gaussian"
-                )
+                logits = window_logits(self.model, img, self.window, 4, self.cfg.overlap, slices=self.slices)
             pred = logits.argmax(1, keepdim=True).cpu()
             lab = item["label"].as_tensor()[None].long()
             onehot = lambda t: torch.nn.functional.one_hot(t[:, 0], self.num_classes).movedim(-1, 1)  # noqa: E731

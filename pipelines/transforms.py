@@ -176,28 +176,60 @@ class Augmentation:
     intensity_scale: float = 0.1
 
 
+class SlabToChannelsd(MapTransform):
+    """Turn a thin 3D crop into a 2D training sample.
+
+    The image `(C, X, Y, Z)` with `slab` slices along `axis` becomes `(slab * C, *plane)`
+    (slice-major, as `medvit.pipelines.inference.slab_stack` builds them at inference);
+    the label becomes its centre slice `(1, *plane)`.
+    """
+
+    def __init__(self, axis: int, image_key: str = "image", label_key: str = "label") -> None:
+        super().__init__([image_key, label_key])
+        self.axis, self.image_key, self.label_key = axis, image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        dim = 1 + self.axis
+        img = torch.as_tensor(d[self.image_key]).movedim(dim, 0)  # (slab, C, *plane)
+        d[self.image_key] = img.reshape(-1, *img.shape[2:]).contiguous()
+        lab = torch.as_tensor(d[self.label_key])
+        d[self.label_key] = lab.select(dim, lab.shape[dim] // 2).contiguous()
+        return d
+
+
 def train_transforms(
-    patch_size: Sequence[int], num_samples: int = 2, aug: Augmentation | None = None
+    patch_size: Sequence[int],
+    num_samples: int = 2,
+    aug: Augmentation | None = None,
+    slice_axis: int | None = None,
 ) -> Compose:
-    """Random crops balanced between foreground and background, flips, affine, intensity."""
+    """Random crops balanced between foreground and background, flips, affine, intensity.
+
+    With `slice_axis`, `patch_size` is the thin crop (the slab's thickness along that
+    axis), rotation and scaling stay in the slice plane, and each crop ends as a 2D sample.
+    """
     aug = aug or Augmentation()
     keys = ["image", "label"]
     pos = aug.pos_fraction
-    return Compose(
-        [
-            SpatialPadd(keys, spatial_size=patch_size),
-            RandCropByPosNegLabeld(
-                keys, "label", spatial_size=patch_size, pos=pos, neg=1.0 - pos,
-                num_samples=num_samples, image_key="image", image_threshold=0.0,
-            ),
-            RandFlipd(keys, prob=aug.flip_prob, spatial_axis=0),
-            RandFlipd(keys, prob=aug.flip_prob, spatial_axis=1),
-            RandFlipd(keys, prob=aug.flip_prob, spatial_axis=2),
-            RandAffined(
-                keys, prob=aug.affine_prob, rotate_range=[np.deg2rad(aug.rotate_deg)] * 3,
-                scale_range=[aug.scale] * 3, mode=["bilinear", "nearest"], padding_mode="border",
-            ),
-            RandScaleIntensityd("image", factors=aug.intensity_scale, prob=aug.intensity_prob),
-            RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=aug.intensity_prob),
-        ]
-    )
+    in_plane = [1.0 if slice_axis is None or i != slice_axis else 0.0 for i in range(3)]
+    rotate = [np.deg2rad(aug.rotate_deg) * (1.0 if slice_axis in (None, i) else 0.0) for i in range(3)]
+    steps = [
+        SpatialPadd(keys, spatial_size=patch_size),
+        RandCropByPosNegLabeld(
+            keys, "label", spatial_size=patch_size, pos=pos, neg=1.0 - pos,
+            num_samples=num_samples, image_key="image", image_threshold=0.0,
+        ),
+        RandFlipd(keys, prob=aug.flip_prob, spatial_axis=0),
+        RandFlipd(keys, prob=aug.flip_prob, spatial_axis=1),
+        RandFlipd(keys, prob=aug.flip_prob, spatial_axis=2),
+        RandAffined(
+            keys, prob=aug.affine_prob, rotate_range=rotate,
+            scale_range=[aug.scale * f for f in in_plane], mode=["bilinear", "nearest"], padding_mode="border",
+        ),
+        RandScaleIntensityd("image", factors=aug.intensity_scale, prob=aug.intensity_prob),
+        RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=aug.intensity_prob),
+    ]
+    if slice_axis is not None:
+        steps.append(SlabToChannelsd(slice_axis))
+    return Compose(steps)
