@@ -1,8 +1,10 @@
-"""Segment scans: preprocessing, MONAI sliding-window inference, inversion, export.
+"""Segment scans: preprocessing, sliding-window inference, inversion, export.
 
 Every mask is written on its scan's own grid: predictions are made in the model's space
-(RAS, target spacing) and mapped back with MONAI's inversion of exactly the spatial
-transforms that were applied.
+(RAS, target spacing, MONAI transforms) and mapped back through the affine those
+transforms produced. Inference and inversion stream (`medvit.pipelines.stitch`), so memory
+stays bounded on large scans; with `precision="fp32"` the probabilities are MONAI's
+sliding-window + `Invertd` result.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import Invertd
 from tqdm.auto import tqdm
 
 from medvit.pipelines.checkpoint import ModelCard, load_checkpoint
 from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.inference import SliceSpec, window_logits
+from medvit.pipelines.inference import SliceSpec
 from medvit.pipelines.io import Scan, find_scans, read_scan, write_mask
 from medvit.pipelines.preview import write_preview
 from medvit.pipelines.runtime import autocast, inference_dtype, resolve_device
+from medvit.pipelines.stitch import (
+    accumulator_device,
+    invert_argmax,
+    invert_probabilities,
+    stream_probabilities,
+    stream_slice_probabilities,
+)
 from medvit.pipelines.transforms import Preprocessing, preprocess_transforms
 
 
@@ -80,7 +88,8 @@ class Segmenter:
         self.model, self.card = load_checkpoint(checkpoint, self.device)
         self.prep = Preprocessing.from_dict(self.card.preprocessing)
         self.transform = preprocess_transforms(self.prep, keys=("image",))
-        self.class_ids = np.array([0] + [int(self.card.labels[c]["id"]) for c in sorted(self.card.labels)])
+        ids = [0] + [int(self.card.labels[c]["id"]) for c in sorted(self.card.labels)]
+        self.class_ids = np.array(ids, dtype=np.uint8 if max(ids) < 256 else np.uint16)
         self.keep = self._kept_classes(self.config.labels)
         self.slices = slice_spec(self.card, self.model)
 
@@ -100,46 +109,63 @@ class Segmenter:
             keep[known[n]] = True
         return keep
 
+    def _model_space(self, scan: Scan) -> tuple[torch.Tensor, np.ndarray]:
+        """The preprocessed volume `(C, X, Y, Z)` and the map from scan voxels to its voxels."""
+        image = self.transform({"image": scan})["image"]
+        if any(s < 1 for s in image.shape[1:]):
+            raise MedvitError(f"{scan.path}: empty after resampling")
+        voxel_to_model = np.linalg.inv(np.asarray(image.affine, dtype=np.float64)) @ np.asarray(scan.affine)
+        return image.as_tensor(), voxel_to_model
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        """Model-space probabilities are kept in fp16 unless this is the exact (fp32) path."""
+        return torch.float32 if self.dtype == torch.float32 else torch.float16
+
+    def _predictor(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, True, self.dtype):
+            return self.model(x)
+
     @torch.inference_mode()
-    def _logits(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.as_tensor()[None].to(self.device) if hasattr(image, "as_tensor") else image[None].to(self.device)
+    def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Model-space class probabilities `(K, X, Y, Z)` on the CPU (averaged over flips with TTA)."""
+        x = image.to(self.device)
         flips = [()] if not self.config.tta else [
-            axes for n in range(4) for axes in itertools.combinations((2, 3, 4), n)
+            axes for n in range(4) for axes in itertools.combinations((1, 2, 3), n)
         ]
         total = None
         for axes in flips:
             xi = torch.flip(x, axes) if axes else x
-            with autocast(self.device, True, self.dtype):
-                out = window_logits(
-                    self.model, xi, self.card.patch_size, self.config.sw_batch_size, self.config.overlap,
-                    slices=self.slices, progress=self.config.progress and not self.config.tta,
-                )
-            prob = torch.softmax(out.float(), dim=1)
+            prob = self._stream(xi, progress=self.config.progress and not self.config.tta)
             prob = torch.flip(prob, axes) if axes else prob
-            total = prob if total is None else total + prob
-        return (total / len(flips))[0].cpu()
+            total = prob if total is None else total.add_(prob)
+        if len(flips) > 1:
+            total /= len(flips)
+        return total
+
+    def _stream(self, x: torch.Tensor, progress: bool) -> torch.Tensor:
+        k = self.card.num_classes
+        if self.slices is not None:
+            return stream_slice_probabilities(
+                self._predictor, x, self.card.patch_size, k, self.slices, self.config.sw_batch_size,
+                self.config.overlap, self.store_dtype, progress,
+            )
+        return stream_probabilities(
+            self._predictor, x, self.card.patch_size, k, self.config.sw_batch_size, self.config.overlap,
+            self.store_dtype, accumulate_on=accumulator_device(x, k, self.card.patch_size), progress=progress,
+        )
 
     def predict_proba(self, scan: Scan) -> torch.Tensor:
-        """Class probabilities `(C, *scan.shape)` on the scan's own grid."""
-        data = self.transform({"image": scan})
-        image = data["image"]
-        if any(s < 1 for s in image.shape[1:]):
-            raise MedvitError(f"{scan.path}: empty after resampling")
-        prob = self._logits(image)
-        pred = image.clone()  # keeps the meta data and applied operations
-        pred.set_array(prob)
-        data["pred"] = pred
-        inverted = Invertd("pred", self.transform, orig_keys="image", nearest_interp=False)(data)["pred"]
-        prob = inverted.as_tensor() if hasattr(inverted, "as_tensor") else torch.as_tensor(inverted)
-        if tuple(prob.shape[1:]) != scan.shape:
-            raise RuntimeError(f"inversion gave {tuple(prob.shape[1:])}, expected {scan.shape}")
-        return prob
+        """Class probabilities `(C, *scan.shape)` float32 on the scan's own grid."""
+        image, voxel_to_model = self._model_space(scan)
+        return invert_probabilities(self._probabilities(image), voxel_to_model, scan.shape)
 
     def predict(self, scan: Scan) -> np.ndarray:
-        """The label-id mask of a scan, on the scan's own grid."""
-        prob = self.predict_proba(scan)
-        kept = np.flatnonzero(self.keep)
-        classes = kept[prob[torch.from_numpy(kept)].argmax(0).numpy()]
+        """The label-id mask of a scan, on the scan's own grid (computed slab by slab)."""
+        image, voxel_to_model = self._model_space(scan)
+        prob = self._probabilities(image)
+        del image
+        classes = invert_argmax(prob, voxel_to_model, scan.shape, self.keep)
         return self.class_ids[classes]
 
     def volumes_ml(self, mask: np.ndarray, scan: Scan) -> dict[str, float]:

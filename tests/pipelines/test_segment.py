@@ -26,7 +26,7 @@ def _threshold_logits(seg: Segmenter, prep_window=(-175.0, 250.0)):
     level = (THRESHOLD_HU - lo) / (hi - lo)
 
     def fake(image: torch.Tensor) -> torch.Tensor:
-        x = image.as_tensor()[0]
+        x = torch.as_tensor(image)[0]
         out = torch.zeros(seg.card.num_classes, *x.shape)
         out[1] = (x > level).float()
         out[0] = 1.0 - out[1]
@@ -40,7 +40,7 @@ def test_mask_is_exact_when_model_space_equals_input_grid(tmp_path, phantom_scan
     img, _ = phantom_scan
     ckpt = make_tiny_checkpoint(tmp_path / "c.safetensors", spacing=(3.0, 3.0, 6.0))
     seg = Segmenter(ckpt, SegmentConfig(progress=False))
-    seg._logits = _threshold_logits(seg)
+    seg._probabilities = _threshold_logits(seg)
     scan = read_scan(img)
     assert scan.orientation() == "LPS"
     mask = seg.predict(scan)
@@ -61,7 +61,7 @@ def test_mask_lands_on_resampled_oblique_input(tmp_path, phantom_scan, fmt) -> N
     sitk.WriteImage(image, str(path))
     ckpt = make_tiny_checkpoint(tmp_path / "c.safetensors", spacing=(2.0, 2.0, 2.0))
     seg = Segmenter(ckpt, SegmentConfig(progress=False))
-    seg._logits = _threshold_logits(seg)
+    seg._probabilities = _threshold_logits(seg)
     result = seg.segment_file(path, tmp_path / "out")
     written = sitk.ReadImage(str(result.mask))
     assert written.GetSize() == image.GetSize()

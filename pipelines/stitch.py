@@ -1,0 +1,241 @@
+"""Sliding-window inference in bounded memory, and inversion onto the scan's grid by slabs.
+
+What MONAI's `sliding_window_inference` + `Invertd` compute, without ever holding a float32
+`classes x voxels` volume of the whole scan:
+
+- `stream_probabilities`: windows are visited in rows of equal start along the last axis.
+  A row's gaussian-weighted logits go into an accumulator one window deep; once a row is
+  done, the planes no later window touches are final, so they are normalised, turned into
+  probabilities and stored (in `store_dtype`, fp16 on the default path) in the model-space
+  probability volume. Window positions, gaussian weights and padding are MONAI's.
+- `invert_argmax` / `invert_probabilities`: each slab of the scan's own grid is mapped
+  into model space with the affine the preprocessing produced, the probabilities are
+  trilinearly interpolated there (edge values outside, as MONAI's `Spacingd` inversion
+  does) and reduced to labels slab by slab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map
+from monai.inferers import sliding_window_inference
+
+from medvit.pipelines.inference import SliceSpec, slab_stack
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window starts along one axis, as MONAI places them (the last window ends at the edge)."""
+    if roi >= size:
+        return [0]
+    interval = max(int(roi * (1 - overlap)), 1)
+    count = next(d for d in range(math.ceil(size / interval)) if d * interval + roi >= size) + 1
+    return [min(i * interval, size - roi) for i in range(count)]
+
+
+def gaussian_weights(roi: Sequence[int], device: torch.device) -> torch.Tensor:
+    """MONAI's gaussian importance map (sigma 0.125 x roi), floored at its smallest value."""
+    w = compute_importance_map(tuple(roi), mode="gaussian", sigma_scale=0.125, device=device, dtype=torch.float32)
+    return w.clamp(min=max(float(w.min()), 1e-3))
+
+
+def stream_probabilities(
+    predict: Predictor,
+    image: torch.Tensor,
+    roi: Sequence[int],
+    num_classes: int,
+    sw_batch_size: int = 4,
+    overlap: float = 0.5,
+    store_dtype: torch.dtype = torch.float16,
+    accumulate_on: torch.device | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Softmax probabilities `(K, X, Y, Z)` (on the CPU) of a 3D model over image `(C, X, Y, Z)`.
+
+    Args:
+        predict: Maps windows `(b, C, *roi)` to logits `(b, K, *roi)`.
+        image: The model-space volume, on the model's device.
+        roi: Window size.
+        num_classes: K.
+        sw_batch_size: Windows per call of `predict`.
+        overlap: Window overlap fraction.
+        store_dtype: Precision the finished probabilities are kept in.
+        accumulate_on: Device of the one-window-deep accumulator (default: the image's).
+        progress: Show a progress bar.
+    """
+    roi = tuple(int(r) for r in roi)
+    size = tuple(image.shape[1:])
+    # MONAI pads a volume smaller than the window symmetrically with zeros
+    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size)]
+    if any(p for pair in pads for p in pair):
+        image = F.pad(image, [p for pair in reversed(pads) for p in pair])
+    padded = tuple(image.shape[1:])
+    acc_device = accumulate_on or image.device
+    weights = gaussian_weights(roi, acc_device)
+    starts = [window_starts(s, r, overlap) for s, r in zip(padded, roi)]
+    out = torch.empty(num_classes, *size, dtype=store_dtype)
+    depth = roi[2]
+    acc = torch.zeros(num_classes, padded[0], padded[1], depth, device=acc_device)
+    wsum = torch.zeros(padded[0], padded[1], depth, device=acc_device)
+    rows = starts[2]
+    bar = _progress(len(starts[0]) * len(starts[1]) * len(rows), progress)
+    for r, z in enumerate(rows):
+        windows = [(x, y) for x in starts[0] for y in starts[1]]
+        for b in range(0, len(windows), sw_batch_size):
+            batch = windows[b : b + sw_batch_size]
+            x_in = torch.stack([image[:, x : x + roi[0], y : y + roi[1], z : z + depth] for x, y in batch])
+            logits = predict(x_in).to(acc_device, torch.float32)
+            for (x, y), lg in zip(batch, logits):
+                acc[:, x : x + roi[0], y : y + roi[1]].addcmul_(lg, weights)
+                wsum[x : x + roi[0], y : y + roi[1]].add_(weights)
+            bar.update(len(batch))
+        done = (rows[r + 1] - z) if r + 1 < len(rows) else depth
+        _finish(acc[..., :done], wsum[..., :done], out, z, pads)
+        if r + 1 < len(rows):  # slide the accumulator to the next row's start
+            keep = depth - done
+            acc[..., :keep] = acc[..., done:].clone()
+            wsum[..., :keep] = wsum[..., done:].clone()
+            acc[..., keep:] = 0
+            wsum[..., keep:] = 0
+    bar.close()
+    return out
+
+
+def accumulator_device(image: torch.Tensor, num_classes: int, roi: Sequence[int]) -> torch.device:
+    """Where to stitch: on the GPU when the accumulator fits in a quarter of its free memory,
+    else on the CPU (MONAI's `sw_device` / `device` split)."""
+    if image.device.type != "cuda":
+        return image.device
+    need = 4 * (num_classes + 1) * image.shape[1] * image.shape[2] * int(roi[-1])
+    free, _ = torch.cuda.mem_get_info(image.device)
+    return image.device if need < free // 4 else torch.device("cpu")
+
+
+def stream_slice_probabilities(
+    predict: Predictor,
+    image: torch.Tensor,
+    roi: Sequence[int],
+    num_classes: int,
+    slices: SliceSpec,
+    sw_batch_size: int = 4,
+    overlap: float = 0.5,
+    store_dtype: torch.dtype = torch.float16,
+    progress: bool = False,
+    slice_batch: int = 16,
+) -> torch.Tensor:
+    """Softmax probabilities `(K, X, Y, Z)` of a 2D model run slice by slice (see `inference`)."""
+    out = torch.empty(num_classes, *image.shape[1:], dtype=store_dtype)
+    depth = image.shape[1 + slices.axis]
+    bar = _progress(depth, progress)
+    for start in range(0, depth, slice_batch):
+        index = torch.arange(start, min(start + slice_batch, depth), device=image.device)
+        logits = sliding_window_inference(
+            slab_stack(image, slices, index), roi_size=tuple(roi), sw_batch_size=sw_batch_size,
+            predictor=predict, overlap=overlap, mode="gaussian",
+        )
+        prob = torch.softmax(logits.float(), dim=1).to("cpu", store_dtype)
+        out.narrow(1 + slices.axis, start, len(index)).copy_(prob.movedim(0, slices.axis + 1))
+        bar.update(len(index))
+    bar.close()
+    return out
+
+
+def _finish(acc: torch.Tensor, wsum: torch.Tensor, out: torch.Tensor, z: int, pads: list[tuple[int, int]]) -> None:
+    """Normalise finished planes, softmax them and store the part inside the unpadded volume."""
+    prob = torch.softmax(acc / wsum, dim=0)
+    (x0, _), (y0, _), (z0, _) = pads
+    lo, hi = max(z - z0, 0), min(z - z0 + prob.shape[-1], out.shape[-1])
+    if hi <= lo:
+        return
+    sx, sy = out.shape[1], out.shape[2]
+    out[..., lo:hi] = prob[:, x0 : x0 + sx, y0 : y0 + sy, lo - (z - z0) : hi - (z - z0)].to(out.dtype)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="windows", unit="win")
+
+
+def _slabs(n: int, voxels_per_plane: int, budget: int) -> Iterator[tuple[int, int]]:
+    step = max(1, budget // max(voxels_per_plane, 1))
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
+
+
+def _sample_slab(
+    prob: torch.Tensor, voxel_to_model: np.ndarray, shape: Sequence[int], k0: int, k1: int
+) -> torch.Tensor:
+    """Trilinear samples `(K, I, J, k1 - k0)` of model-space `prob` at scan voxels [.., .., k0:k1]."""
+    m = torch.as_tensor(voxel_to_model, dtype=torch.float64)
+    idx = [torch.arange(shape[0], dtype=torch.float64), torch.arange(shape[1], dtype=torch.float64),
+           torch.arange(k0, k1, dtype=torch.float64)]
+    # model coordinate = M[:, 0] i + M[:, 1] j + M[:, 2] k + M[:, 3], built by broadcasting
+    coords = (
+        m[:3, 0, None, None, None] * idx[0][:, None, None]
+        + m[:3, 1, None, None, None] * idx[1][None, :, None]
+        + m[:3, 2, None, None, None] * idx[2][None, None, :]
+        + m[:3, 3, None, None, None]
+    )  # (3, I, J, k)
+    size = prob.shape[1:]
+    lo = [max(int(math.floor(float(coords[a].min()))), 0) for a in range(3)]
+    hi = [min(int(math.floor(float(coords[a].max()))) + 2, size[a]) for a in range(3)]
+    lo = [min(lo[a], size[a] - 1) for a in range(3)]
+    hi = [max(hi[a], lo[a] + 1) for a in range(3)]
+    box = prob[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].float()
+    grid = []
+    for a in range(3):
+        n = hi[a] - lo[a]
+        c = (coords[a] - lo[a]).clamp_(0, n - 1)  # edge values outside the volume
+        grid.append((2 * c / (n - 1) - 1) if n > 1 else torch.zeros_like(c))
+    # grid_sample wants (x, y, z) = (last, middle, first) axis of the sampled volume
+    g = torch.stack(grid[::-1], dim=-1).to(torch.float32)[None]
+    return F.grid_sample(box[None], g, mode="bilinear", padding_mode="border", align_corners=True)[0]
+
+
+def invert_argmax(
+    prob: torch.Tensor,
+    voxel_to_model: np.ndarray,
+    shape: Sequence[int],
+    keep: np.ndarray,
+    budget_voxels: int = 1 << 21,
+) -> np.ndarray:
+    """Class index (into `keep`'s positions) per scan voxel, computed slab by slab.
+
+    Args:
+        prob: Model-space probabilities `(K, X, Y, Z)`.
+        voxel_to_model: 4x4 map from scan voxel indices to model-space voxel indices.
+        shape: The scan's grid.
+        keep: Boolean per class; others never win.
+        budget_voxels: Scan voxels per slab (bounds the float32 working set).
+    """
+    kept = torch.from_numpy(np.flatnonzero(keep))
+    out = np.empty(tuple(shape), dtype=np.int64 if len(kept) > 255 else np.uint8)
+    for k0, k1 in _slabs(shape[2], shape[0] * shape[1], budget_voxels):
+        p = _sample_slab(prob, voxel_to_model, shape, k0, k1)
+        out[..., k0:k1] = kept[p[kept].argmax(0)].numpy()
+    return out
+
+
+def invert_probabilities(prob: torch.Tensor, voxel_to_model: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+    """Probabilities `(K, *shape)` float32 on the scan's grid (for inspection and tests)."""
+    out = torch.empty(prob.shape[0], *shape, dtype=torch.float32)
+    for k0, k1 in _slabs(shape[2], shape[0] * shape[1], 1 << 21):
+        out[..., k0:k1] = _sample_slab(prob, voxel_to_model, shape, k0, k1)
+    return out

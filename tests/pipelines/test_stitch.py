@@ -1,0 +1,65 @@
+"""Streaming sliding window and slab-wise inversion against MONAI's own functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers import sliding_window_inference
+
+from medvit.pipelines.stitch import invert_argmax, invert_probabilities, stream_probabilities, window_starts
+
+
+class LocalNet(torch.nn.Module):
+    """Window-position-dependent logits, so stitching errors show."""
+
+    def __init__(self, k: int = 3) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, k, 3, padding=1)
+        self.bias = torch.nn.Parameter(torch.randn(k, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(-1, 1, x.shape[-1])
+        return self.conv(x) + self.bias * ramp
+
+
+@pytest.mark.parametrize("size,roi,overlap", [(50, 16, 0.5), (16, 16, 0.5), (37, 12, 0.25), (30, 16, 0.0)])
+def test_window_starts_are_monais(size, roi, overlap) -> None:
+    interval = int(roi * (1 - overlap)) if roi != size else roi
+    monai = sorted({s[0].start for s in dense_patch_slices((size,), (roi,), (max(interval, 1),))})
+    assert window_starts(size, roi, overlap) == monai
+
+
+@pytest.mark.parametrize("shape", [(40, 33, 45), (20, 14, 9)])  # the second is smaller than the window
+def test_stream_equals_monai_sliding_window(shape) -> None:
+    torch.manual_seed(0)
+    net = LocalNet().eval()
+    image = torch.rand(1, *shape)
+    with torch.no_grad():
+        ref = torch.softmax(sliding_window_inference(image[None], (16, 16, 16), 3, net, 0.5, "gaussian")[0], 0)
+        ours = stream_probabilities(net, image, (16, 16, 16), 3, 3, 0.5, torch.float32)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    fp16 = stream_probabilities(net, image, (16, 16, 16), 3, 3, 0.5, torch.float16)
+    assert fp16.dtype == torch.float16 and (fp16.float() - ref).abs().max() < 1e-3
+
+
+def test_inversion_identity_and_permuted_flipped() -> None:
+    torch.manual_seed(0)
+    prob = torch.softmax(torch.randn(4, 6, 7, 8), 0)
+    torch.testing.assert_close(invert_probabilities(prob, np.eye(4), (6, 7, 8)), prob)
+    # scan axes (i, j, k) = model (z, -y, x): a permutation with a flip
+    m = np.array([[0, 0, 1, 0], [0, -1, 0, 6], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+    expected = prob.permute(0, 3, 2, 1).flip(2)
+    torch.testing.assert_close(invert_probabilities(prob, m, (8, 7, 6)), expected)
+    keep = np.array([True, False, True, True])
+    labels = invert_argmax(prob, m, (8, 7, 6), keep, budget_voxels=50)  # many small slabs
+    idx = torch.tensor([0, 2, 3])
+    np.testing.assert_array_equal(labels, idx[expected[idx].argmax(0)].numpy())
+
+
+def test_inversion_interpolates_linearly_and_clamps_at_edges() -> None:
+    ramp = torch.arange(5.0)[None, :, None, None].expand(1, 5, 2, 2).contiguous()
+    m = np.diag([0.5, 1.0, 1.0, 1.0])  # scan voxel i sits at model x = i / 2
+    out = invert_probabilities(ramp, m, (12, 2, 2))
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4, 4, 4]))
