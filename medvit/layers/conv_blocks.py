@@ -6,6 +6,9 @@ so MONAI checkpoints load into them by a key mapping (`medvit.convert.monai`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn as nn
 
@@ -57,6 +60,7 @@ class ConvBlock(nn.Module):
         norm: `instance` or `batch`.
         residual: Add a (1x1-projected when the width changes) shortcut before the last
             activation.
+        act_layer: Activation (MONAI's blocks use LeakyReLU 0.01).
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class ConvBlock(nn.Module):
         kernel_size: int = 3,
         norm: str = "instance",
         residual: bool = True,
+        act_layer: Callable[[], nn.Module] = partial(nn.LeakyReLU, 0.01, inplace=True),
     ) -> None:
         super().__init__()
         conv = conv_nd(spatial_dims)
@@ -75,7 +80,7 @@ class ConvBlock(nn.Module):
         self.norm1 = make_norm(norm, out_chans, spatial_dims)
         self.conv2 = conv(out_chans, out_chans, kernel_size, padding=pad, bias=False)
         self.norm2 = make_norm(norm, out_chans, spatial_dims)
-        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.act = act_layer()
         self.residual = residual
         self.shortcut: nn.Module | None = None
         if residual and in_chans != out_chans:

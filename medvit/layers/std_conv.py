@@ -6,7 +6,8 @@ unit variance before the convolution; with GroupNorm it replaces BatchNorm in th
 ViT-hybrid ResNets. Those networks were trained in JAX/TensorFlow, whose "SAME" padding
 pads asymmetrically (more at the end) when the stride is above 1, so their weights only
 reproduce their features with the same padding: `padding="same"` here computes it per
-input size as TensorFlow does.
+input size as TensorFlow does. Both come in 2D and 3D (`StdConv3d`, `MaxPoolSame` with
+`spatial_dims=3`) for volumetric hybrids (3D TransUNet).
 """
 
 from __future__ import annotations
@@ -35,32 +36,24 @@ def pad_same(
     x: torch.Tensor,
     kernel_size: Sequence[int],
     stride: Sequence[int],
-    dilation: Sequence[int] = (1, 1),
+    dilation: Sequence[int] | None = None,
     value: float = 0.0,
 ) -> torch.Tensor:
-    """Pad the last two axes of `x` as TensorFlow's "SAME" (the odd pixel goes at the end)."""
-    pad_h = same_padding(x.shape[-2], kernel_size[0], stride[0], dilation[0])
-    pad_w = same_padding(x.shape[-1], kernel_size[1], stride[1], dilation[1])
-    if pad_h == 0 and pad_w == 0:
+    """Pad the last `len(kernel_size)` axes of `x` as TensorFlow's "SAME" (the odd pixel goes at the end)."""
+    n = len(kernel_size)
+    dilation = dilation if dilation is not None else (1,) * n
+    pads = [same_padding(x.shape[-n + i], kernel_size[i], stride[i], dilation[i]) for i in range(n)]
+    if not any(pads):
         return x
-    return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
+    # F.pad lists the last axis first
+    flat = [q for p in reversed(pads) for q in (p // 2, p - p // 2)]
+    return F.pad(x, flat, value=value)
 
 
-class StdConv2d(nn.Conv2d):
-    """Conv2d whose filters are standardised (zero mean, unit variance over fan-in) on the fly.
+class _StdConvNd:
+    """Weight standardisation and "SAME" padding on top of `nn.Conv2d` / `nn.Conv3d` (mixin)."""
 
-    Args:
-        in_chans: Input channels.
-        out_chans: Output channels.
-        kernel_size: Kernel extent.
-        stride: Stride.
-        padding: An int (symmetric), None (symmetric, "half the kernel") or `same`
-            (TensorFlow's, asymmetric where the stride needs it).
-        dilation: Dilation.
-        groups: Groups.
-        bias: Add a bias (the standardised ResNets have none).
-        eps: Added to the filter variance; BiT and the ViT hybrids use 1e-8.
-    """
+    spatial_dims: int
 
     def __init__(
         self,
@@ -74,9 +67,10 @@ class StdConv2d(nn.Conv2d):
         bias: bool = False,
         eps: float = 1e-6,
     ) -> None:
-        k = to_ntuple(kernel_size, 2, "kernel_size")
-        s = to_ntuple(stride, 2, "stride")
-        d = to_ntuple(dilation, 2, "dilation")
+        n = self.spatial_dims
+        k = to_ntuple(kernel_size, n, "kernel_size")
+        s = to_ntuple(stride, n, "stride")
+        d = to_ntuple(dilation, n, "dilation")
         if isinstance(padding, str):
             if padding != "same":
                 raise ValueError(f"padding must be an int, None or 'same', got {padding!r}")
@@ -98,27 +92,72 @@ class StdConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_same:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        return F.conv2d(
-            x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
+        return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+class StdConv2d(_StdConvNd, nn.Conv2d):
+    """Conv2d whose filters are standardised (zero mean, unit variance over fan-in) on the fly.
+
+    Args:
+        in_chans: Input channels.
+        out_chans: Output channels.
+        kernel_size: Kernel extent.
+        stride: Stride.
+        padding: An int (symmetric), None (symmetric, "half the kernel") or `same`
+            (TensorFlow's, asymmetric where the stride needs it).
+        dilation: Dilation.
+        groups: Groups.
+        bias: Add a bias (the standardised ResNets have none).
+        eps: Added to the filter variance; BiT and the ViT hybrids use 1e-8.
+    """
+
+    spatial_dims = 2
+
+
+class StdConv3d(_StdConvNd, nn.Conv3d):
+    """The 3D `StdConv2d` (same arguments), for volumetric hybrids."""
+
+    spatial_dims = 3
+
+
+def std_conv_nd(spatial_dims: int) -> type[nn.Module]:
+    """`StdConv2d` or `StdConv3d`."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(
+            f"weight-standardised convolutions exist in 2D and 3D, got spatial_dims={spatial_dims}"
         )
+    return StdConv2d if spatial_dims == 2 else StdConv3d
 
 
-class MaxPool2dSame(nn.Module):
+class MaxPoolSame(nn.Module):
     """Max pooling with TensorFlow "SAME" padding (padded with -inf, so padding never wins).
 
     Args:
         kernel_size: Window extent.
         stride: Stride (defaults to the kernel size).
+        spatial_dims: 2 or 3.
     """
 
-    def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] | None = None,
+        spatial_dims: int = 2,
+    ) -> None:
         super().__init__()
-        self.kernel_size = to_ntuple(kernel_size, 2, "kernel_size")
-        self.stride = to_ntuple(stride if stride is not None else kernel_size, 2, "stride")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.kernel_size = to_ntuple(kernel_size, spatial_dims, "kernel_size")
+        self.stride = to_ntuple(stride if stride is not None else kernel_size, spatial_dims, "stride")
+        self.pool = F.max_pool2d if spatial_dims == 2 else F.max_pool3d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_same(x, self.kernel_size, self.stride, value=-float("inf"))
-        return F.max_pool2d(x, self.kernel_size, self.stride)
+        return self.pool(x, self.kernel_size, self.stride)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+# the name the 2D hybrids were written with
+MaxPool2dSame = MaxPoolSame

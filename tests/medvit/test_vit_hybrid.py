@@ -245,3 +245,60 @@ def test_vit_giant_map_head_parity_and_frozen_patch_embed() -> None:
     with torch.enable_grad():
         frozen(x).square().mean().backward()
     assert frozen.patch_embed.proj.weight.grad is None and frozen.attn_pool.latent.grad is not None
+
+
+# -- 3D: standardised convs, the ResNet and the hybrid in volumes (the 3D TransUNet's encoder) ----
+def test_std_conv3d_and_max_pool_same_in_3d() -> None:
+    from medvit.layers.std_conv import MaxPoolSame, StdConv3d, std_conv_nd
+
+    conv = StdConv3d(2, 4, 3, stride=2, padding="same", eps=1e-8)
+    w = conv.weight
+    var = w.var((1, 2, 3, 4), unbiased=False, keepdim=True)
+    std_w = (w - w.mean((1, 2, 3, 4), keepdim=True)) / (var + 1e-8).sqrt()
+    x = torch.randn(1, 2, 9, 10, 11)
+    y = conv(x)
+    assert y.shape == (1, 4, 5, 5, 6)
+    # per axis TensorFlow pads 2 = (1, 1), 1 = (0, 1), 2 = (1, 1); F.pad lists the last axis first
+    torch.testing.assert_close(y, F.conv3d(F.pad(x, (1, 1, 0, 1, 1, 1)), std_w, stride=2), atol=1e-5, rtol=0)
+    assert std_conv_nd(2) is StdConv2d and std_conv_nd(3) is StdConv3d
+    with pytest.raises(ValueError, match="2D and 3D"):
+        std_conv_nd(1)
+    pooled = MaxPoolSame(3, 2, spatial_dims=3)(-torch.rand(1, 1, 5, 6, 7) - 1.0)
+    assert pooled.shape == (1, 1, 3, 3, 4) and (pooled < -1.0).all()
+    assert MaxPool2dSame is MaxPoolSame
+
+
+def test_resnetv2_3d_features_and_head() -> None:
+    m = ResNetV2(depths=(1, 1), channels=(128, 256), num_classes=5, spatial_dims=3).eval()
+    x = torch.randn(2, 3, 32, 32, 16)
+    assert m(x).shape == (2, 5) and m.spatial_dims == 3 and m.img_size == (224, 224, 224)
+    last, feats = m.forward_intermediates(x)
+    assert [f.shape[1:] for f in feats] == [(64, 16, 16, 8), (128, 8, 8, 4), (256, 4, 4, 2)]
+    torch.testing.assert_close(m.forward_head(last, pre_logits=True), last.mean((2, 3, 4)))
+    assert m.stem.conv.kernel_size == (7, 7, 7) and m.stages[1].blocks[0].conv2.stride == (2, 2, 2)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        ResNetV2(spatial_dims=1)
+
+
+def test_hybrid_3d_variant_and_backbone_indices() -> None:
+    tiny = medvit.registry.tiny_overrides("vit_base_r50_s16_96_3d")
+    m = medvit.create_model("vit_base_r50_s16_96_3d", **tiny).eval()
+    assert (m.spatial_dims, m.in_chans, m.grid_size, m.num_classes) == (3, 1, (2, 2, 2), 0)
+    x = torch.randn(2, 1, 32, 32, 32)
+    assert m(x).shape == (2, 32)
+    final, feats = m.forward_intermediates(x, indices=[1], backbone_indices=[0, 2])
+    assert [f.shape[1:] for f in feats] == [(64, 16, 16, 16), (128, 4, 4, 4), (32, 2, 2, 2)]
+    torch.testing.assert_close(final, m.forward_features(x))
+    ref_skips = m.patch_embed.backbone.forward_intermediates(x, [0, 2], intermediates_only=True)
+    for a, b in zip(feats[:2], ref_skips, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(feats[2], m.forward_intermediates(x, indices=[1], intermediates_only=True)[0])
+    only = m.forward_intermediates(
+        x, indices=[], backbone_indices=[1], output_fmt="NLC", intermediates_only=True
+    )
+    assert [f.shape for f in only] == [(2, 8 * 8 * 8, 128)]
+    with torch.device("meta"):
+        full = medvit.create_model("vit_base_r50_s16_96_3d")
+    assert full.patch_embed.backbone.stem.conv.kernel_size == (7, 7, 7) and full.grid_size == (6, 6, 6)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        medvit.create_model("vit_base_r50_s16_96_3d", spatial_dims=1)

@@ -5,8 +5,8 @@ ECCV 2020: ResNets whose BatchNorm is replaced by GroupNorm + Weight Standardiza
 The ViT paper's hybrid (Dosovitskiy et al., 2021, Section 3.1) feeds the feature map of
 such a ResNet-50 to the transformer; it uses the standard (post-activation) bottleneck,
 TensorFlow "SAME" padding and, for the stride-16 models, three stages of 3, 4 and 9
-blocks. That form is what is implemented here; TransUNet reuses it as its encoder CNN,
-taking the skip features from `forward_intermediates`.
+blocks. That form is what is implemented here, in 2D and (`spatial_dims=3`) 3D; TransUNet
+reuses it as its encoder CNN, taking the skip features from `forward_intermediates`.
 
 Parameter names follow timm's `ResNetV2` (with `preact=False`), so the hybrid
 checkpoints load unchanged.
@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from medvit.layers import DropPath, drop_path_schedule
 from medvit.layers.helpers import to_ntuple
-from medvit.layers.std_conv import MaxPool2dSame, StdConv2d
+from medvit.layers.std_conv import MaxPoolSame, std_conv_nd
 from medvit.models._features import check_output_fmt, feature_take_indices
 
 POOL_TYPES = ("avg", "")
@@ -46,6 +46,7 @@ class Bottleneck(nn.Module):
         drop_path: Stochastic-depth probability of the residual branch.
         downsample: Project the shortcut with a strided 1x1 conv + GroupNorm (the first
             block of a stage).
+        spatial_dims: 2 or 3.
     """
 
     def __init__(
@@ -57,24 +58,26 @@ class Bottleneck(nn.Module):
         conv_eps: float = 1e-8,
         drop_path: float = 0.0,
         downsample: bool = False,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         mid_chs = out_chs // 4
+        conv = std_conv_nd(spatial_dims)
         self.downsample = (
             nn.Sequential(
                 OrderedDict(
-                    conv=StdConv2d(in_chs, out_chs, 1, stride=stride, padding="same", eps=conv_eps),
+                    conv=conv(in_chs, out_chs, 1, stride=stride, padding="same", eps=conv_eps),
                     norm=nn.GroupNorm(num_groups, out_chs),
                 )
             )
             if downsample
             else None
         )
-        self.conv1 = StdConv2d(in_chs, mid_chs, 1, padding="same", eps=conv_eps)
+        self.conv1 = conv(in_chs, mid_chs, 1, padding="same", eps=conv_eps)
         self.norm1 = nn.GroupNorm(num_groups, mid_chs)
-        self.conv2 = StdConv2d(mid_chs, mid_chs, 3, stride=stride, padding="same", eps=conv_eps)
+        self.conv2 = conv(mid_chs, mid_chs, 3, stride=stride, padding="same", eps=conv_eps)
         self.norm2 = nn.GroupNorm(num_groups, mid_chs)
-        self.conv3 = StdConv2d(mid_chs, out_chs, 1, padding="same", eps=conv_eps)
+        self.conv3 = conv(mid_chs, out_chs, 1, padding="same", eps=conv_eps)
         self.norm3 = nn.GroupNorm(num_groups, out_chs)
         self.act = nn.ReLU()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
@@ -99,6 +102,7 @@ class ResNetStage(nn.Module):
         num_groups: int,
         conv_eps: float,
         drop_path: Sequence[float],
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         self.blocks = nn.Sequential(
@@ -111,6 +115,7 @@ class ResNetStage(nn.Module):
                     conv_eps=conv_eps,
                     drop_path=drop_path[i],
                     downsample=i == 0,
+                    spatial_dims=spatial_dims,
                 )
                 for i in range(depth)
             ]
@@ -139,6 +144,7 @@ class ResNetV2(nn.Module):
         conv_eps: Weight-standardisation epsilon (1e-8 as BiT and the ViT hybrids).
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth of the last block (linear over all blocks).
+        spatial_dims: 2 for images, 3 for volumes (3D kernels of the same extents).
     """
 
     def __init__(
@@ -154,9 +160,12 @@ class ResNetV2(nn.Module):
         conv_eps: float = 1e-8,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         _check_pool(global_pool)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"ResNetV2 is 2D or 3D, got spatial_dims={spatial_dims}")
         depths, channels = tuple(depths), tuple(channels)
         if not depths or len(depths) != len(channels):
             raise ValueError(f"depths {depths} and channels {channels} must be non-empty and of equal length")
@@ -173,26 +182,28 @@ class ResNetV2(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = channels[-1]
-        self.spatial_dims = 2
+        self.spatial_dims = spatial_dims
         self.in_chans = in_chans
-        self.img_size = to_ntuple(img_size, 2, "img_size")
+        self.img_size = to_ntuple(img_size, spatial_dims, "img_size")
         self.feature_channels = (stem_chs, *channels)
         self.feature_reductions = (2, *(4 * 2**i for i in range(len(channels))))
         self.reduction = self.feature_reductions[-1]
 
         self.stem = nn.Sequential(
             OrderedDict(
-                conv=StdConv2d(in_chans, stem_chs, 7, stride=2, padding="same", eps=conv_eps),
+                conv=std_conv_nd(spatial_dims)(in_chans, stem_chs, 7, stride=2, padding="same", eps=conv_eps),
                 norm=nn.GroupNorm(num_groups, stem_chs),
                 act=nn.ReLU(),
-                pool=MaxPool2dSame(3, stride=2),
+                pool=MaxPoolSame(3, stride=2, spatial_dims=spatial_dims),
             )
         )
         dpr = drop_path_schedule(drop_path_rate, sum(depths))
         stages, prev, start = [], stem_chs, 0
         for i, (d, c) in enumerate(zip(depths, channels)):
             stages.append(
-                ResNetStage(prev, c, d, 1 if i == 0 else 2, num_groups, conv_eps, dpr[start : start + d])
+                ResNetStage(
+                    prev, c, d, 1 if i == 0 else 2, num_groups, conv_eps, dpr[start : start + d], spatial_dims
+                )
             )
             prev, start = c, start + d
         self.stages = nn.Sequential(*stages)
@@ -202,20 +213,20 @@ class ResNetV2(nn.Module):
 
     def _init_weights(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's map, `(B, channels[-1], H / reduction, W / reduction)`."""
+        """The last stage's map, `(B, channels[-1], *spatial / reduction)`."""
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Average the map and classify (or return the pooled vector with `pre_logits`)."""
         if self.global_pool == "avg":
-            x = x.mean(dim=(2, 3))
+            x = x.flatten(2).mean(-1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -236,10 +247,11 @@ class ResNetV2(nn.Module):
         `feature_channels`. This is the skip pyramid a U-shaped decoder (TransUNet) uses.
 
         Args:
-            x: Input `(B, C, H, W)`.
+            x: Input `(B, C, *spatial)`.
             indices: Features to return: None = all, n = the last n, or a list (0-based).
             norm: Accepted for the common interface; this ResNet has no final norm.
-            output_fmt: `NCHW` or `NLC` (each map flattened to `(B, H' * W', C')`).
+            output_fmt: `NCHW` (channels-first maps, also in 3D) or `NLC` (each map
+                flattened to `(B, positions, C')`).
             intermediates_only: Return only the list.
             stop_early: Stop after the last requested feature (only with `intermediates_only`).
 

@@ -4,7 +4,8 @@ Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recog
 at Scale", ICLR 2021, Section 3.1 ("Hybrid Architecture") and its R50+ViT-B/16 model:
 a ResNet-50 (GroupNorm + Weight Standardization, stage 4 removed and stage 3 extended
 to 9 blocks) gives a stride-16 map whose positions, projected by a 1x1 convolution,
-are the tokens of a ViT-B.
+are the tokens of a ViT-B. With `spatial_dims=3` the ResNet and the ViT are volumetric
+(`vit_base_r50_s16_96_3d`, the encoder of the 3D TransUNet).
 
 Parameter names follow timm's hybrid ViT (`patch_embed.backbone.*`, `patch_embed.proj`),
 so its checkpoints load with the ViT converter.
@@ -15,8 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from medvit.layers.hybrid_embed import HybridEmbed
 from medvit.models.image.resnetv2 import ResNetV2
+from medvit.models._features import check_output_fmt, feature_take_indices
 from medvit.models.image.vit import VisionTransformer
 from medvit.registry import register_model
 
@@ -43,8 +47,9 @@ class HybridVisionTransformer(VisionTransformer):
         dynamic_img_size: Accept any input size the patch size divides.
         freeze_patch_embed: Keep the 1x1 patch projection fixed (MoCo v3's trick; the
             ResNet stays trainable, since freezing a random CNN is not that trick).
+        spatial_dims: 2 for images, 3 for volumes (a 3D ResNet and 3D tokens).
         **kwargs: The remaining `VisionTransformer` arguments (`depth`, `num_heads`,
-            `global_pool`, `num_classes`, ...); `spatial_dims` is always 2.
+            `global_pool`, `num_classes`, ...).
     """
 
     def __init__(
@@ -58,10 +63,11 @@ class HybridVisionTransformer(VisionTransformer):
         pre_norm: bool = False,
         dynamic_img_size: bool = False,
         freeze_patch_embed: bool = False,
+        spatial_dims: int = 2,
         **kwargs: Any,
     ) -> None:
-        if "spatial_dims" in kwargs and kwargs.pop("spatial_dims") != 2:
-            raise ValueError("the hybrid ViT is 2D only (its ResNet is a 2D CNN)")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"the hybrid ViT is 2D or 3D (its ResNet's), got spatial_dims={spatial_dims}")
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
@@ -69,7 +75,7 @@ class HybridVisionTransformer(VisionTransformer):
             embed_dim=embed_dim,
             pre_norm=pre_norm,
             dynamic_img_size=dynamic_img_size,
-            spatial_dims=2,
+            spatial_dims=spatial_dims,
             **kwargs,
         )
         backbone = ResNetV2(
@@ -79,6 +85,7 @@ class HybridVisionTransformer(VisionTransformer):
             num_classes=0,
             global_pool="",
             img_size=img_size,
+            spatial_dims=spatial_dims,
         )
         self.patch_embed = HybridEmbed(
             backbone,
@@ -95,18 +102,102 @@ class HybridVisionTransformer(VisionTransformer):
             self.patch_embed.proj.requires_grad_(False)
 
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        stop_early: bool = False,
+        return_prefix_tokens: bool = False,
+        backbone_indices: int | Sequence[int] | None = None,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """`VisionTransformer.forward_intermediates`, optionally preceded by the ResNet's maps.
+
+        A U-shaped decoder (TransUNet) needs the CNN's skip features and the transformer's
+        output from one pass of the backbone; `backbone_indices` asks for them.
+
+        Args:
+            x: Input `(B, C, *spatial)`.
+            indices: Transformer blocks to return (None = all, n = the last n, a list;
+                `[]` = none).
+            norm: Apply the final norm to each block output.
+            output_fmt: `NCHW` or `NLC`, for the block outputs and the ResNet's maps.
+            intermediates_only: Return only the list.
+            stop_early: Stop after the last requested block (only with `intermediates_only`).
+            return_prefix_tokens: Return `(map, prefix_tokens)` pairs for the blocks.
+            backbone_indices: ResNet features to return first, as
+                `ResNetV2.forward_intermediates` numbers them (0 = the stem at stride 2,
+                i = stage i); None returns only the blocks'.
+
+        Returns:
+            The intermediates (ResNet maps, then block outputs), or `(final_tokens,
+            intermediates)` where `final_tokens` is what `forward_features` returns.
+        """
+        if backbone_indices is None:
+            return super().forward_intermediates(
+                x, indices, norm, output_fmt, intermediates_only, stop_early, return_prefix_tokens
+            )
+        check_output_fmt(output_fmt)
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"expected a {self.spatial_dims + 2}D input (batch, channels and "
+                f"{self.spatial_dims} spatial dims), got shape {tuple(x.shape)}"
+            )
+        take = feature_take_indices(len(self.blocks), indices)
+        grid = self.patch_embed.dynamic_grid(x.shape[2:])
+        backbone = self.patch_embed.backbone
+        last_map, feats = backbone.forward_intermediates(x, backbone_indices, output_fmt=output_fmt)
+        x = self.norm_pre(self._pos_embed(self.patch_embed.project(last_map), grid))
+        last = max(take) if (stop_early and intermediates_only and take) else len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks[: last + 1]):
+            x = blk(x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                prefix, y = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens :]
+                if output_fmt == "NCHW":
+                    y = y.transpose(1, 2).reshape(y.shape[0], -1, *grid)
+                feats.append((y, prefix) if return_prefix_tokens else y)
+        if intermediates_only:
+            return feats
+        return self.norm(x), feats
+
+
 # -- registered variants ---------------------------------------------------------------
 _TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, backbone_depths=(1, 1, 1), num_classes=10)
+_TINY_3D = dict(
+    embed_dim=32,
+    depth=2,
+    num_heads=2,
+    img_size=32,
+    backbone_depths=(1, 1, 1),
+    backbone_channels=(128, 128, 128),
+)
 _R50_S16_VIT_B = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, backbone_depths=(3, 4, 9))
+
+
+def _image_variant(name: str, img_size: int, kwargs: dict[str, Any]) -> HybridVisionTransformer:
+    # these are timm's ImageNet configurations; a volume gets its own variant, as for the plain ViT
+    if kwargs.get("spatial_dims", 2) != 2:
+        raise ValueError(f"{name} is 2D only; build vit_base_r50_s16_96_3d for volumes")
+    return HybridVisionTransformer(**{**_R50_S16_VIT_B, "img_size": img_size, **kwargs})
 
 
 @register_model(tiny=_TINY)
 def vit_base_r50_s16_224(**kwargs: Any) -> HybridVisionTransformer:
     """R50+ViT-B/16 hybrid at 224 x 224."""
-    return HybridVisionTransformer(**{**_R50_S16_VIT_B, "img_size": 224, **kwargs})
+    return _image_variant("vit_base_r50_s16_224", 224, kwargs)
 
 
 @register_model(tiny=_TINY)
 def vit_base_r50_s16_384(**kwargs: Any) -> HybridVisionTransformer:
     """R50+ViT-B/16 hybrid at 384 x 384 (the resolution of the paper's fine-tuned model)."""
-    return HybridVisionTransformer(**{**_R50_S16_VIT_B, "img_size": 384, **kwargs})
+    return _image_variant("vit_base_r50_s16_384", 384, kwargs)
+
+
+@register_model(tiny=_TINY_3D)
+def vit_base_r50_s16_96_3d(**kwargs: Any) -> HybridVisionTransformer:
+    """The R50+ViT-B/16 hybrid in 3D: one input channel (CT/MR), 96^3 crops, features only."""
+    cfg = dict(img_size=96, in_chans=1, num_classes=0, spatial_dims=3)
+    return HybridVisionTransformer(**{**_R50_S16_VIT_B, **cfg, **kwargs})
