@@ -44,7 +44,9 @@ def test_tiny_forward_backward(name: str) -> None:
 
 
 def test_list_models_pattern() -> None:
-    assert medvit.list_models("unetr_*") == ["unetr_base", "unetr_small", "unetr_tiny"]
+    assert medvit.list_models("unetr_*") == [
+        "unetr_base", "unetr_mit_b0", "unetr_pvt_v2_b1", "unetr_small", "unetr_swin_tiny", "unetr_tiny"
+    ]
     vits = medvit.list_models("vit_*_patch16_224")
     assert vits == sorted(vits) and "vit_base_patch16_224" in vits and "vit_huge_patch16_224" in vits
     assert medvit.list_models("nothing*") == []

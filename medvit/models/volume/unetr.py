@@ -3,9 +3,19 @@
 Hatamizadeh et al., "UNETR: Transformers for 3D Medical Image Segmentation", WACV 2022.
 
 The encoder comes from the registry and is read through `forward_intermediates`, so any
-encoder with single-scale token maps plugs into the same decoder. Layer indices are
-0-based block indices as MONAI's UNETR uses them (its skips are the outputs of blocks
-3, 6 and 9 and the normed output of the last block), so MONAI checkpoints load unchanged.
+registered encoder plugs into the same decoder:
+
+- Single-scale encoders (plain ViT): the paper's decoder. Layer indices are 0-based block
+  indices as MONAI's UNETR uses them (its skips are the outputs of blocks 3, 6 and 9 and
+  the normed output of the last block), so MONAI checkpoints load unchanged.
+- Hierarchical encoders (attributes `stage_channels` and `stage_strides`: Swin, PVT v2,
+  MiT): every stage map is a skip at its own stride and the last stage is the bottleneck,
+  as in Swin-UNETR. The levels finer than the first stage get their skips from the
+  input: a conv block at full resolution (the stem, as in UNETR) and, per missing stride-2
+  level, a 2 x 2 patch projection followed by a residual conv block. That is what
+  Swin-UNETR does at stride 2 (its patch-2 embedding feeds a conv block), and it gives the
+  decoder the image detail a stride-4 encoder never sees; a transposed-conv projection of
+  the stride-4 map would only resample what the stride-4 skip already carries.
 """
 
 from __future__ import annotations
@@ -19,12 +29,38 @@ import torch.nn as nn
 
 from medvit.layers import ConvBlock, ProjectionUpsample, UpBlock
 from medvit.layers.conv_blocks import PointwiseConv
-from medvit.layers.helpers import check_spatial_dims, to_ntuple
+from medvit.layers.helpers import check_spatial_dims, conv_nd, to_ntuple
 from medvit.registry import create_model, register_model
 
 
+def is_hierarchical(encoder: nn.Module) -> bool:
+    """Whether the encoder exposes per-stage maps (`stage_channels`, `stage_strides`)."""
+    return hasattr(encoder, "stage_channels") and hasattr(encoder, "stage_strides")
+
+
+def _build_encoder(
+    name: str, in_chans: int, img_size: tuple[int, ...], spatial_dims: int, encoder_args: dict[str, Any] | None
+) -> nn.Module:
+    """Build a registered encoder for the decoder: features only, input geometry passed on."""
+    args: dict[str, Any] = dict(global_pool="", num_classes=0)
+    args.update(encoder_args or {})
+    args.update(img_size=img_size, in_chans=in_chans, spatial_dims=spatial_dims)
+    # only single-scale ViTs take `class_token`; an allocation-free build tells which kind it is
+    with torch.device("meta"):
+        probe = create_model(name, **args)
+    if not is_hierarchical(probe):
+        args = {"class_token": False, **args}
+    return create_model(name, **args)
+
+
+def _log2(value: int, what: str) -> int:
+    if value < 1 or not math.log2(value).is_integer():
+        raise ValueError(f"UNETR needs power-of-two {what}, got {value}")
+    return int(math.log2(value))
+
+
 class UNETR(nn.Module):
-    """UNETR segmentation network.
+    """UNETR segmentation network on a single-scale or hierarchical encoder.
 
     Args:
         encoder: Registered encoder name, or a built encoder module.
@@ -33,12 +69,18 @@ class UNETR(nn.Module):
         img_size: Input (window) size; an int is repeated.
         feature_size: Width of the full-resolution decoder stage (doubles per stage).
         spatial_dims: 3 for volumes, 2 for slices.
-        skip_indices: Encoder blocks whose outputs feed the skips, shallow to deep; one per
-            decoder stage between the stem and the bottleneck (log2(patch) - 1 of them).
+        skip_indices: Single-scale encoders: blocks whose outputs feed the skips, shallow to
+            deep, one per decoder stage between the stem and the bottleneck (log2(patch) - 1
+            of them); default: evenly spaced, blocks 3/6/9 of a 12-block ViT-*/16 as in the
+            paper. Hierarchical encoders use every stage and take none.
         norm: Decoder norm, `instance` or `batch`.
         res_block: Residual decoder conv blocks.
-        conv_block: Conv blocks in the skip upsampling paths.
+        conv_block: Conv blocks in the skip upsampling paths (single-scale encoders).
         encoder_args: Extra arguments for the encoder (ignored for a built module).
+
+    Attributes:
+        hierarchical: Whether the encoder's stage maps feed the decoder.
+        stride: Total downsampling; inputs must be multiples of it.
     """
 
     def __init__(
@@ -49,7 +91,7 @@ class UNETR(nn.Module):
         img_size: int | Sequence[int] = 96,
         feature_size: int = 16,
         spatial_dims: int = 3,
-        skip_indices: Sequence[int] = (3, 6, 9),
+        skip_indices: Sequence[int] | None = None,
         norm: str = "instance",
         res_block: bool = True,
         conv_block: bool = True,
@@ -66,24 +108,51 @@ class UNETR(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         if isinstance(encoder, str):
-            args = dict(class_token=False, global_pool="", num_classes=0)
-            args.update(encoder_args or {})
-            args.update(img_size=self.img_size, in_chans=in_chans, spatial_dims=spatial_dims)
-            encoder = create_model(encoder, **args)
+            encoder = _build_encoder(encoder, in_chans, self.img_size, spatial_dims, encoder_args)
         self.encoder = encoder
-        patch = set(getattr(encoder, "patch_size", ()))
-        if len(patch) != 1 or not math.log2(next(iter(patch))).is_integer():
-            raise ValueError(f"UNETR needs an isotropic power-of-two patch size, got {encoder.patch_size}")
-        num_up = int(math.log2(next(iter(patch))))
+        self.hierarchical = is_hierarchical(encoder)
+        kw = dict(spatial_dims=spatial_dims, norm=norm, residual=res_block)
+        self.stem = ConvBlock(in_chans, feature_size, **kw)
+        if self.hierarchical:
+            if skip_indices is not None:
+                raise ValueError("skip_indices selects ViT blocks; a hierarchical encoder feeds every stage")
+            num_up = self._build_hierarchical(feature_size, kw)
+        else:
+            num_up = self._build_single_scale(feature_size, skip_indices, conv_block, kw)
+        self.stride = 2**num_up
+        if any(s % self.stride for s in self.img_size):
+            raise ValueError(f"img_size {self.img_size} is not a multiple of the total stride {self.stride}")
+        self.head = PointwiseConv(feature_size, num_classes, spatial_dims)
+        # oneDNN's channels-last convolutions are ~2x faster on CPUs; the decoder runs in it
+        self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+        if spatial_dims > 1:
+            for part in (self.stem, self.down, self.skips, self.ups):
+                part.to(memory_format=self.memory_format)
+
+    def _build_single_scale(
+        self, feature_size: int, skip_indices: Sequence[int] | None, conv_block: bool, kw: dict[str, Any]
+    ) -> int:
+        """The paper's decoder: token maps upsampled to their level by transposed convs."""
+        patch = tuple(getattr(self.encoder, "patch_size", ()))
+        if len(set(patch)) != 1:
+            raise ValueError(
+                "UNETR needs a hierarchical encoder (stage_channels, stage_strides) or one with an"
+                f" isotropic patch_size, got patch_size {patch}"
+            )
+        num_up = _log2(patch[0], "patch size")
+        if skip_indices is None:
+            depth = len(getattr(self.encoder, "blocks", ()))
+            if depth < num_up:
+                raise ValueError("pass skip_indices: the encoder's block count is unknown or too small")
+            skip_indices = [depth * k // num_up for k in range(1, num_up)]
         self.skip_indices = tuple(skip_indices)
         if len(self.skip_indices) != num_up - 1:
             raise ValueError(
-                f"patch size {next(iter(patch))} needs {num_up - 1} skip indices, got {self.skip_indices}"
+                f"patch size {patch[0]} needs {num_up - 1} skip indices, got {self.skip_indices}"
             )
-        hidden = encoder.num_features
+        hidden = self.encoder.num_features
         widths = [feature_size * 2**i for i in range(num_up)]
-        kw = dict(spatial_dims=spatial_dims, norm=norm, residual=res_block)
-        self.stem = ConvBlock(in_chans, feature_size, **kw)
+        self.down = nn.ModuleList()
         self.skips = nn.ModuleList(
             ProjectionUpsample(hidden, widths[i], num_up - i, conv_block=conv_block, **kw)
             for i in range(1, num_up)
@@ -92,20 +161,66 @@ class UNETR(nn.Module):
             UpBlock(hidden if i == num_up - 1 else widths[i + 1], widths[i], **kw)
             for i in reversed(range(num_up))
         )
-        self.head = PointwiseConv(feature_size, num_classes, spatial_dims)
-        # oneDNN's channels-last convolutions are ~2x faster on CPUs; the decoder runs in it
-        self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
-        if spatial_dims > 1:
-            for part in (self.stem, self.skips, self.ups):
-                part.to(memory_format=self.memory_format)
+        return num_up
+
+    def _build_hierarchical(self, feature_size: int, kw: dict[str, Any]) -> int:
+        """Stage maps as skips at their strides, input-side skips below the first stage."""
+        channels = list(self.encoder.stage_channels)
+        levels = [_log2(s, "stage strides") for s in self.encoder.stage_strides]
+        if not channels or len(channels) != len(levels):
+            raise ValueError(f"stage_channels {channels} and stage_strides do not match")
+        if levels[0] < 1 or any(b != a + 1 for a, b in zip(levels, levels[1:])):
+            raise ValueError(
+                f"UNETR needs stage strides doubling from 2 or more, got {self.encoder.stage_strides}"
+            )
+        num_up = levels[-1]
+        widths = [feature_size * 2**i for i in range(num_up)]
+        conv = conv_nd(kw["spatial_dims"])
+        self.skip_indices = tuple(range(len(channels)))
+        self.down = nn.ModuleList(
+            nn.Sequential(
+                conv(self.in_chans if i == 1 else widths[i - 1], widths[i], 2, stride=2, bias=False),
+                ConvBlock(widths[i], widths[i], **kw),
+            )
+            for i in range(1, levels[0])
+        )
+        self.skips = nn.ModuleList(ConvBlock(c, widths[lv], **kw) for c, lv in zip(channels[:-1], levels))
+        self.ups = nn.ModuleList(
+            UpBlock(channels[-1] if i == num_up - 1 else widths[i + 1], widths[i], **kw)
+            for i in reversed(range(num_up))
+        )
+        return num_up
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected input (batch, {self.in_chans} channels, {self.spatial_dims} spatial dims),"
+                f" got shape {tuple(x.shape)}"
+            )
+        if any(s % self.stride for s in x.shape[2:]):
+            raise ValueError(
+                f"input spatial size {tuple(x.shape[2:])} is not a multiple of the model's total"
+                f" stride {self.stride}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        fmt = self.memory_format if self.spatial_dims > 1 else torch.contiguous_format
+        if self.hierarchical:
+            y, skips = self._hierarchical_skips(x, fmt)
+        else:
+            y, skips = self._single_scale_skips(x, fmt)
+        for up, skip in zip(self.ups, reversed(skips)):
+            y = up(y, skip)
+        return self.head(y).contiguous()
+
+    def _single_scale_skips(
+        self, x: torch.Tensor, fmt: torch.memory_format
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         final, feats = self.encoder.forward_intermediates(x, self.skip_indices, output_fmt="NLC")
         grid = self.encoder.grid_size if x.shape[2:] == self.img_size else None
         if grid is None:
             grid = self.encoder.patch_embed.dynamic_grid(x.shape[2:])
-
-        fmt = self.memory_format if self.spatial_dims > 1 else torch.contiguous_format
 
         def to_map(tokens: torch.Tensor) -> torch.Tensor:
             return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid).contiguous(memory_format=fmt)
@@ -113,13 +228,26 @@ class UNETR(nn.Module):
         prefix = getattr(self.encoder, "num_prefix_tokens", 0)
         stem = self.stem(x.contiguous(memory_format=fmt))
         skips = [stem] + [path(to_map(f)) for path, f in zip(self.skips, feats)]
-        y = to_map(final[:, prefix:])
-        for up, skip in zip(self.ups, reversed(skips)):
-            y = up(y, skip)
-        return self.head(y).contiguous()
+        return to_map(final[:, prefix:]), skips
+
+    def _hierarchical_skips(
+        self, x: torch.Tensor, fmt: torch.memory_format
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        feats = self.encoder.forward_intermediates(
+            x, self.skip_indices, norm=True, output_fmt="NCHW", intermediates_only=True
+        )
+        y = x.contiguous(memory_format=fmt)
+        skips = [self.stem(y)]
+        for down in self.down:
+            y = down(y)
+            skips.append(y)
+        skips += [path(f.contiguous(memory_format=fmt)) for path, f in zip(self.skips, feats)]
+        return feats[-1].contiguous(memory_format=fmt), skips
 
 
 def _unetr_variant(encoder: str, feature_size: int, kwargs: dict[str, Any]) -> UNETR:
+    if kwargs.get("encoder", encoder) != encoder:  # the user's encoder: none of the ViT defaults
+        return UNETR(**{"feature_size": feature_size, **kwargs})
     args: dict[str, Any] = dict(encoder=encoder, feature_size=feature_size, skip_indices=(3, 6, 9))
     args.update(kwargs)
     # MONAI's UNETR encoder: no q/k/v bias, LayerNorm eps 1e-5 (so its checkpoints load)
@@ -148,3 +276,37 @@ def unetr_small(**kwargs: Any) -> UNETR:
 def unetr_tiny(**kwargs: Any) -> UNETR:
     """UNETR on ViT-Ti/16 (192 wide, 12 blocks, 3 heads), feature size 16: trains on a CPU."""
     return _unetr_variant("vit_tiny_patch16_96_3d", 16, kwargs)
+
+
+def _hierarchical_variant(encoder: str, kwargs: dict[str, Any]) -> UNETR:
+    # feature size 16 as the paper's UNETR: the same decoder widths isolate the encoder, and
+    # the full-resolution convs (the decoder's CPU cost) stay at half of what 24 costs
+    return UNETR(**{"encoder": encoder, "feature_size": 16, **kwargs})
+
+
+_TINY_PYRAMID = dict(
+    img_size=32, feature_size=4,
+    encoder_args=dict(depth=(1, 1, 1, 1), embed_dim=(8, 16, 24, 32), num_heads=(1, 2, 3, 4)),
+)
+_TINY_SWIN = dict(
+    img_size=32, feature_size=4,
+    encoder_args=dict(embed_dim=16, depth=(2, 2, 1, 1), num_heads=(1, 2, 2, 2), window_size=4),
+)
+
+
+@register_model(tiny=_TINY_SWIN)
+def unetr_swin_tiny(**kwargs: Any) -> UNETR:
+    """UNETR decoder on the 3D Swin-T encoder (patch 4, window 7), 96^3 crops, feature size 16."""
+    return _hierarchical_variant("swin_tiny_patch4_window7_3d", kwargs)
+
+
+@register_model(tiny=_TINY_PYRAMID)
+def unetr_pvt_v2_b1(**kwargs: Any) -> UNETR:
+    """UNETR decoder on a 3D PVT v2-b1 encoder, 96^3 crops, feature size 16."""
+    return _hierarchical_variant("pvt_v2_b1", kwargs)
+
+
+@register_model(tiny=_TINY_PYRAMID)
+def unetr_mit_b0(**kwargs: Any) -> UNETR:
+    """UNETR decoder on a 3D MiT-b0 (SegFormer) encoder, 96^3 crops, feature size 16."""
+    return _hierarchical_variant("mit_b0", kwargs)
