@@ -1,6 +1,8 @@
-"""Train a small UNETR on the shared real CT, then segment the full CT and the DICOM series.
+"""Train a segmentation model on the shared real CT, then segment the full CT and the DICOM series.
 
-Usage: python benchmarks/train_real_ct.py [-o OUT] [--model unetr_tiny] [--max-steps 300]
+Usage: python benchmarks/train_real_ct.py [-o OUT] [--model unetr_tiny] [--max-steps 240]
+       python benchmarks/train_real_ct.py --model segformer3d_b0 --patch-size 64 64 32
+       python benchmarks/train_real_ct.py --model segformer_b0 --patch-size 96 96 1 --slab 3 --batch-size 8
 
 The training scan is `../shared/data/ct/example_ct_sm.nii.gz` with TotalSegmentator's
 reference labels for spleen (1), kidneys (2, 3) and liver (5); everything runs through the
@@ -44,7 +46,11 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--samples-per-volume", type=int, default=4)
     p.add_argument("--val-every", type=int, default=80)
-    p.add_argument("--feature-size", type=int, default=16)
+    p.add_argument("--feature-size", type=int, default=None, help="UNETR-family decoder width")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=JSON", help="extra model argument")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--slab", type=int, default=1, help="2D models: slices as channels")
+    p.add_argument("--slice-axis", type=int, default=2, help="2D models: 0 sagittal, 1 coronal, 2 axial")
     p.add_argument("--segment-only", action="store_true", help="reuse OUT/run, only segment and score")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last",
                    help="last: the final weights (default, no selection); best: best mean validation Dice")
@@ -60,12 +66,16 @@ def main() -> None:
     }
     (out / "dataset.json").write_text(json.dumps(ds, indent=2))
 
+    model_args = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.model_arg)}
+    if args.feature_size is not None:
+        model_args["feature_size"] = args.feature_size
     t0 = time.perf_counter()
     config = TrainConfig(
         data=out / "dataset.json", out_dir=out / "run", model=args.model,
-        model_args={"feature_size": args.feature_size}, epochs=10**6, max_steps=args.max_steps,
-        patch_size=tuple(args.patch_size), spacing=(3.0, 3.0, 3.0), batch_size=1,
-        samples_per_volume=args.samples_per_volume, lr=args.lr, val_every=args.val_every, device="cpu",
+        model_args=model_args, epochs=10**6, max_steps=args.max_steps,
+        patch_size=tuple(args.patch_size), slice_axis=args.slice_axis, slab=args.slab, spacing=(3.0, 3.0, 3.0),
+        batch_size=args.batch_size, samples_per_volume=args.samples_per_volume, lr=args.lr,
+        val_every=args.val_every, device="cpu",
     )
     if args.segment_only:
         card = read_card(out / "run" / "last.safetensors")
@@ -85,7 +95,8 @@ def main() -> None:
     sm = np.asarray(nib.load(seg[0].mask).dataobj)
     full = np.asarray(nib.load(seg[1].mask).dataobj)
     report = {
-        "model": args.model, "checkpoint": args.checkpoint, "feature_size": args.feature_size, "patch_size": list(args.patch_size), "steps": steps,
+        "model": args.model, "model_args": model_args, "checkpoint": args.checkpoint,
+        "patch_size": list(args.patch_size), "slab": args.slab, "batch_size": args.batch_size, "steps": steps,
         "train_seconds": round(t_train, 1), "segment_seconds_3_scans": round(t_seg, 1),
         "val_dice_model_space": {k: round(v, 4) for k, v in last_dice.items()},
         "dice_sm_on_input_grid": {n: round(dice(sm == i, ref == i), 4) for i, n in LABELS.items()},

@@ -158,3 +158,17 @@ def test_mlp_is_two_linears() -> None:
     x = torch.randn(3, 6)
     ref = F.linear(F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
     torch.testing.assert_close(mlp(x), ref)
+
+
+def test_instance_norm_equals_torch_and_keeps_channels_last() -> None:
+    from medvit.layers.conv_blocks import InstanceNorm
+
+    x = (torch.randn(2, 5, 6, 7, 8) * 4 + 30).contiguous(memory_format=torch.channels_last_3d)
+    y = InstanceNorm(5)(x)
+    torch.testing.assert_close(y, torch.nn.InstanceNorm3d(5)(x.contiguous()), atol=2e-5, rtol=0)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    xb = x.bfloat16()
+    yb = InstanceNorm(5)(xb)
+    assert yb.dtype == torch.bfloat16
+    assert (yb.float() - torch.nn.InstanceNorm3d(5)(xb.float())).abs().max() < 0.05
+    torch.testing.assert_close(InstanceNorm(5)(x[..., 0]), torch.nn.InstanceNorm2d(5)(x[..., 0]), atol=2e-5, rtol=0)
