@@ -1,6 +1,8 @@
 """End-to-end segmentation: `medvit segment` against the MONAI reference pipeline.
 
 Usage: python benchmarks/bench_segment.py [--scan ../shared/data/ct/example_ct.nii.gz] [--fidelity]
+       python benchmarks/bench_segment.py --large           # synthetic 512x512x400 CT
+       python benchmarks/bench_segment.py --agreement CKPT  # default path vs exact path, trained weights
 
 Both sides run in their own fresh process on the same scan and the same weights (a
 random-initialised MONAI `UNETR`, paper configuration, 14 classes, saved with torch.save
@@ -14,7 +16,10 @@ and brought to medvit with `medvit convert`):
 Printed: each side's wall time (process start to mask on disk, imports included) and
 peak RSS, the speed ratio, and the per-label Dice between the two masks. `--fidelity`
 adds untimed runs that save both sides' inverted probabilities (medvit on its exact fp32
-path) and prints their max abs difference.
+path) and prints their max abs difference. `--large` runs both sides on a synthetic
+512x512x400 CT (the shared CT resampled to that grid, 0.71 x 0.59 x 0.84 mm). `--agreement
+CKPT` segments with a trained medvit checkpoint on the default path and on the exact fp32
+path (separate processes) and prints the per-label Dice between them.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def child_monai(scan: str, weights: str, out: str, probs: str | None) -> None:
                output_dtype=np.uint8, print_log=False)(d)
 
 
-def child_medvit(scan: str, ckpt: str, out: str, probs: str | None) -> None:
+def child_medvit(scan: str, ckpt: str, out: str, probs: str | None, precision: str = "auto") -> None:
     if probs:  # a separate, untimed run: the exact path's inverted probabilities
         from medvit.pipelines.io import read_scan
         from medvit.pipelines.segment import SegmentConfig, Segmenter
@@ -77,7 +82,38 @@ def child_medvit(scan: str, ckpt: str, out: str, probs: str | None) -> None:
         return
     from medvit.cli.main import main
 
-    main(["segment", scan, "--model", ckpt, "-o", out, "-q"], standalone_mode=False)
+    main(["segment", scan, "--model", ckpt, "-o", out, "-q", "--precision", precision], standalone_mode=False)
+
+
+def make_large_scan(source: Path, path: Path, shape: tuple[int, int, int] = (512, 512, 400)) -> Path:
+    """The shared CT resampled (trilinear) onto a `shape` grid over the same field of view."""
+    import nibabel as nib
+    import torch
+    import torch.nn.functional as F
+
+    img = nib.load(source)
+    vol = torch.from_numpy(np.asarray(img.dataobj, dtype=np.float32))[None, None]
+    out = np.empty(shape, dtype=np.int16)
+    step = 32  # k-slabs, so the float32 working set stays small
+    for k0 in range(0, shape[2], step):
+        k1 = min(k0 + step, shape[2])
+        # sample the source at the centres of output slices k0..k1 (align_corners=False grid)
+        z = (torch.arange(k0, k1, dtype=torch.float32) + 0.5) / shape[2] * vol.shape[-1] - 0.5
+        lo, hi = int(z.min().floor().clamp(min=0)), int(z.max().ceil().clamp(max=vol.shape[-1] - 1)) + 1
+        part = F.interpolate(vol[..., lo:hi], size=(shape[0], shape[1], hi - lo), mode="trilinear", align_corners=False)
+        w = (z - lo).clamp(0, hi - lo - 1)
+        i0 = w.floor().long()
+        i1 = (i0 + 1).clamp(max=hi - lo - 1)
+        f = (w - i0).view(1, 1, 1, 1, -1)
+        slab = part[..., i0] * (1 - f) + part[..., i1] * f
+        out[..., k0:k1] = slab[0, 0].round().clamp(-32768, 32767).numpy().astype(np.int16)
+    # output voxel u sits at source voxel (u + 0.5) r - 0.5, r = source size / output size
+    r = np.array(img.shape[:3]) / np.array(shape)
+    affine = img.affine.copy()
+    affine[:3, :3] = img.affine[:3, :3] @ np.diag(r)
+    affine[:3, 3] = img.affine[:3, 3] + img.affine[:3, :3] @ (0.5 * r - 0.5)
+    nib.save(nib.Nifti1Image(out, affine), path)
+    return path
 
 
 def run_child(side: str, *args: str) -> dict:
@@ -99,17 +135,40 @@ def dice_per_label(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
     return out
 
 
+def agreement(scan: str, ckpt: str, work: Path) -> None:
+    """Default path against the exact fp32 path, same trained checkpoint, separate processes."""
+    import nibabel as nib
+
+    stem = Path(scan).name.replace(".nii.gz", "").replace(".nii", "")
+    masks = {}
+    for precision in ("auto", "fp32"):
+        r = run_child("medvit", scan, ckpt, str(work / precision), "", precision)
+        print(f"medvit --precision {precision}: {r['wall_s']:6.1f} s wall, peak RSS {r['peak_rss_mb']:6.0f} MB")
+        masks[precision] = np.asarray(nib.load(work / precision / f"{stem}_seg.nii.gz").dataobj)
+    a, b = masks["auto"], masks["fp32"]
+    print(f"identical mask voxels (default vs exact): {(a == b).mean() * 100:.4f} %")
+    labels = sorted(set(np.unique(a)) | set(np.unique(b)) - {0})
+    print("Dice per label (default vs exact): " + ", ".join(
+        f"{lab}: {2 * ((a == lab) & (b == lab)).sum() / ((a == lab).sum() + (b == lab).sum()):.4f}" for lab in labels))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scan", default=str(DATA / "ct" / "example_ct.nii.gz"))
+    p.add_argument("--large", action="store_true", help="a synthetic 512x512x400 CT instead of --scan")
     p.add_argument("--fidelity", action="store_true", help="also compare inverted probabilities")
+    p.add_argument("--agreement", metavar="CKPT", help="only compare default and exact paths of CKPT")
+    p.add_argument("--skip-reference", action="store_true", help="run only the medvit side")
     p.add_argument("--work", default=None, help="folder for weights and masks (default: a temp dir)")
     p.add_argument("--child", choices=["monai", "medvit"], help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        scan, weights, out, probs = args.rest
-        (child_monai if args.child == "monai" else child_medvit)(scan, weights, out, probs or None)
+        scan, weights, out, probs, *precision = args.rest
+        if args.child == "monai":
+            child_monai(scan, weights, out, probs or None)
+        else:
+            child_medvit(scan, weights, out, probs or None, *precision)
         print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
 
@@ -119,6 +178,12 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="medvit_bench_"))
     work.mkdir(parents=True, exist_ok=True)
+    scan = args.scan
+    if args.large:
+        scan = str(make_large_scan(DATA / "ct" / "example_ct.nii.gz", work / "large_ct.nii"))
+    if args.agreement:
+        agreement(scan, args.agreement, work)
+        return
     torch.manual_seed(0)
     weights = work / "monai_unetr.pt"
     torch.save(UNETR(1, NUM_CLASSES, ROI).state_dict(), weights)
@@ -126,18 +191,23 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "medvit.cli", "convert", str(weights), "-o", str(ckpt), "--from", "monai",
                     "--model", "unetr_base", "--num-classes", str(NUM_CLASSES), "--spacing", *map(str, SPACING)],
                    check=True, capture_output=True)
-    stem = Path(args.scan).name.replace(".nii.gz", "").replace(".nii", "")
+    stem = Path(scan).name.replace(".nii.gz", "").replace(".nii", "")
     res = {}
     sides = (("monai", weights), ("medvit", ckpt))
+    if args.skip_reference:
+        sides = sides[1:]
     for side, model_file in sides:
-        res[side] = run_child(side, args.scan, str(model_file), str(work / side), "")
+        res[side] = run_child(side, scan, str(model_file), str(work / side), "")
         print(f"{side:>6}: {res[side]['wall_s']:7.1f} s wall, peak RSS {res[side]['peak_rss_mb']:7.0f} MB", flush=True)
+    print(f"scan {scan}, torch threads {torch.get_num_threads()}")
+    if args.skip_reference:
+        return
     if args.fidelity:  # untimed runs that also dump the inverted probabilities
         for side, model_file in sides:
-            run_child(side, args.scan, str(model_file), str(work / f"{side}_fidelity"), str(work / f"{side}_probs.npy"))
+            run_child(side, scan, str(model_file), str(work / f"{side}_fidelity"), str(work / f"{side}_probs.npy"))
     a = np.asarray(nib.load(work / "monai" / f"{stem}_seg.nii.gz").dataobj)
     b = np.asarray(nib.load(work / "medvit" / f"{stem}_seg.nii.gz").dataobj)
-    print(f"scan {args.scan}, shape {a.shape}, torch threads {torch.get_num_threads()}")
+    print(f"shape {a.shape}")
     print(f"speed ratio (MONAI / medvit): {res['monai']['wall_s'] / res['medvit']['wall_s']:.2f}x")
     print(f"peak RSS ratio (MONAI / medvit): {res['monai']['peak_rss_mb'] / res['medvit']['peak_rss_mb']:.2f}x")
     print(f"identical mask voxels: {(a == b).mean() * 100:.4f} %")
@@ -146,6 +216,7 @@ def main() -> None:
     if args.fidelity:
         pa, pb = np.load(work / "monai_probs.npy"), np.load(work / "medvit_probs.npy")
         print(f"max |probability difference| after inversion: {np.abs(pa - pb).max():.2e}")
+        print(f"fidelity masks identical: {bool((pa.argmax(0) == pb.argmax(0)).all())}")
 
 
 if __name__ == "__main__":

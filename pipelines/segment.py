@@ -85,13 +85,11 @@ class Segmenter:
             raise MedvitError(f"--sw-batch-size must be >= 1, got {self.config.sw_batch_size}")
         self.device = resolve_device(self.config.device)
         self.dtype = inference_dtype(self.device, self.config.precision)
-        self.model, self.card = load_checkpoint(checkpoint, self.device)
         # bf16 on a CPU: weights and activations in bf16 (norm statistics accumulate in
         # fp32); autocast would cast every activation back and forth, which costs more
         # than it saves there
         self.native_dtype = self.dtype == torch.bfloat16 and self.device.type == "cpu"
-        if self.native_dtype:
-            self.model.to(torch.bfloat16)
+        self.model, self.card = load_checkpoint(checkpoint, self.device, torch.bfloat16 if self.native_dtype else None)
         self.prep = Preprocessing.from_dict(self.card.preprocessing)
         self.transform = preprocess_transforms(self.prep, keys=("image",))
         ids = [0] + [int(self.card.labels[c]["id"]) for c in sorted(self.card.labels)]
