@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from medvit.convert._common import StateDict, fit_pos_embed, load_strict, unwrap
 from medvit.models.image.vit import VisionTransformer
+from medvit.models.volume.swin_unetr import SwinUNETR
 from medvit.models.volume.unetr import UNETR
 
 # MONAI ViT key -> medvit ViT key (applied in order, first match wins).
@@ -93,13 +94,13 @@ def _unetr_decoder_key(k: str) -> str:
 
 
 def load_monai(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Load a MONAI `UNETR` (into `UNETR`) or `ViT` (into `VisionTransformer`) state dict.
+    """Load a MONAI `UNETR` (into `UNETR`), `SwinUNETR` (into `SwinUNETR`) or `ViT` state dict.
 
     Loading is strict: every medvit parameter must be filled and every MONAI tensor used
     (only MONAI's unused cross-attention norms are skipped).
 
     Args:
-        model: A medvit UNETR with a ViT encoder, or a VisionTransformer.
+        model: A medvit UNETR with a ViT encoder, a SwinUNETR, or a VisionTransformer.
         state_dict: MONAI's `model.state_dict()`.
 
     Returns:
@@ -117,6 +118,11 @@ def load_monai(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.M
         mapped = {"encoder." + k: v for k, v in _vit_state(enc, model.encoder).items()}
         mapped.update({_unetr_decoder_key(k): v for k, v in dec.items()})
         return load_strict(model, mapped, "MONAI UNETR")
+    if isinstance(model, SwinUNETR):
+        # imported here: the Swin mapping reuses this module's conv-block rules
+        from medvit.convert.monai_swin import swin_unetr_state
+
+        return load_strict(model, swin_unetr_state(sd, model), "MONAI SwinUNETR")
     if isinstance(model, VisionTransformer):
         return load_strict(model, _vit_state(sd, model), "MONAI ViT")
     raise ValueError(f"load_monai does not know how to load into {type(model).__name__}")

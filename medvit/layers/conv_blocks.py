@@ -11,6 +11,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from medvit.layers.helpers import batch_norm_nd, conv_nd, conv_transpose_nd
 
@@ -32,6 +33,9 @@ class PointwiseConv(nn.Module):
         self.bias = conv.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.movedim(1, -1)
+        if rows.is_contiguous():  # channels-last: one matmul over (B, *grid, C), layout kept
+            return F.linear(rows, self.weight.flatten(1), self.bias).movedim(-1, 1)
         y = torch.einsum("bc...,oc->bo...", x, self.weight.flatten(1))
         if self.bias is not None:
             y = y + self.bias.view(1, -1, *([1] * (y.ndim - 2)))

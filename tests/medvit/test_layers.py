@@ -172,3 +172,18 @@ def test_instance_norm_equals_torch_and_keeps_channels_last() -> None:
     assert yb.dtype == torch.bfloat16
     assert (yb.float() - torch.nn.InstanceNorm3d(5)(xb.float())).abs().max() < 0.05
     torch.testing.assert_close(InstanceNorm(5)(x[..., 0]), torch.nn.InstanceNorm2d(5)(x[..., 0]), atol=2e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_pointwise_conv_equals_conv_and_keeps_channels_last() -> None:
+    from medvit.layers.conv_blocks import PointwiseConv
+
+    pw = PointwiseConv(6, 4, 3)
+    conv = torch.nn.Conv3d(6, 4, 1)
+    conv.weight.copy_(pw.weight)
+    conv.bias.copy_(pw.bias)
+    x = torch.randn(2, 6, 5, 4, 3)
+    cl = x.contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(pw(x), conv(x), atol=1e-6, rtol=0)
+    torch.testing.assert_close(pw(cl), conv(x), atol=1e-6, rtol=0)
+    assert pw(cl).is_contiguous(memory_format=torch.channels_last_3d)

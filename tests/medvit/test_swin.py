@@ -273,3 +273,33 @@ def test_3d_parity_with_monai_swin_transformer() -> None:
     mine = ours.forward_intermediates(x, intermediates_only=True, output_fmt="NLC")
     for a, b in zip(mine, outs, strict=True):
         torch.testing.assert_close(a, b.flatten(1, -2), atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_swin_unetr_layout_options() -> None:
+    # the options Swin-UNETR builds its encoder with (MONAI's layout); defaults are timm's
+    model = medvit.create_model(
+        "swin_tiny_patch4_window7_3d", img_size=32, patch_size=2, embed_dim=6, depth=(2, 1),
+        num_heads=(1, 2), window_size=5, final_merge=True, final_norm=False, bias_table="full",
+        intermediate_taps="merged",
+    ).eval()
+    assert model.stage_channels == [6, 12, 24] and model.stage_strides == [2, 4, 8]
+    assert len(model.layers[2].blocks) == 0 and isinstance(model.norm, torch.nn.Identity)
+    # grid 8 > window 5 keeps its table; the merge-only stage has no attention at all
+    assert model.layers[1].window_size == (5, 5, 5)
+    x = torch.randn(1, 1, 32, 32, 32)
+    feats = model.forward_intermediates(x, intermediates_only=True, output_fmt="NLC")
+    torch.testing.assert_close(feats[0], model.patch_embed(x))  # merged input of stage 0
+    torch.testing.assert_close(feats[1], model.layers[1].downsample(model.layers[0](model._embed(x))).flatten(1, 3))
+    assert [f.shape[1:] for f in feats] == [(16**3, 6), (8**3, 12), (4**3, 24)]
+    shrunk = medvit.create_model(
+        "swin_tiny_patch4_window7_3d", img_size=32, patch_size=2, embed_dim=6, depth=(1, 1, 1),
+        num_heads=(1, 1, 1), window_size=7, bias_table="full",
+    )
+    attn = shrunk.layers[2].blocks[0].attn  # grid 4 < window 7: MONAI's 13^3 table, 64 x 64 index
+    assert attn.relative_position_bias_table.shape == (13**3, 1) and attn.relative_position_index.shape == (64 * 64,)
+    assert shrunk.layers[1].blocks[0].attn.relative_position_bias_table.shape == (13**3, 1)
+    with pytest.raises(ValueError, match="bias_table"):
+        _tiny(bias_table="shrunk")
+    with pytest.raises(ValueError, match="intermediate_taps"):
+        _tiny(intermediate_taps="blocks")

@@ -10,6 +10,7 @@ parameter names are mirrored (`layers.N.blocks.M.attn.relative_position_bias_tab
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -18,17 +19,43 @@ import torch.nn as nn
 
 from medvit.layers import Block, PatchEmbed, drop_path_schedule
 from medvit.layers.helpers import to_ntuple
-from medvit.layers.window_attention import PatchMerging, WindowAttention
+from medvit.layers.window_attention import PatchMerging, WindowAttention, relative_position_index
 from medvit.models._features import check_output_fmt, feature_take_indices
 from medvit.registry import register_variant
 
 SWIN_POOL_TYPES = ("avg", "")
+BIAS_TABLES = ("window", "full")
+INTERMEDIATE_TAPS = ("stage", "merged")
 
 
 def _check_pool(global_pool: str) -> str:
     if global_pool not in SWIN_POOL_TYPES:
         raise ValueError(f"global_pool must be one of {SWIN_POOL_TYPES}, got {global_pool!r}")
     return global_pool
+
+
+class FullTableWindowAttention(WindowAttention):
+    """Window attention whose window shrank to the grid, biased as MONAI's Swin-UNETR does.
+
+    MONAI keeps the bias table of the configured (full) window and indexes it with the
+    top-left `n x n` block of the full window's index (`n` = tokens of the shrunk window),
+    which is not a function of the shrunk window's relative offsets; its checkpoints only
+    reproduce with this table and index.
+
+    Args:
+        dim: Token width.
+        num_heads: Attention heads.
+        full_window: The configured window, whose table is kept.
+        **kwargs: `WindowAttention` arguments (`window_size` is the shrunk window).
+    """
+
+    def __init__(self, dim: int, num_heads: int, full_window: Sequence[int], **kwargs: object) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        n = self.window_area
+        table = math.prod(2 * w - 1 for w in full_window)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(table, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.relative_position_index = relative_position_index(full_window)[:n, :n].reshape(-1)
 
 
 class SwinStage(nn.Module):
@@ -49,6 +76,8 @@ class SwinStage(nn.Module):
         attn_drop: Dropout on attention weights.
         drop_path: Per-block stochastic-depth probabilities.
         norm_layer: Norm class.
+        bias_table: `window` (a table for the window actually used, as timm) or `full`
+            (the configured window's table where the window shrinks, as MONAI).
     """
 
     def __init__(
@@ -66,6 +95,7 @@ class SwinStage(nn.Module):
         attn_drop: float = 0.0,
         drop_path: Sequence[float] = (),
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        bias_table: str = "window",
     ) -> None:
         super().__init__()
         spatial_dims = len(window_size)
@@ -79,6 +109,9 @@ class SwinStage(nn.Module):
         shift = tuple(0 if g <= w else w // 2 for w, g in zip(window_size, grid))
         self.window_size = window
         drop_path = list(drop_path) or [0.0] * depth
+        attn_layer: Callable[..., nn.Module] = WindowAttention
+        if bias_table == "full" and window != tuple(window_size):
+            attn_layer = partial(FullTableWindowAttention, full_window=tuple(window_size))
         self.blocks = nn.Sequential(
             *[
                 Block(
@@ -91,7 +124,7 @@ class SwinStage(nn.Module):
                     drop_path=drop_path[i],
                     norm_layer=norm_layer,
                     attn_layer=partial(
-                        WindowAttention,
+                        attn_layer,
                         window_size=window,
                         shift_size=shift if i % 2 else (0,) * spatial_dims,
                     ),
@@ -129,6 +162,14 @@ class SwinTransformer(nn.Module):
         patch_norm: LayerNorm after the patch embedding.
         spatial_dims: 2 for images, 3 for volumes `(B, C, D, H, W)`.
         freeze_patch_embed: Keep the random patch projection fixed (MoCo v3).
+        final_merge: Append a merge-only stage (patch merging, no blocks), as MONAI's Swin
+            encoder merges after its last stage too; it adds one entry to `stage_channels`.
+        final_norm: Build the final norm (False: `forward_features` returns the raw map).
+        bias_table: `window` or `full`: the relative-bias table of a window shrunk to a
+            small grid (see `SwinStage`).
+        intermediate_taps: What `forward_intermediates` returns per stage: `stage` (its
+            output) or `merged` (its input after patch merging, i.e. the patch embedding
+            output for the first stage, as MONAI's Swin-UNETR encoder returns them).
     """
 
     def __init__(
@@ -152,10 +193,19 @@ class SwinTransformer(nn.Module):
         patch_norm: bool = True,
         spatial_dims: int = 2,
         freeze_patch_embed: bool = False,
+        final_merge: bool = False,
+        final_norm: bool = True,
+        bias_table: str = "window",
+        intermediate_taps: str = "stage",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if bias_table not in BIAS_TABLES:
+            raise ValueError(f"bias_table must be one of {BIAS_TABLES}, got {bias_table!r}")
+        if intermediate_taps not in INTERMEDIATE_TAPS:
+            raise ValueError(f"intermediate_taps must be one of {INTERMEDIATE_TAPS}, got {intermediate_taps!r}")
+        self.intermediate_taps = intermediate_taps
         depth, num_heads = tuple(depth), tuple(num_heads)
         if len(depth) != len(num_heads) or not depth or min(depth) < 1:
             raise ValueError(
@@ -183,10 +233,13 @@ class SwinTransformer(nn.Module):
         self.img_size = self.patch_embed.img_size
         self.patch_size = self.patch_embed.patch_size
         n = len(depth)
+        dpr = drop_path_schedule(drop_path_rate, sum(depth))
+        if final_merge:
+            depth, num_heads = depth + (0,), num_heads + num_heads[-1:]
+            n += 1
         self.stage_channels = [embed_dim * 2**i for i in range(n)]
         self.stage_strides = [self.patch_size[0] * 2**i for i in range(n)]
         self.num_features = self.stage_channels[-1]
-        dpr = drop_path_schedule(drop_path_rate, sum(depth))
         grid: Sequence[int] = self.patch_embed.grid_size
         stages = []
         for i in range(n):
@@ -204,11 +257,12 @@ class SwinTransformer(nn.Module):
                 attn_drop=attn_drop_rate,
                 drop_path=dpr[sum(depth[:i]) : sum(depth[: i + 1])],
                 norm_layer=norm_layer,
+                bias_table=bias_table,
             )
             grid = stage.grid_size
             stages.append(stage)
         self.layers = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features)
+        self.norm = norm_layer(self.num_features) if final_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
@@ -244,6 +298,9 @@ class SwinTransformer(nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Outputs of selected stages (not blocks): strides `stage_strides`, widths `stage_channels`.
 
+        With `intermediate_taps="merged"` each stage's merged input is returned instead
+        (same stride and width).
+
         Args:
             x: Input images or volumes.
             indices: Stages to return (None = all, n = the last n, or a list of indices).
@@ -264,9 +321,15 @@ class SwinTransformer(nn.Module):
         x = self._embed(x)
         out = []
         for i, stage in enumerate(self.layers[: last + 1]):
-            x = stage(x)
+            if self.intermediate_taps == "merged":
+                x = stage.downsample(x)
+                tap = x
+                x = stage.blocks(x)
+            else:
+                x = stage(x)
+                tap = x
             if i in take:
-                y = self.norm(x) if norm and i == n - 1 else x
+                y = self.norm(tap) if norm and i == n - 1 else tap
                 if output_fmt == "NCHW":
                     y = y.movedim(-1, 1).contiguous()
                 else:
