@@ -17,7 +17,7 @@ from medvit.pipelines.data import (
     preprocess_dataset,
 )
 from medvit.pipelines.errors import DatasetError
-from medvit.pipelines.transforms import INTENSITY_PRESETS
+from medvit.pipelines.preprocessing import INTENSITY_PRESETS
 
 
 def _xyz(values: list[float], unit: str = "") -> str:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from monai.inferers import sliding_window_inference
 
 from medvit.pipelines.errors import MedvitError
 
@@ -90,6 +89,8 @@ def window_logits(
         slice_batch: Slices per sliding-window call for 2D models.
         progress: Show a progress bar.
     """
+    from monai.inferers import sliding_window_inference  # MONAI's import is heavy: only when used
+
     if slices is None:
         return sliding_window_inference(
             image, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, predictor=model,

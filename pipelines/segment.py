@@ -34,7 +34,8 @@ from medvit.pipelines.stitch import (
     stream_probabilities,
     stream_slice_probabilities,
 )
-from medvit.pipelines.transforms import Preprocessing, preprocess_transforms
+from medvit.pipelines.geometry import model_grid, resample_scan, scale_intensity
+from medvit.pipelines.preprocessing import Preprocessing
 
 
 @dataclass
@@ -91,7 +92,6 @@ class Segmenter:
         self.native_dtype = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         self.model, self.card = load_checkpoint(checkpoint, self.device, torch.bfloat16 if self.native_dtype else None)
         self.prep = Preprocessing.from_dict(self.card.preprocessing)
-        self.transform = preprocess_transforms(self.prep, keys=("image",))
         ids = [0] + [int(self.card.labels[c]["id"]) for c in sorted(self.card.labels)]
         self.class_ids = np.array(ids, dtype=np.uint8 if max(ids) < 256 else np.uint16)
         self.keep = self._kept_classes(self.config.labels)
@@ -114,12 +114,17 @@ class Segmenter:
         return keep
 
     def _model_space(self, scan: Scan) -> tuple[torch.Tensor, np.ndarray]:
-        """The preprocessed volume `(C, X, Y, Z)` and the map from scan voxels to its voxels."""
-        image = self.transform({"image": scan})["image"]
-        if any(s < 1 for s in image.shape[1:]):
+        """The preprocessed volume `(C, X, Y, Z)` and the map from scan voxels to its voxels.
+
+        The grid and values are those of `preprocess_transforms` (MONAI's Orientationd,
+        Spacingd, intensity presets; tested equal), computed without importing MONAI.
+        """
+        affine, shape = model_grid(scan.affine, scan.shape, self.prep.spacing, self.prep.orientation)
+        if any(s < 1 for s in shape):
             raise MedvitError(f"{scan.path}: empty after resampling")
-        voxel_to_model = np.linalg.inv(np.asarray(image.affine, dtype=np.float64)) @ np.asarray(scan.affine)
-        return image.as_tensor(), voxel_to_model
+        image = scale_intensity(resample_scan(scan.array, affine, scan.affine, shape), self.prep.intensity,
+                                self.prep.ct_window)
+        return image, np.linalg.solve(affine, np.asarray(scan.affine, dtype=float))
 
     @property
     def store_dtype(self) -> torch.dtype:

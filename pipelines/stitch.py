@@ -17,14 +17,13 @@ What MONAI's `sliding_window_inference` + `Invertd` compute, without ever holdin
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data.utils import compute_importance_map
-from monai.inferers import sliding_window_inference
 
+from medvit.pipelines.geometry import gaussian_weights, sample_slab, slabs
 from medvit.pipelines.inference import SliceSpec, slab_stack
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -37,12 +36,6 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     interval = max(int(roi * (1 - overlap)), 1)
     count = next(d for d in range(math.ceil(size / interval)) if d * interval + roi >= size) + 1
     return [min(i * interval, size - roi) for i in range(count)]
-
-
-def gaussian_weights(roi: Sequence[int], device: torch.device) -> torch.Tensor:
-    """MONAI's gaussian importance map (sigma 0.125 x roi), floored at its smallest value."""
-    w = compute_importance_map(tuple(roi), mode="gaussian", sigma_scale=0.125, device=device, dtype=torch.float32)
-    return w.clamp(min=max(float(w.min()), 1e-3))
 
 
 def stream_probabilities(
@@ -132,6 +125,8 @@ def stream_slice_probabilities(
     """Softmax probabilities `(K, X, Y, Z)` of a 2D model run slice by slice (see `inference`)."""
     out = torch.empty(num_classes, *image.shape[1:], dtype=store_dtype)
     depth = image.shape[1 + slices.axis]
+    from monai.inferers import sliding_window_inference  # 2D models only: MONAI's import is heavy
+
     bar = _progress(depth, progress)
     for start in range(0, depth, slice_batch):
         index = torch.arange(start, min(start + slice_batch, depth), device=image.device)
@@ -173,40 +168,11 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="windows", unit="win")
 
 
-def _slabs(n: int, voxels_per_plane: int, budget: int) -> Iterator[tuple[int, int]]:
-    step = max(1, budget // max(voxels_per_plane, 1))
-    for start in range(0, n, step):
-        yield start, min(start + step, n)
+def _prob_box(prob: torch.Tensor) -> Callable[[Sequence[int], Sequence[int]], torch.Tensor]:
+    def box(lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
+        return prob[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].float()
 
-
-def _sample_slab(
-    prob: torch.Tensor, voxel_to_model: np.ndarray, shape: Sequence[int], k0: int, k1: int
-) -> torch.Tensor:
-    """Trilinear samples `(K, I, J, k1 - k0)` of model-space `prob` at scan voxels [.., .., k0:k1]."""
-    m = torch.as_tensor(voxel_to_model, dtype=torch.float64)
-    idx = [torch.arange(shape[0], dtype=torch.float64), torch.arange(shape[1], dtype=torch.float64),
-           torch.arange(k0, k1, dtype=torch.float64)]
-    # model coordinate = M[:, 0] i + M[:, 1] j + M[:, 2] k + M[:, 3], built by broadcasting
-    coords = (
-        m[:3, 0, None, None, None] * idx[0][:, None, None]
-        + m[:3, 1, None, None, None] * idx[1][None, :, None]
-        + m[:3, 2, None, None, None] * idx[2][None, None, :]
-        + m[:3, 3, None, None, None]
-    )  # (3, I, J, k)
-    size = prob.shape[1:]
-    lo = [max(int(math.floor(float(coords[a].min()))), 0) for a in range(3)]
-    hi = [min(int(math.floor(float(coords[a].max()))) + 2, size[a]) for a in range(3)]
-    lo = [min(lo[a], size[a] - 1) for a in range(3)]
-    hi = [max(hi[a], lo[a] + 1) for a in range(3)]
-    box = prob[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].float()
-    grid = []
-    for a in range(3):
-        n = hi[a] - lo[a]
-        c = (coords[a] - lo[a]).clamp_(0, n - 1)  # edge values outside the volume
-        grid.append((2 * c / (n - 1) - 1) if n > 1 else torch.zeros_like(c))
-    # grid_sample wants (x, y, z) = (last, middle, first) axis of the sampled volume
-    g = torch.stack(grid[::-1], dim=-1).to(torch.float32)[None]
-    return F.grid_sample(box[None], g, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    return box
 
 
 def invert_argmax(
@@ -227,8 +193,9 @@ def invert_argmax(
     """
     kept = torch.from_numpy(np.flatnonzero(keep))
     out = np.empty(tuple(shape), dtype=np.int64 if len(kept) > 255 else np.uint8)
-    for k0, k1 in _slabs(shape[2], shape[0] * shape[1], budget_voxels):
-        p = _sample_slab(prob, voxel_to_model, shape, k0, k1)
+    box = _prob_box(prob)
+    for k0, k1 in slabs(shape[2], shape[0] * shape[1], budget_voxels):
+        p = sample_slab(box, prob.shape[1:], voxel_to_model, shape, k0, k1)
         out[..., k0:k1] = kept[p[kept].argmax(0)].numpy()
     return out
 
@@ -236,6 +203,7 @@ def invert_argmax(
 def invert_probabilities(prob: torch.Tensor, voxel_to_model: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
     """Probabilities `(K, *shape)` float32 on the scan's grid (for inspection and tests)."""
     out = torch.empty(prob.shape[0], *shape, dtype=torch.float32)
-    for k0, k1 in _slabs(shape[2], shape[0] * shape[1], 1 << 21):
-        out[..., k0:k1] = _sample_slab(prob, voxel_to_model, shape, k0, k1)
+    box = _prob_box(prob)
+    for k0, k1 in slabs(shape[2], shape[0] * shape[1], 1 << 21):
+        out[..., k0:k1] = sample_slab(box, prob.shape[1:], voxel_to_model, shape, k0, k1)
     return out
