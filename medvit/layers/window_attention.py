@@ -52,10 +52,15 @@ def relative_position_index(window: Sequence[int]) -> torch.Tensor:
     return index
 
 
-def shifted_window_mask(
+def border_window_masks(
     grid: Sequence[int], window: Sequence[int], shift: Sequence[int], device: torch.device | None = None
-) -> torch.Tensor:
-    """Additive mask `(num_windows, N, N)` keeping tokens from different regions of a rolled grid apart."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows of a rolled grid that mix regions, and their additive masks `(m, N, N)`.
+
+    Only windows along the far border of each shifted axis mix regions; the others need
+    no mask, so attention there broadcasts the relative bias instead of materialising
+    `(windows, heads, N, N)` bias + mask tensors.
+    """
     img = torch.zeros((1, *grid, 1), device=device)
     slices = [
         (slice(0, -w), slice(-w, -s), slice(-s, None)) if s > 0 else (slice(None),)
@@ -63,9 +68,11 @@ def shifted_window_mask(
     ]
     for cnt, region in enumerate(_product(slices)):
         img[(slice(None), *region, slice(None))] = cnt
-    ids = window_partition(img, window).squeeze(-1)
-    diff = ids[:, None, :] - ids[:, :, None]
-    return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
+    ids = window_partition(img, window).squeeze(-1)  # (num_windows, N)
+    mixed = torch.nonzero((ids != ids[:, :1]).any(1)).flatten()
+    sub = ids[mixed]
+    diff = sub[:, None, :] - sub[:, :, None]
+    return mixed, torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
 
 
 def _product(lists: list[tuple[slice, ...]]) -> list[tuple[slice, ...]]:
@@ -141,17 +148,34 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index].view(n, n, -1)
         return bias.permute(2, 0, 1).unsqueeze(0)
 
-    def _window_attention(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _window_attention(
+        self, x: torch.Tensor, masks: tuple[int, torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Attention within windows `(B * num_windows, N, C)`.
+
+        Args:
+            x: Window tokens.
+            masks: For shifted windows: (num_windows, indices of the windows that mix
+                regions, their additive masks) from `border_window_masks`.
+        """
         bw, n, c = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self._relative_bias()
-        if mask is not None:
-            nw = mask.shape[0]
-            bias = (bias.unsqueeze(1) + mask[None, :, None].to(bias.dtype)).expand(bw // nw, -1, -1, -1, -1)
-            bias = bias.reshape(bw, self.num_heads, n, n)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0
-        )
+        drop = self.attn_drop if self.training else 0.0
+        if masks is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        else:
+            nw, mixed, mask = masks
+            is_mixed = torch.zeros(nw, dtype=torch.bool, device=x.device)
+            is_mixed[mixed] = True
+            is_mixed = is_mixed.repeat(bw // nw)
+            y = torch.empty_like(q)
+            plain = ~is_mixed
+            y[plain] = F.scaled_dot_product_attention(q[plain], k[plain], v[plain], attn_mask=bias, dropout_p=drop)
+            mixed_bias = (bias + mask[:, None].to(bias.dtype)).repeat(bw // nw, 1, 1, 1)
+            y[is_mixed] = F.scaled_dot_product_attention(
+                q[is_mixed], k[is_mixed], v[is_mixed], attn_mask=mixed_bias, dropout_p=drop
+            )
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(bw, n, c)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,11 +191,13 @@ class WindowAttention(nn.Module):
             x = F.pad(x, [0, 0] + [p for pad in reversed(pads) for p in (0, pad)])
         padded = x.shape[1:-1]
         dims = tuple(range(1, nd + 1))
-        mask = None
+        masks = None
         if any(self.shift_size):
             x = torch.roll(x, [-s for s in self.shift_size], dims)
-            mask = shifted_window_mask(padded, self.window_size, self.shift_size, x.device)
-        y = self._window_attention(window_partition(x, self.window_size), mask)
+            mixed, mask = border_window_masks(padded, self.window_size, self.shift_size, x.device)
+            num_windows = math.prod(p // w for p, w in zip(padded, self.window_size))
+            masks = (num_windows, mixed, mask)
+        y = self._window_attention(window_partition(x, self.window_size), masks)
         x = window_reverse(y, self.window_size, padded)
         if any(self.shift_size):
             x = torch.roll(x, list(self.shift_size), dims)

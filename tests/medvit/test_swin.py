@@ -10,7 +10,7 @@ from medvit.convert import load_timm
 from medvit.layers.window_attention import (
     PatchMerging,
     relative_position_index,
-    shifted_window_mask,
+    border_window_masks,
     window_partition,
     window_reverse,
 )
@@ -170,11 +170,13 @@ def test_window_helpers_3d() -> None:
     assert idx.shape == (24, 24) and idx.min() == 0 and idx.max() == 3 * 5 * 7 - 1
     assert idx.unique().numel() == 3 * 5 * 7
     assert (idx.diagonal() == idx[0, 0]).all()
-    mask = shifted_window_mask((6, 6, 6), (3, 3, 3), (1, 1, 1))
-    assert mask.shape == (8, 27, 27)
-    assert (mask[0] == 0).all()  # the first window holds one region
-    # the last window straddles the roll in every axis: 8 regions of sizes 8,4,4,4,2,2,2,1
+    mixed, mask = border_window_masks((6, 6, 6), (3, 3, 3), (1, 1, 1))
+    # every window but the first straddles the roll in at least one axis
+    assert mixed.tolist() == list(range(1, 8)) and mask.shape == (7, 27, 27)
+    # the last window straddles it in every axis: 8 regions of sizes 8,4,4,4,2,2,2,1
     assert (mask[-1] == 0).sum() == 8 * 8 + 3 * 4 * 4 + 3 * 2 * 2 + 1
+    mixed, mask = border_window_masks((9, 6), (3, 3), (1, 0))  # shifted along the first axis only
+    assert mixed.tolist() == [4, 5] and (mask[0] == 0).sum() == 6 * 6 + 3 * 3
 
 
 def test_patch_merging_3d_neighbours() -> None:
