@@ -16,7 +16,7 @@ from medvit.cli._common import device_option, user_errors
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Folder for <stem>_seg.nii.gz and <stem>_volumes.json.")
 @click.option("--overlap", default=0.5, show_default=True, help="Sliding-window overlap fraction.")
-@click.option("--sw-batch-size", default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--sw-batch-size", type=int, default=None, help="Windows per forward pass [default: 1 on CPU, 4 on CUDA].")
 @device_option()
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (the exact path).")

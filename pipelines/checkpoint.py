@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import secrets
+import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -168,25 +169,57 @@ def load_checkpoint(
     """
     path = Path(path)
     card = read_card(path)
-    with _skip_random_init():
-        model = card.build_model()
+    default = torch.get_default_dtype()
+    try:
+        if dtype is not None and dtype.is_floating_point:
+            torch.set_default_dtype(dtype)  # parameters are born in the target precision
+        with _skip_random_init():
+            model = card.build_model()
+    finally:
+        torch.set_default_dtype(default)
     if dtype is not None:
         model.to(dtype)
     target = model.state_dict()
-    with _open(path) as f:
+    with _open(path) as f:  # validates the file
         keys = set(f.keys())
-        missing, unexpected = sorted(set(target) - keys), sorted(keys - set(target))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path}: weights do not fit {card.model_name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
-        with torch.no_grad():
-            for k in keys:
-                t = f.get_tensor(k)
-                if t.shape != target[k].shape:
-                    raise CheckpointError(
-                        f"{path}: weights do not fit {card.model_name} ({k}: {tuple(t.shape)} in the file,"
-                        f" {tuple(target[k].shape)} in the model)"
-                    )
-                target[k].copy_(t)
+    missing, unexpected = sorted(set(target) - keys), sorted(keys - set(target))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit {card.model_name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for k, t in _read_tensors(path):
+            if t.shape != target[k].shape:
+                raise CheckpointError(
+                    f"{path}: weights do not fit {card.model_name} ({k}: {tuple(t.shape)} in the file,"
+                    f" {tuple(target[k].shape)} in the model)"
+                )
+            target[k].copy_(t)
     return model.to(device).eval(), card
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a (validated) safetensors file, read one at a time with plain reads.
+
+    safetensors' own reader memory-maps the file, and every page it touches counts towards
+    the process's resident memory until the map is closed: the whole checkpoint, on top
+    of the model it is loaded into. Reading tensor by tensor keeps one tensor in flight.
+    """
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+        header.pop("__metadata__", None)
+        start = 8 + size
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            fh.seek(start + begin)
+            data = bytearray(fh.read(end - begin))
+            t = torch.frombuffer(data, dtype=_DTYPES[info["dtype"]]) if data else torch.empty(0, dtype=_DTYPES[info["dtype"]])
+            yield key, t.reshape(info["shape"])

@@ -113,7 +113,7 @@ def sample_slab(
 
 
 def resample_scan(
-    array: np.ndarray, model_affine: np.ndarray, scan_affine: np.ndarray, shape: Sequence[int], budget: int = 1 << 21
+    array: np.ndarray, model_affine: np.ndarray, scan_affine: np.ndarray, shape: Sequence[int], budget: int = 1 << 19
 ) -> torch.Tensor:
     """The scan `array` (i, j, k) sampled on the model grid: float32 `(1, *shape)`."""
     voxel_map = np.linalg.solve(np.asarray(scan_affine, dtype=float), model_affine)

@@ -26,7 +26,7 @@ from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.inference import SliceSpec
 from medvit.pipelines.io import Scan, find_scans, read_scan, write_mask
 from medvit.pipelines.preview import write_preview
-from medvit.pipelines.runtime import autocast, inference_dtype, resolve_device
+from medvit.pipelines.runtime import autocast, inference_dtype, resolve_device, return_freed_memory
 from medvit.pipelines.stitch import (
     accumulator_device,
     invert_argmax,
@@ -44,7 +44,9 @@ class SegmentConfig:
 
     Attributes:
         overlap: Sliding-window overlap fraction.
-        sw_batch_size: Windows per forward pass.
+        sw_batch_size: Windows per forward pass; None = 1 on the CPU (a 96^3 UNETR-B window
+            alone keeps the cores busy, and larger batches are slower per window there and
+            hold several windows' activations), 4 on CUDA.
         device: `auto`, `cpu` or `cuda`.
         precision: `auto` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32),
             `fp32` (the exact path: probabilities equal MONAI's), `bf16` or `fp16`.
@@ -55,7 +57,7 @@ class SegmentConfig:
     """
 
     overlap: float = 0.5
-    sw_batch_size: int = 4
+    sw_batch_size: int | None = None
     device: str = "auto"
     precision: str = "auto"
     tta: bool = False
@@ -82,9 +84,11 @@ class Segmenter:
         self.config = config or SegmentConfig()
         if not 0.0 <= self.config.overlap < 1.0:
             raise MedvitError(f"--overlap must be in [0, 1), got {self.config.overlap}")
-        if self.config.sw_batch_size < 1:
+        if self.config.sw_batch_size is not None and self.config.sw_batch_size < 1:
             raise MedvitError(f"--sw-batch-size must be >= 1, got {self.config.sw_batch_size}")
         self.device = resolve_device(self.config.device)
+        return_freed_memory()
+        self.sw_batch_size = self.config.sw_batch_size or (4 if self.device.type == "cuda" else 1)
         self.dtype = inference_dtype(self.device, self.config.precision)
         # bf16 on a CPU: weights and activations in bf16 (norm statistics accumulate in
         # fp32); autocast would cast every activation back and forth, which costs more
@@ -158,11 +162,11 @@ class Segmenter:
         k = self.card.num_classes
         if self.slices is not None:
             return stream_slice_probabilities(
-                self._predictor, x, self.card.patch_size, k, self.slices, self.config.sw_batch_size,
+                self._predictor, x, self.card.patch_size, k, self.slices, self.sw_batch_size,
                 self.config.overlap, self.store_dtype, progress,
             )
         return stream_probabilities(
-            self._predictor, x, self.card.patch_size, k, self.config.sw_batch_size, self.config.overlap,
+            self._predictor, x, self.card.patch_size, k, self.sw_batch_size, self.config.overlap,
             self.store_dtype, accumulate_on=accumulator_device(x, k, self.card.patch_size), progress=progress,
         )
 

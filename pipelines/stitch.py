@@ -178,6 +178,12 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="windows", unit="win")
 
 
+def _plane_cost(voxel_to_model: np.ndarray, shape: Sequence[int]) -> int:
+    """Voxels one scan plane costs: its own, or the model-space block it reads when the model
+    grid is finer than the scan's (then the float32 block read dominates)."""
+    return int(shape[0] * shape[1] * max(1.0, abs(float(np.linalg.det(voxel_to_model[:3, :3])))))
+
+
 def _prob_box(prob: torch.Tensor) -> Callable[[Sequence[int], Sequence[int]], torch.Tensor]:
     def box(lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
         return prob[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].float()
@@ -190,7 +196,7 @@ def invert_argmax(
     voxel_to_model: np.ndarray,
     shape: Sequence[int],
     keep: np.ndarray,
-    budget_voxels: int = 1 << 21,
+    budget_voxels: int = 1 << 20,
 ) -> np.ndarray:
     """Class index (into `keep`'s positions) per scan voxel, computed slab by slab.
 
@@ -204,7 +210,7 @@ def invert_argmax(
     kept = torch.from_numpy(np.flatnonzero(keep))
     out = np.empty(tuple(shape), dtype=np.int64 if len(kept) > 255 else np.uint8)
     box = _prob_box(prob)
-    for k0, k1 in slabs(shape[2], shape[0] * shape[1], budget_voxels):
+    for k0, k1 in slabs(shape[2], _plane_cost(voxel_to_model, shape), budget_voxels):
         p = sample_slab(box, prob.shape[1:], voxel_to_model, shape, k0, k1)
         out[..., k0:k1] = kept[p[kept].argmax(0)].numpy()
     return out
@@ -214,6 +220,6 @@ def invert_probabilities(prob: torch.Tensor, voxel_to_model: np.ndarray, shape: 
     """Probabilities `(K, *shape)` float32 on the scan's grid (for inspection and tests)."""
     out = torch.empty(prob.shape[0], *shape, dtype=torch.float32)
     box = _prob_box(prob)
-    for k0, k1 in slabs(shape[2], shape[0] * shape[1], 1 << 21):
+    for k0, k1 in slabs(shape[2], _plane_cost(voxel_to_model, shape), 1 << 20):
         out[..., k0:k1] = sample_slab(box, prob.shape[1:], voxel_to_model, shape, k0, k1)
     return out

@@ -45,11 +45,15 @@ def _build_encoder(
     args: dict[str, Any] = dict(global_pool="", num_classes=0)
     args.update(encoder_args or {})
     args.update(img_size=img_size, in_chans=in_chans, spatial_dims=spatial_dims)
-    # only single-scale ViTs take `class_token`; an allocation-free build tells which kind it is
-    with torch.device("meta"):
-        probe = create_model(name, **args)
-    if not is_hierarchical(probe):
-        args = {"class_token": False, **args}
+    # single-scale ViTs take `class_token` (and need it off); hierarchical encoders refuse it.
+    # Trying is cheaper than a meta-device probe, whose first randn imports sympy (~160 MB).
+    if "class_token" in args:
+        return create_model(name, **args)
+    try:
+        return create_model(name, class_token=False, **args)
+    except ValueError as e:
+        if "class_token" not in str(e):
+            raise
     return create_model(name, **args)
 
 
