@@ -24,12 +24,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 
 from medvit.pipelines.errors import MedvitError
+
+if TYPE_CHECKING:  # imported where used: NIfTI needs no SimpleITK, whose import costs ~60 MB
+    import SimpleITK as sitk
 
 __all__ = ["SCAN_SUFFIXES", "Scan", "ScanError", "find_scans", "is_dicom_folder", "read_scan", "scan_stem", "write_mask"]
 
@@ -127,6 +130,7 @@ def _reason(exc: BaseException) -> str:
 
 @contextmanager
 def _quiet_itk() -> Iterator[None]:
+    import SimpleITK as sitk
     # ITK prints warnings (such as GDCM's "No Series were found") straight to stderr;
     # the ScanError raised instead is what the user should see.
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
@@ -339,6 +343,7 @@ def _read_nifti(path: Path) -> Scan:
 
 
 def _read_itk_file(path: Path, kind: str) -> Scan:
+    import SimpleITK as sitk
     try:
         with _quiet_itk():
             image = sitk.ReadImage(str(path))
@@ -352,6 +357,7 @@ def _read_itk_file(path: Path, kind: str) -> Scan:
 
 
 def _read_dicom_folder(folder: Path) -> Scan:
+    import SimpleITK as sitk
     try:
         if not any(folder.iterdir()):
             raise _error(folder, "folder is empty")
@@ -381,6 +387,7 @@ def _read_dicom_folder(folder: Path) -> Scan:
 
 
 def _scan_from_itk(path: Path, image: sitk.Image) -> Scan:
+    import SimpleITK as sitk
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
         raise _error(path, f"has {components} components per voxel; expected a single-channel image")
@@ -470,6 +477,7 @@ def write_mask(mask: np.ndarray, scan: Scan, out_path: str | Path) -> Path:
 
 
 def _write_itk(mask: np.ndarray, geometry: _ItkGeometry, tmp: Path) -> None:
+    import SimpleITK as sitk
     image = sitk.GetImageFromArray(np.ascontiguousarray(mask.transpose(2, 1, 0)))
     image.SetOrigin(geometry.origin)
     image.SetSpacing(geometry.spacing)

@@ -59,19 +59,17 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = No
 
 
 def return_freed_memory() -> None:
-    """Make glibc hand large freed blocks back to the OS right away.
+    """Hand memory that glibc keeps after large frees back to the OS (`malloc_trim`).
 
-    glibc raises its mmap threshold after the first large free, so later model-sized
-    temporaries come from the heap and stay resident after they are freed; a fixed
-    threshold keeps the peak memory of a long inference close to what is in use. No-op
-    where the C library is not glibc.
+    Called between the phases of a segmentation (model load, preprocessing, inference) so
+    the temporaries of one phase do not stay resident through the next. A fixed mmap
+    threshold would do this continuously, but its page faults cost a third of the
+    inference time. No-op where the C library is not glibc.
     """
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks >= 1 MiB are mmapped (and unmapped on free)
-        libc.malloc_trim(0)
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass

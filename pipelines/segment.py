@@ -87,7 +87,6 @@ class Segmenter:
         if self.config.sw_batch_size is not None and self.config.sw_batch_size < 1:
             raise MedvitError(f"--sw-batch-size must be >= 1, got {self.config.sw_batch_size}")
         self.device = resolve_device(self.config.device)
-        return_freed_memory()
         self.sw_batch_size = self.config.sw_batch_size or (4 if self.device.type == "cuda" else 1)
         self.dtype = inference_dtype(self.device, self.config.precision)
         # bf16 on a CPU: weights and activations in bf16 (norm statistics accumulate in
@@ -100,6 +99,7 @@ class Segmenter:
         self.class_ids = np.array(ids, dtype=np.uint8 if max(ids) < 256 else np.uint16)
         self.keep = self._kept_classes(self.config.labels)
         self.slices = slice_spec(self.card, self.model)
+        return_freed_memory()
 
     def _kept_classes(self, names: Sequence[str] | None) -> np.ndarray:
         classes = sorted(self.card.labels)
@@ -178,8 +178,10 @@ class Segmenter:
     def predict(self, scan: Scan) -> np.ndarray:
         """The label-id mask of a scan, on the scan's own grid (computed slab by slab)."""
         image, voxel_to_model = self._model_space(scan)
+        return_freed_memory()
         prob = self._probabilities(image)
         del image
+        return_freed_memory()
         classes = invert_argmax(prob, voxel_to_model, scan.shape, self.keep)
         return self.class_ids[classes]
 

@@ -62,6 +62,21 @@ def stream_probabilities(
         accumulate_on: Device of the one-window-deep accumulator (default: the image's).
         progress: Show a progress bar.
     """
+    # stream along the longest axis (the last on ties): the accumulator spans the other two
+    extents = [s - r for s, r in zip(image.shape[1:], roi)]
+    axis = 2 if extents[2] >= max(extents) else int(np.argmax(extents))
+    if axis != 2:
+        order = [a for a in range(3) if a != axis] + [axis]
+        back = [order.index(a) for a in range(3)]
+
+        def predict_moved(x: torch.Tensor) -> torch.Tensor:  # the model sees the original axes
+            return predict(x.permute(0, 1, *[2 + order.index(a) for a in range(3)])).permute(0, 1, *[2 + a for a in order])
+
+        moved = stream_probabilities(
+            predict_moved, image.permute(0, *[1 + a for a in order]), [roi[a] for a in order], num_classes,
+            sw_batch_size, overlap, store_dtype, accumulate_on, progress,
+        )
+        return moved.permute(0, *[1 + b for b in back])
     roi = tuple(int(r) for r in roi)
     size = tuple(image.shape[1:])
     # MONAI pads a volume smaller than the window symmetrically with zeros

@@ -31,7 +31,8 @@ def test_window_starts_are_monais(size, roi, overlap) -> None:
     assert window_starts(size, roi, overlap) == monai
 
 
-@pytest.mark.parametrize("shape", [(40, 33, 45), (20, 14, 9)])  # the second is smaller than the window
+# streamed along z, x (the longest), x with a tie, and smaller than the window
+@pytest.mark.parametrize("shape", [(40, 33, 45), (47, 33, 40), (40, 33, 40), (20, 14, 9)])
 def test_stream_equals_monai_sliding_window(shape) -> None:
     torch.manual_seed(0)
     net = LocalNet().eval()
