@@ -511,7 +511,7 @@ def test_write_failure_keeps_old_output_and_no_temp(
         raise failure
 
     monkeypatch.setattr(scan_io.nib, "save", broken_write)
-    monkeypatch.setattr(scan_io.sitk, "WriteImage", broken_write)
+    monkeypatch.setattr(sitk, "WriteImage", broken_write)  # io imports it where it writes
     with pytest.raises(raised) as exc:
         write_mask(np.zeros(SHAPE, np.uint8), scan, out)
     if raised is ScanError:
