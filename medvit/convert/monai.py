@@ -81,6 +81,11 @@ def _unetr_decoder_key(k: str) -> str:
             return f"skips.{stage}.steps.{step}.1.{_conv_block(rest[2:])}"
         if rest.startswith("conv."):
             return f"skips.{stage}.steps.{step}.{rest[len('conv.'):]}"
+    return up_path_key(k)
+
+
+def up_path_key(k: str) -> str:
+    """MONAI's `decoderN` up-blocks and `out` head (UNETR and Swin-UNETR) -> ours; others unchanged."""
     m = re.match(r"^decoder(\d)\.transp_conv\.conv\.(.+)$", k)
     if m:
         return f"ups.{5 - int(m.group(1))}.up.{m.group(2)}"

@@ -12,7 +12,7 @@ import re
 import torch
 
 from medvit.convert._common import StateDict
-from medvit.convert.monai import _conv_block
+from medvit.convert.monai import _conv_block, up_path_key
 from medvit.models.volume.swin_unetr import SwinUNETR
 
 MONAI_STAGES = 4
@@ -48,16 +48,7 @@ def _decoder_key(k: str) -> str:
         if n == 10:
             return f"bottleneck.{rest}"
         return f"skips.{n - 2}.{rest}"
-    m = re.match(r"^decoder(\d)\.transp_conv\.conv\.(.+)$", k)
-    if m:
-        return f"ups.{5 - int(m.group(1))}.up.{m.group(2)}"
-    m = re.match(r"^decoder(\d)\.conv_block\.(.+)$", k)
-    if m:
-        return f"ups.{5 - int(m.group(1))}.fuse.{_conv_block(m.group(2))}"
-    m = re.match(r"^out\.conv\.conv\.(weight|bias)$", k)
-    if m:
-        return f"head.{m.group(1)}"
-    return k
+    return up_path_key(k)
 
 
 def swin_unetr_state(sd: StateDict, model: SwinUNETR) -> StateDict:
