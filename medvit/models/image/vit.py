@@ -259,10 +259,26 @@ class VisionTransformer(nn.Module):
             what `forward_features` returns.
         """
         check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
         x, grid = self.embed(x)
-        feats: list = []
+        return self._block_intermediates(
+            x, grid, [], indices, norm, output_fmt, intermediates_only, stop_early, return_prefix_tokens
+        )
+
+    def _block_intermediates(
+        self,
+        x: torch.Tensor,
+        grid: Sequence[int],
+        feats: list,
+        indices: int | Sequence[int] | None,
+        norm: bool,
+        output_fmt: str,
+        intermediates_only: bool,
+        stop_early: bool,
+        return_prefix_tokens: bool,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The block loop of `forward_intermediates` on embedded tokens, appending to `feats`."""
+        take = feature_take_indices(len(self.blocks), indices)
+        last = max(take) if (stop_early and intermediates_only and take) else len(self.blocks) - 1
         for i, blk in enumerate(self.blocks[: last + 1]):
             x = blk(x)
             if i in take:

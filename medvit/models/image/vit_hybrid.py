@@ -20,7 +20,7 @@ import torch
 
 from medvit.layers.hybrid_embed import HybridEmbed
 from medvit.models.image.resnetv2 import ResNetV2
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import check_output_fmt
 from medvit.models.image.vit import VisionTransformer
 from medvit.registry import register_model
 
@@ -145,23 +145,13 @@ class HybridVisionTransformer(VisionTransformer):
                 f"expected a {self.spatial_dims + 2}D input (batch, channels and "
                 f"{self.spatial_dims} spatial dims), got shape {tuple(x.shape)}"
             )
-        take = feature_take_indices(len(self.blocks), indices)
         grid = self.patch_embed.dynamic_grid(x.shape[2:])
         backbone = self.patch_embed.backbone
         last_map, feats = backbone.forward_intermediates(x, backbone_indices, output_fmt=output_fmt)
         x = self.norm_pre(self._pos_embed(self.patch_embed.project(last_map), grid))
-        last = max(take) if (stop_early and intermediates_only and take) else len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            x = blk(x)
-            if i in take:
-                y = self.norm(x) if norm else x
-                prefix, y = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens :]
-                if output_fmt == "NCHW":
-                    y = y.transpose(1, 2).reshape(y.shape[0], -1, *grid)
-                feats.append((y, prefix) if return_prefix_tokens else y)
-        if intermediates_only:
-            return feats
-        return self.norm(x), feats
+        return self._block_intermediates(
+            x, grid, feats, indices, norm, output_fmt, intermediates_only, stop_early, return_prefix_tokens
+        )
 
 
 # -- registered variants ---------------------------------------------------------------
