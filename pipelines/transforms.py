@@ -1,8 +1,9 @@
 """MONAI dictionary transforms: loading, orientation, spacing, intensity, augmentation.
 
 Spatial steps (orientation to RAS, resampling to the target spacing, foreground crop)
-are MONAI invertible transforms, so `segment` maps predictions back onto the scan's own
-grid with MONAI's inversion (`Invertd`).
+are MONAI invertible transforms. Training and preprocessing use them; `segment` computes
+the same model-space grid and values without importing MONAI (`geometry`, tested equal
+to these transforms) and maps predictions back through that grid's affine.
 """
 
 from __future__ import annotations
