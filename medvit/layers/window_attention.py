@@ -148,6 +148,16 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index].view(n, n, -1)
         return bias.permute(2, 0, 1).unsqueeze(0)
 
+    def _cached_bias(self) -> torch.Tensor:
+        """The relative bias, contiguous, gathered once per weight version (inference only)."""
+        table = self.relative_position_bias_table
+        key = (table._version, table.dtype, table.device, table.data_ptr())
+        cached = getattr(self, "_bias_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self._relative_bias().contiguous())
+            self._bias_cache = cached
+        return cached[1]
+
     def _window_attention(
         self, x: torch.Tensor, masks: tuple[int, torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
@@ -160,7 +170,7 @@ class WindowAttention(nn.Module):
         """
         bw, n, c = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self._relative_bias()
+        bias = self._cached_bias() if not torch.is_grad_enabled() else self._relative_bias()
         drop = self.attn_drop if self.training else 0.0
         if masks is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)

@@ -9,8 +9,8 @@ import medvit
 from medvit.convert import load_timm
 from medvit.layers.window_attention import (
     PatchMerging,
-    relative_position_index,
     border_window_masks,
+    relative_position_index,
     window_partition,
     window_reverse,
 )
@@ -305,3 +305,16 @@ def test_swin_unetr_layout_options() -> None:
         _tiny(bias_table="shrunk")
     with pytest.raises(ValueError, match="intermediate_taps"):
         _tiny(intermediate_taps="blocks")
+
+
+def test_inference_bias_cache_follows_the_weights() -> None:
+    from medvit.layers.window_attention import WindowAttention
+
+    attn = WindowAttention(8, 2, (3, 3)).eval()
+    x = torch.randn(1, 6, 6, 8)
+    with torch.no_grad():
+        before = attn(x)
+        attn.relative_position_bias_table.add_(1.0 + torch.randn_like(attn.relative_position_bias_table))
+        after = attn(x)
+    torch.testing.assert_close(after, attn(x))  # the grad-enabled path recomputes the bias
+    assert not torch.allclose(before, after)
