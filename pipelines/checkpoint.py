@@ -221,5 +221,6 @@ def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             begin, end = info["data_offsets"]
             fh.seek(start + begin)
             data = bytearray(fh.read(end - begin))
-            t = torch.frombuffer(data, dtype=_DTYPES[info["dtype"]]) if data else torch.empty(0, dtype=_DTYPES[info["dtype"]])
+            dtype = _DTYPES[info["dtype"]]
+            t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
             yield key, t.reshape(info["shape"])

@@ -45,7 +45,9 @@ def zoom_affine(affine: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     return out
 
 
-def shape_offset(shape: Sequence[int], in_affine: np.ndarray, out_affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+def shape_offset(
+    shape: Sequence[int], in_affine: np.ndarray, out_affine: np.ndarray
+) -> tuple[tuple[int, ...], np.ndarray]:
     """Output shape and origin covering the input's voxel centres (MONAI's `compute_shape_offset`)."""
     dims = np.asarray(shape, dtype=float)
     corners = np.asarray(np.meshgrid(*[(0.0, d - 1.0) for d in dims], indexing="ij")).reshape(3, -1)

@@ -70,7 +70,8 @@ def stream_probabilities(
         back = [order.index(a) for a in range(3)]
 
         def predict_moved(x: torch.Tensor) -> torch.Tensor:  # the model sees the original axes
-            return predict(x.permute(0, 1, *[2 + order.index(a) for a in range(3)])).permute(0, 1, *[2 + a for a in order])
+            logits = predict(x.permute(0, 1, *[2 + b for b in back]))
+            return logits.permute(0, 1, *[2 + a for a in order])
 
         moved = stream_probabilities(
             predict_moved, image.permute(0, *[1 + a for a in order]), [roi[a] for a in order], num_classes,
