@@ -180,15 +180,15 @@ def load_checkpoint(
     if dtype is not None:
         model.to(dtype)
     target = model.state_dict()
-    with _open(path) as f:  # validates the file
-        keys = set(f.keys())
+    index, data_start = _tensor_index(path)  # read_card has validated the file
+    keys = set(index)
     missing, unexpected = sorted(set(target) - keys), sorted(keys - set(target))
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not fit {card.model_name} (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     with torch.no_grad():
-        for k, t in _read_tensors(path):
+        for k, t in _read_tensors(path, index, data_start):
             if t.shape != target[k].shape:
                 raise CheckpointError(
                     f"{path}: weights do not fit {card.model_name} ({k}: {tuple(t.shape)} in the file,"
@@ -205,7 +205,16 @@ _DTYPES = {
 }
 
 
-def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensor_index(path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header (name -> dtype, shape, byte range) and where the data starts."""
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _read_tensors(path: Path, index: dict[str, Any], start: int) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors of a (validated) safetensors file, read one at a time with plain reads.
 
     safetensors' own reader memory-maps the file, and every page it touches counts towards
@@ -213,11 +222,7 @@ def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     of the model it is loaded into. Reading tensor by tensor keeps one tensor in flight.
     """
     with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(size))
-        header.pop("__metadata__", None)
-        start = 8 + size
-        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        for key, info in sorted(index.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, end = info["data_offsets"]
             fh.seek(start + begin)
             data = bytearray(fh.read(end - begin))

@@ -1,9 +1,8 @@
-"""Model-space inference shared by `segment` and training's validation.
+"""How 2D models see volumes, shared by inference (`stitch`) and training (`transforms`).
 
-3D models run MONAI's sliding-window inference over the volume. 2D models run slice by
-slice along one axis of the model-space volume: each slice (with `slab - 1` neighbours
-stacked as channels, edge slices repeated at the borders) is a batch item of a 2D sliding
-window, and the per-slice logits are stacked back into a volume.
+A 2D model runs slice by slice along one axis of the model-space volume: each slice, with
+`slab - 1` neighbours stacked as channels (edge slices repeated at the borders), is a batch
+item of a 2D sliding window, and the per-slice results are stacked back into a volume.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from medvit.pipelines.errors import MedvitError
 
@@ -65,56 +63,3 @@ def slab_stack(volume: torch.Tensor, spec: SliceSpec, index: torch.Tensor) -> to
     moved = volume.movedim(1 + spec.axis, 0)  # (D, C, *plane)
     out = moved[picks.flatten()]  # (n * slab, C, *plane)
     return out.reshape(len(index), spec.slab * volume.shape[0], *out.shape[2:])
-
-
-def window_logits(
-    model: nn.Module,
-    image: torch.Tensor,
-    roi_size: Sequence[int],
-    sw_batch_size: int = 4,
-    overlap: float = 0.5,
-    slices: SliceSpec | None = None,
-    slice_batch: int = 16,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Logits `(1, K, X, Y, Z)` of a model-space image `(1, C, X, Y, Z)`.
-
-    Args:
-        model: 3D model, or 2D model when `slices` is given.
-        image: The preprocessed volume, batch of one, on the model's device.
-        roi_size: Window size (3 entries for 3D, the 2 in-plane entries for 2D).
-        sw_batch_size: Windows per forward pass.
-        overlap: Window overlap fraction.
-        slices: How to slice the volume for a 2D model (None for 3D models).
-        slice_batch: Slices per sliding-window call for 2D models.
-        progress: Show a progress bar.
-    """
-    from monai.inferers import sliding_window_inference  # MONAI's import is heavy: only when used
-
-    if slices is None:
-        return sliding_window_inference(
-            image, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, predictor=model,
-            overlap=overlap, mode="gaussian", progress=progress,
-        )
-    vol = image[0]
-    depth = vol.shape[1 + slices.axis]
-    if depth < 1:
-        raise MedvitError("the volume has no slices along the slice axis")
-    out: torch.Tensor | None = None
-    starts = range(0, depth, slice_batch)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="slices", unit="batch")
-    for start in starts:
-        index = torch.arange(start, min(start + slice_batch, depth), device=vol.device)
-        x = slab_stack(vol, slices, index)
-        y = sliding_window_inference(
-            x, roi_size=tuple(roi_size), sw_batch_size=sw_batch_size, predictor=model,
-            overlap=overlap, mode="gaussian",
-        )
-        if out is None:
-            shape = list(vol.shape[1:])
-            out = y.new_empty(y.shape[1], *shape)
-        out.narrow(1 + slices.axis, start, len(index)).copy_(y.movedim(0, slices.axis + 1))
-    return out[None]

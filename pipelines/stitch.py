@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from medvit.pipelines.geometry import gaussian_weights, sample_slab, slabs
 from medvit.pipelines.inference import SliceSpec, slab_stack
@@ -97,7 +98,7 @@ def stream_probabilities(
     wsum = torch.zeros(padded[0], padded[1], depth, device=acc_device)
     acc_weights = weights.to(acc_dtype)
     rows = starts[2]
-    bar = _progress(len(starts[0]) * len(starts[1]) * len(rows), progress)
+    bar = tqdm(total=len(starts[0]) * len(starts[1]) * len(rows), desc="windows", unit="win", disable=not progress)
     for r, z in enumerate(rows):
         windows = [(x, y) for x in starts[0] for y in starts[1]]
         for b in range(0, len(windows), sw_batch_size):
@@ -147,7 +148,7 @@ def stream_slice_probabilities(
     depth = image.shape[1 + slices.axis]
     from monai.inferers import sliding_window_inference  # 2D models only: MONAI's import is heavy
 
-    bar = _progress(depth, progress)
+    bar = tqdm(total=depth, desc="slices", unit="slice", disable=not progress)
     for start in range(0, depth, slice_batch):
         index = torch.arange(start, min(start + slice_batch, depth), device=image.device)
         logits = sliding_window_inference(
@@ -176,22 +177,6 @@ def _finish(
         a, b = lo - (z - z0), hi - (z - z0)  # the same planes in the accumulator
         logits = acc[:, x0 : x0 + sx, y0 : y0 + sy, a:b].float() / wsum[x0 : x0 + sx, y0 : y0 + sy, a:b]
         out[..., lo:hi] = torch.softmax(logits, dim=0).to(out.dtype)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="windows", unit="win")
 
 
 def _plane_cost(voxel_to_model: np.ndarray, shape: Sequence[int]) -> int:

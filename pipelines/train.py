@@ -29,8 +29,9 @@ import medvit
 from medvit.pipelines.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from medvit.pipelines.data import DatasetSpec, load_dataset
 from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.inference import SliceSpec, in_plane, window_logits
+from medvit.pipelines.inference import SliceSpec, in_plane
 from medvit.pipelines.runtime import autocast, resolve_device
+from medvit.pipelines.stitch import stream_probabilities, stream_slice_probabilities
 from medvit.pipelines.train_images import overlay_slice
 from medvit.pipelines.transforms import Preprocessing, preprocess_transforms, train_transforms
 
@@ -258,20 +259,31 @@ class Trainer:
         self.scheduler.step()
         return float(loss.detach())
 
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.cfg.amp):
+            return self.model(x)
+
+    def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Model-space probabilities of a validation volume, inferred as `medvit segment` does."""
+        k = self.num_classes
+        if self.slices is not None:
+            return stream_slice_probabilities(
+                self._predict, image, self.window, k, self.slices, 4, self.cfg.overlap, torch.float32
+            )
+        return stream_probabilities(self._predict, image, self.window, k, 4, self.cfg.overlap, torch.float32)
+
     @torch.no_grad()
     def validate(self, writer: SummaryWriter | None) -> dict[str, float]:
         self.model.eval()
         dices, shown = [], False
         for item in self.val_data:
-            img = item["image"].as_tensor()[None].to(self.device)
-            with autocast(self.device, self.cfg.amp):
-                logits = window_logits(self.model, img, self.window, 4, self.cfg.overlap, slices=self.slices)
-            pred = logits.argmax(1, keepdim=True).cpu()
+            img = item["image"].as_tensor().to(self.device)
+            pred = self._probabilities(img).argmax(0)[None, None]
             lab = item["label"].as_tensor()[None].long()
             onehot = lambda t: torch.nn.functional.one_hot(t[:, 0], self.num_classes).movedim(-1, 1)  # noqa: E731
             dices.append(compute_dice(onehot(pred), onehot(lab), include_background=False, ignore_empty=False)[0])
             if writer is not None and not shown:
-                writer.add_image("val/prediction", overlay_slice(img[0, 0].cpu(), pred[0, 0], lab[0, 0]), self.step)
+                writer.add_image("val/prediction", overlay_slice(img[0].cpu(), pred[0, 0], lab[0, 0]), self.step)
                 shown = True
         self.model.train()
         mean = torch.stack(dices).nanmean(0) if dices else torch.zeros(self.num_classes - 1)

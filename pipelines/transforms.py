@@ -32,6 +32,7 @@ from monai.transforms import (
     Spacingd,
 )
 
+from medvit.pipelines.inference import SliceSpec, slab_stack
 from medvit.pipelines.preprocessing import Preprocessing
 from medvit.pipelines.io import Scan, read_scan
 
@@ -143,9 +144,9 @@ class Augmentation:
 class SlabToChannelsd(MapTransform):
     """Turn a thin 3D crop into a 2D training sample.
 
-    The image `(C, X, Y, Z)` with `slab` slices along `axis` becomes `(slab * C, *plane)`
-    (slice-major, as `medvit.pipelines.inference.slab_stack` builds them at inference);
-    the label becomes its centre slice `(1, *plane)`.
+    The image `(C, X, Y, Z)` with `slab` slices along `axis` becomes `(slab * C, *plane)`,
+    stacked as inference stacks slabs (`medvit.pipelines.inference.slab_stack`); the label
+    becomes its centre slice `(1, *plane)`.
     """
 
     def __init__(self, axis: int, image_key: str = "image", label_key: str = "label") -> None:
@@ -154,11 +155,12 @@ class SlabToChannelsd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        dim = 1 + self.axis
-        img = torch.as_tensor(d[self.image_key]).movedim(dim, 0)  # (slab, C, *plane)
-        d[self.image_key] = img.reshape(-1, *img.shape[2:]).contiguous()
+        img = torch.as_tensor(d[self.image_key])
+        slab = img.shape[1 + self.axis]
+        centre = torch.tensor([slab // 2])
+        d[self.image_key] = slab_stack(img, SliceSpec(self.axis, slab), centre)[0].contiguous()
         lab = torch.as_tensor(d[self.label_key])
-        d[self.label_key] = lab.select(dim, lab.shape[dim] // 2).contiguous()
+        d[self.label_key] = lab.select(1 + self.axis, slab // 2).contiguous()
         return d
 
 

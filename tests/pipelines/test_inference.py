@@ -8,9 +8,10 @@ import torch
 import torch.nn as nn
 
 from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.inference import SliceSpec, parse_axis, slab_stack, window_logits
+from medvit.pipelines.inference import SliceSpec, parse_axis, slab_stack
 from medvit.pipelines.io import read_scan
 from medvit.pipelines.segment import SegmentConfig, Segmenter
+from medvit.pipelines.stitch import stream_slice_probabilities
 from medvit.pipelines.transforms import SlabToChannelsd
 
 from helpers import make_tiny_checkpoint
@@ -49,13 +50,15 @@ def test_slab_stack_takes_neighbours_and_repeats_edges(axis: int) -> None:
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_window_logits_2d_matches_per_slice(axis: int) -> None:
+def test_slice_probabilities_2d_match_per_slice(axis: int) -> None:
     torch.manual_seed(0)
-    vol = torch.rand(1, 1, 9, 10, 11)
+    vol = torch.rand(1, 9, 10, 11)
     model = CentreThreshold(3, 0.5)
-    out = window_logits(model, vol, (6, 6), 2, 0.5, slices=SliceSpec(axis, 3), slice_batch=4)
-    assert out.shape == (1, 5, 9, 10, 11)
-    torch.testing.assert_close(out[0, 1], 50.0 * (vol[0, 0] - 0.5), atol=1e-4, rtol=0)
+    out = stream_slice_probabilities(model, vol, (6, 6), 5, SliceSpec(axis, 3), 2, 0.5, torch.float32, slice_batch=4)
+    assert out.shape == (5, 9, 10, 11)
+    logits = torch.zeros(5, 9, 10, 11)
+    logits[1] = 50.0 * (vol[0] - 0.5)
+    torch.testing.assert_close(out, torch.softmax(logits, 0), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("axis,slab", [(2, 3), (0, 1), (1, 5)])
