@@ -121,3 +121,20 @@ class SpatialReductionAttention(nn.Module):
             q, k, v, dropout_p=self.attn_drop if self.training else 0.0
         )
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+def stage_mlp_ratios(
+    depth: Sequence[int],
+    embed_dim: Sequence[int],
+    num_heads: Sequence[int],
+    sr_ratios: Sequence[int],
+    mlp_ratio: float | Sequence[float],
+) -> tuple[float, ...]:
+    """Check a PVT-style per-stage configuration; the MLP ratio of every stage."""
+    n = len(depth)
+    if not (len(embed_dim) == len(num_heads) == len(sr_ratios) == n) or n == 0:
+        raise ValueError("depth, embed_dim, num_heads and sr_ratios need one entry per stage")
+    ratios = (mlp_ratio,) * n if isinstance(mlp_ratio, (int, float)) else tuple(mlp_ratio)
+    if len(ratios) != n:
+        raise ValueError(f"mlp_ratio needs {n} entries, got {len(ratios)}")
+    return ratios

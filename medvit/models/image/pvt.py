@@ -22,7 +22,7 @@ from medvit.layers.block import Block
 from medvit.layers.drop import drop_path_schedule
 from medvit.layers.helpers import check_spatial_dims, to_ntuple
 from medvit.layers.patch_embed import PatchEmbed
-from medvit.layers.sra import SpatialReductionAttention
+from medvit.layers.sra import SpatialReductionAttention, stage_mlp_ratios
 from medvit.layers.token_map import format_tokens, tokens_to_map
 from medvit.models._features import check_output_fmt, feature_take_indices
 from medvit.registry import register_model
@@ -149,11 +149,7 @@ class PyramidVisionTransformer(nn.Module):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         _check_pool(global_pool)
         n = len(depth)
-        if not (len(embed_dim) == len(num_heads) == len(sr_ratios) == n) or n == 0:
-            raise ValueError("depth, embed_dim, num_heads and sr_ratios need one entry per stage")
-        ratios = (mlp_ratio,) * n if isinstance(mlp_ratio, (int, float)) else tuple(mlp_ratio)
-        if len(ratios) != n:
-            raise ValueError(f"mlp_ratio needs {n} entries, got {len(ratios)}")
+        ratios = stage_mlp_ratios(depth, embed_dim, num_heads, sr_ratios, mlp_ratio)
         self.img_size = to_ntuple(img_size, spatial_dims, "img_size")
         stride = 4 * 2 ** (n - 1)
         if any(s % stride for s in self.img_size):

@@ -21,7 +21,7 @@ from medvit.layers.conv_mlp import DWConvMlp
 from medvit.layers.drop import drop_path_schedule
 from medvit.layers.helpers import check_spatial_dims, to_ntuple
 from medvit.layers.overlap_embed import OverlapPatchEmbed
-from medvit.layers.sra import SpatialReductionAttention
+from medvit.layers.sra import SpatialReductionAttention, stage_mlp_ratios
 from medvit.layers.token_map import tokens_to_map
 from medvit.models._features import check_output_fmt, feature_take_indices
 from medvit.registry import register_model
@@ -150,11 +150,7 @@ class PyramidVisionTransformerV2(nn.Module):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         _check_pool(global_pool)
         n = len(depth)
-        if not (len(embed_dim) == len(num_heads) == len(sr_ratios) == n) or n == 0:
-            raise ValueError("depth, embed_dim, num_heads and sr_ratios need one entry per stage")
-        ratios = (mlp_ratio,) * n if isinstance(mlp_ratio, (int, float)) else tuple(mlp_ratio)
-        if len(ratios) != n:
-            raise ValueError(f"mlp_ratio needs {n} entries, got {len(ratios)}")
+        ratios = stage_mlp_ratios(depth, embed_dim, num_heads, sr_ratios, mlp_ratio)
         self.img_size = to_ntuple(img_size, spatial_dims, "img_size")
         self.in_chans = in_chans
         self.num_classes = num_classes
