@@ -25,7 +25,13 @@ from medvit.layers.drop import DropPath, drop_path_schedule
 from medvit.layers.helpers import check_spatial_dims, conv_nd, to_ntuple
 from medvit.layers.mlp import Mlp
 from medvit.layers.pooling_attention_v1 import POOL_MODES, PoolingAttentionV1
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models.image._mvit_common import (
+    MultiScaleBackbone,
+    check_input_size,
+    check_network_stride,
+    pool_tokens,
+    shortcut_pool,
+)
 from medvit.registry import register_variant
 
 POOL_TYPES = ("token", "avg", "")
@@ -80,33 +86,18 @@ class MultiScaleBlockV1(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dim_out)
         self.shortcut_proj_mlp = nn.Linear(dim, dim_out) if dim != dim_out else None
-        if len(stride_q) and math.prod(stride_q) > 1:
-            kernel = [s + 1 if s > 1 else s for s in stride_q]
-            pool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
-            self.shortcut_pool_attn = pool(kernel, tuple(stride_q), [k // 2 for k in kernel])
-        else:
-            self.shortcut_pool_attn = None
-
-    def _shortcut_pool(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:
-        if self.shortcut_pool_attn is None:
-            return x
-        if self.has_cls_token:
-            cls_tok, x = x[:, :1], x[:, 1:]
-        b, _, c = x.shape
-        x = self.shortcut_pool_attn(x.transpose(1, 2).reshape(b, c, *feat_size))
-        x = x.flatten(2).transpose(1, 2)
-        return torch.cat((cls_tok, x), dim=1) if self.has_cls_token else x
+        self.shortcut_pool_attn = shortcut_pool(stride_q, spatial_dims)
 
     def forward(self, x: torch.Tensor, feat_size: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
         y, new_size = self.attn(self.norm1(x), feat_size)
-        x = self._shortcut_pool(x, feat_size) + self.drop_path(y)
+        x = pool_tokens(self.shortcut_pool_attn, x, feat_size, self.has_cls_token) + self.drop_path(y)
         x_norm = self.norm2(x)
         # as in the reference: the widened shortcut is the normalised MLP input
         shortcut = x if self.shortcut_proj_mlp is None else self.shortcut_proj_mlp(x_norm)
         return shortcut + self.drop_path(self.mlp(x_norm)), new_size
 
 
-class MViT(nn.Module):
+class MViT(MultiScaleBackbone):
     """MViT v1 classifier/backbone over 2D images or 3D volumes.
 
     Args:
@@ -134,7 +125,12 @@ class MViT(nn.Module):
         drop_path_rate: Stochastic depth of the last block (linear schedule).
         norm_eps: LayerNorm epsilon.
         freeze_patch_embed: Keep the random patch projection fixed (MoCo v3).
+
+    `forward_intermediates` takes a stage's output after its last block, which already has
+    the next stage's width (B-16: 192/384/768/768 channels).
     """
+
+    pool_types = POOL_TYPES
 
     def __init__(
         self,
@@ -161,20 +157,12 @@ class MViT(nn.Module):
         norm_eps: float = 1e-6,
         freeze_patch_embed: bool = False,
     ) -> None:
-        super().__init__()
         n = check_spatial_dims(spatial_dims)
         if n == 1:
             raise ValueError("spatial_dims must be 2 or 3, got 1")
-        if global_pool not in POOL_TYPES:
-            raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
-        if global_pool == "token" and not class_token:
-            raise ValueError("global_pool='token' needs class_token=True")
+        super().__init__(in_chans, num_classes, global_pool, depth, n, class_token)
         if mode not in POOL_MODES:
             raise ValueError(f"mode must be one of {POOL_MODES}, got {mode!r}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        if len(depth) < 1 or min(depth) < 1:
-            raise ValueError(f"depth must list >= 1 blocks per stage, got {tuple(depth)}")
         self.img_size = to_ntuple(img_size, n, "img_size")
         patch_size = to_ntuple(patch_size, n, "patch_size")
         patch_stride = to_ntuple(patch_stride, n, "patch_stride")
@@ -182,15 +170,8 @@ class MViT(nn.Module):
         kernel = to_ntuple(kernel_qkv, n, "kernel_qkv")
         q_stride = to_ntuple(stride_q, n, "stride_q")
         kv_stride = to_ntuple(stride_kv_adaptive, n, "stride_kv_adaptive")
-        total = [p * q ** (len(depth) - 1) for p, q in zip(patch_stride, q_stride)]
-        if any(s % t for s, t in zip(self.img_size, total)):
-            raise ValueError(f"the network stride {tuple(total)} does not divide img_size {self.img_size}")
+        check_network_stride(self.img_size, [p * q ** (len(depth) - 1) for p, q in zip(patch_stride, q_stride)])
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        self.in_chans = in_chans
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.spatial_dims = n
-        self.num_prefix_tokens = 1 if class_token else 0
 
         self.patch_embed = nn.Module()
         self.patch_embed.proj = conv_nd(n)(in_chans, embed_dim, patch_size, stride=patch_stride,
@@ -209,8 +190,6 @@ class MViT(nn.Module):
         stage_starts = [sum(depth[:i]) for i in range(len(depth))]
         self.stage_ends = [sum(depth[: i + 1]) - 1 for i in range(len(depth))]
         self.blocks = nn.ModuleList()
-        self.stage_channels: list[int] = []
-        self.stage_strides: list[int] = []
         # strides are reported along the last (in-plane) axis, as decoders of videos expect
         dim, heads, stride = embed_dim, num_heads, patch_stride[-1]
         for i in range(sum(depth)):
@@ -233,105 +212,33 @@ class MViT(nn.Module):
                 self.stage_channels.append(dim_out)
                 self.stage_strides.append(stride)
             dim = dim_out
-        self.num_features = dim
-        self.norm = norm_layer(dim)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._build_head(dim, num_classes, drop_rate, norm_layer)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self._init_linear()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_input_size(x, self.img_size, "the position table is")
+
+    def _pos_embed(self, feat_size: Sequence[int]) -> torch.Tensor:
+        """Position table for the tokens (class token first) of a `feat_size` grid."""
+        return self.pos_embed
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        if tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(
-                f"input size {tuple(x.shape[2:])} differs from img_size {self.img_size}, "
-                "which the position table is built for"
-            )
+        self._check_input(x)
         x = self.patch_embed.proj(x)
         feat_size = list(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        return self.pos_drop(x + self.pos_embed), feat_size
+        return self.pos_drop(x + self._pos_embed(feat_size)), feat_size
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (class token first) of the last block after the final norm, `(B, N, D)`."""
-        x, feat_size = self._embed(x)
-        for blk in self.blocks:
+    def _forward_stage(self, i: int, x: torch.Tensor, feat_size: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+        start = self.stage_ends[i - 1] + 1 if i else 0
+        for blk in self.blocks[start : self.stage_ends[i] + 1]:
             x, feat_size = blk(x, feat_size)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "token":
-            x = x[:, 0]
-        elif self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens :].mean(1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        stop_early: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Per-stage outputs (strides `stage_strides`, 4/8/16/32; widths `stage_channels`).
-
-        A stage's output is taken after its last block, which already has the next stage's
-        width (B-16: 192/384/768/768 channels); the class token is removed.
-
-        Args:
-            x: Input `(B, C, H, W)` or `(B, C, D, H, W)`.
-            indices: Stages to return: None = all, n = the last n, or a list (0-based).
-            norm: Apply the final norm to the last stage's output (the only stage at its width).
-            output_fmt: `NCHW` channels-first maps or `NLC` tokens.
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested stage (only with `intermediates_only`).
-
-        Returns:
-            The intermediates, or `(final_tokens, intermediates)` as `forward_features`.
-        """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.stage_ends), indices)
-        last_stage = len(self.stage_ends) - 1
-        last = max(take) if (stop_early and intermediates_only) else last_stage
-        x, feat_size = self._embed(x)
-        feats = []
-        for i, blk in enumerate(self.blocks[: self.stage_ends[last] + 1]):
-            x, feat_size = blk(x, feat_size)
-            if i not in self.stage_ends:
-                continue
-            stage = self.stage_ends.index(i)
-            if stage in take:
-                y = self.norm(x) if (norm and stage == last_stage) else x
-                y = y[:, self.num_prefix_tokens :]
-                if output_fmt == "NCHW":
-                    y = y.transpose(1, 2).reshape(y.shape[0], -1, *feat_size)
-                feats.append(y)
-        if intermediates_only:
-            return feats
-        return self.norm(x), feats
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (and optionally the pooling); 0 removes it."""
-        if global_pool is not None:
-            if global_pool not in POOL_TYPES:
-                raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
-            if global_pool == "token" and self.cls_token is None:
-                raise ValueError("global_pool='token' needs a class token")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        return x, feat_size
 
 
 def _variant(name: str, tiny: dict, **cfg: object) -> None:

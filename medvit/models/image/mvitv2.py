@@ -22,7 +22,13 @@ from medvit.layers.drop import DropPath, drop_path_schedule
 from medvit.layers.helpers import to_ntuple
 from medvit.layers.mlp import Mlp
 from medvit.layers.pooling_attention import PoolingAttention
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models.image._mvit_common import (
+    MultiScaleBackbone,
+    check_input_size,
+    check_network_stride,
+    pool_tokens,
+    shortcut_pool,
+)
 from medvit.registry import register_variant
 
 POOL_TYPES = ("avg", "")
@@ -64,11 +70,7 @@ class MultiScaleBlock(nn.Module):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.shortcut_proj_attn = nn.Linear(dim, dim_out) if dim != dim_out else None
-        if max(stride_q) > 1:
-            kernel = [s + 1 if s > 1 else s for s in stride_q]
-            self.shortcut_pool_attn = nn.MaxPool2d(kernel, tuple(stride_q), [k // 2 for k in kernel])
-        else:
-            self.shortcut_pool_attn = None
+        self.shortcut_pool_attn = shortcut_pool(stride_q)
         self.attn = PoolingAttention(
             dim, dim_out, feat_size, num_heads=num_heads, qkv_bias=qkv_bias, kernel_q=kernel_qkv,
             kernel_kv=kernel_qkv, stride_q=stride_q, stride_kv=stride_kv,
@@ -79,18 +81,11 @@ class MultiScaleBlock(nn.Module):
         self.mlp = Mlp(dim_out, int(dim_out * mlp_ratio))
         self.drop_path2 = DropPath(drop_path)
 
-    def _shortcut_pool(self, x: torch.Tensor, feat_size: Sequence[int]) -> torch.Tensor:
-        if self.shortcut_pool_attn is None:
-            return x
-        b, _, c = x.shape
-        x = self.shortcut_pool_attn(x.transpose(1, 2).reshape(b, c, *feat_size))
-        return x.flatten(2).transpose(1, 2)
-
     def forward(self, x: torch.Tensor, feat_size: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
         x_norm = self.norm1(x)
         # as in the reference: the shortcut is the un-normalised input unless it is projected
         shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
-        shortcut = self._shortcut_pool(shortcut, feat_size)
+        shortcut = pool_tokens(self.shortcut_pool_attn, shortcut, feat_size)
         y, feat_size = self.attn(x_norm, feat_size)
         x = shortcut + self.drop_path1(y)
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
@@ -121,7 +116,7 @@ class MultiScaleVitStage(nn.Module):
         return x, feat_size
 
 
-class MultiScaleVit(nn.Module):
+class MultiScaleVit(MultiScaleBackbone):
     """MViTv2 classifier/backbone (2D).
 
     Args:
@@ -144,6 +139,8 @@ class MultiScaleVit(nn.Module):
         freeze_patch_embed: Keep the random patch projection fixed (MoCo v3).
     """
 
+    pool_types = POOL_TYPES
+
     def __init__(
         self,
         img_size: int | Sequence[int] = 224,
@@ -163,23 +160,10 @@ class MultiScaleVit(nn.Module):
         norm_eps: float = 1e-6,
         freeze_patch_embed: bool = False,
     ) -> None:
-        super().__init__()
-        if global_pool not in POOL_TYPES:
-            raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        if len(depth) < 1 or min(depth) < 1:
-            raise ValueError(f"depth must list >= 1 blocks per stage, got {tuple(depth)}")
+        super().__init__(in_chans, num_classes, global_pool, depth, spatial_dims=2)
         self.img_size = to_ntuple(img_size, 2, "img_size")
-        total_stride = 4 * 2 ** (len(depth) - 1)
-        if any(s % total_stride for s in self.img_size):
-            raise ValueError(f"the network stride {total_stride} does not divide img_size {self.img_size}")
+        check_network_stride(self.img_size, 4 * 2 ** (len(depth) - 1))
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        self.in_chans = in_chans
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.spatial_dims = 2
-        self.num_prefix_tokens = 0
 
         self.patch_embed = ConvEmbed(in_chans, embed_dim, patch_size=7, stride=4, padding=3, norm_layer=None)
         if freeze_patch_embed:
@@ -189,8 +173,6 @@ class MultiScaleVit(nn.Module):
         stride_kv = stride_kv_adaptive
         dim = embed_dim
         self.stages = nn.ModuleList()
-        self.stage_channels: list[int] = []
-        self.stage_strides: list[int] = []
         stride = 4
         for i, d in enumerate(depth):
             stride_q = 1 if i == 0 else 2
@@ -208,86 +190,15 @@ class MultiScaleVit(nn.Module):
             dim = dim_out
             self.stage_channels.append(dim_out)
             self.stage_strides.append(stride)
-        self.num_features = dim
-        self.norm = norm_layer(dim)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self._build_head(dim, num_classes, drop_rate, norm_layer)
+        self._init_linear()
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        if tuple(x.shape[2:]) != self.img_size:
-            raise ValueError(
-                f"input size {tuple(x.shape[2:])} differs from img_size {self.img_size}, "
-                "which the relative position tables are built for"
-            )
+        check_input_size(x, self.img_size, "the relative position tables are")
         return self.patch_embed(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens of the last stage after the final norm, `(B, N, D)`."""
-        x, feat_size = self._embed(x)
-        for stage in self.stages:
-            x, feat_size = stage(x, feat_size)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        stop_early: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Per-stage outputs (strides 4/8/16/32, widths `stage_channels`).
-
-        Args:
-            x: Input `(B, C, H, W)`.
-            indices: Stages to return: None = all, n = the last n, or a list (0-based).
-            norm: Apply the final norm to the last stage's output (the only stage at its width).
-            output_fmt: `NCHW` maps or `NLC` tokens.
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested stage (only with `intermediates_only`).
-
-        Returns:
-            The intermediates, or `(final_tokens, intermediates)` as `forward_features`.
-        """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.stages), indices)
-        last_stage = len(self.stages) - 1
-        last = max(take) if (stop_early and intermediates_only) else last_stage
-        x, feat_size = self._embed(x)
-        feats = []
-        for i, stage in enumerate(self.stages[: last + 1]):
-            x, feat_size = stage(x, feat_size)
-            if i in take:
-                y = self.norm(x) if (norm and i == last_stage) else x
-                if output_fmt == "NCHW":
-                    y = y.transpose(1, 2).reshape(y.shape[0], -1, *feat_size)
-                feats.append(y)
-        if intermediates_only:
-            return feats
-        return self.norm(x), feats
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (and optionally the pooling); 0 removes it."""
-        if global_pool is not None:
-            if global_pool not in POOL_TYPES:
-                raise ValueError(f"global_pool must be one of {POOL_TYPES}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    def _forward_stage(self, i: int, x: torch.Tensor, feat_size: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+        return self.stages[i](x, feat_size)
 
 
 def _variant(name: str, tiny: dict, **cfg: object) -> None:

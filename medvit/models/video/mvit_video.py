@@ -77,22 +77,18 @@ class MViTVideo(MViT):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def _check_input(self, x: torch.Tensor) -> None:
         if tuple(x.shape[2:]) != self.clip_size:
             raise ValueError(
                 f"input clip size {tuple(x.shape[2:])} differs from (num_frames, *img_size) "
                 f"{self.clip_size}, which the position tables are built for"
             )
-        x = self.patch_embed.proj(x)
-        feat_size = list(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2)
+
+    def _pos_embed(self, feat_size: Sequence[int]) -> torch.Tensor:
         t, hw = feat_size[0], feat_size[1] * feat_size[2]
         # tokens are time-major: frame i's H*W tokens are contiguous
         pos = self.pos_embed_spatial.repeat(1, t, 1) + self.pos_embed_temporal.repeat_interleave(hw, dim=1)
-        if self.cls_token is not None:
-            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-            pos = torch.cat((self.pos_embed_class, pos), dim=1)
-        return self.pos_drop(x + pos), feat_size
+        return pos if self.pos_embed_class is None else torch.cat((self.pos_embed_class, pos), dim=1)
 
 
 def _variant(name: str, tiny: dict, **cfg: object) -> None:
