@@ -19,15 +19,17 @@ from medvit.layers.token_map import map_to_tokens, tokens_to_map
 class DWConvMlp(nn.Module):
     """Linear -> (ReLU) -> depthwise 3x3 conv -> act -> dropout -> linear -> dropout.
 
-    Drops in as `Block(mlp_layer=partial(DWConvMlp, grid_size=...))`; the token grid is
-    fixed at construction.
+    Drops in as `Block(mlp_layer=partial(DWConvMlp, ...))`. The depthwise conv needs the
+    token grid: `forward` takes it from its caller, so one set of weights runs at any input
+    size, or falls back to a `grid_size` fixed at construction.
 
     Args:
         in_features: Token width (also the output width).
         hidden_features: Hidden width (defaults to `in_features`).
         act_layer: Activation after the depthwise conv.
         drop: Dropout after the activation and after the output projection.
-        grid_size: Grid of the tokens.
+        grid_size: Default grid of the tokens, used when `forward` is given none; None:
+            every call passes its grid.
         extra_relu: ReLU before the depthwise conv (PVT v2's linear-SRA variant).
         spatial_dims: 2 for images, 3 for volumes.
     """
@@ -38,16 +40,17 @@ class DWConvMlp(nn.Module):
         hidden_features: int | None = None,
         act_layer: Callable[[], nn.Module] = nn.GELU,
         drop: float = 0.0,
-        grid_size: Sequence[int] = (56, 56),
+        grid_size: Sequence[int] | None = None,
         extra_relu: bool = False,
         spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
-        if len(grid_size) != spatial_dims:
+        if grid_size is not None and len(grid_size) != spatial_dims:
             raise ValueError(f"grid_size {tuple(grid_size)} does not have {spatial_dims} dims")
         hidden = hidden_features or in_features
-        self.grid_size = tuple(grid_size)
+        self.spatial_dims = spatial_dims
+        self.grid_size = None if grid_size is None else tuple(grid_size)
         self.fc1 = nn.Linear(in_features, hidden)
         self.relu: nn.Module = nn.ReLU() if extra_relu else nn.Identity()
         self.dwconv = conv_nd(spatial_dims)(hidden, hidden, 3, padding=1, groups=hidden)
@@ -55,7 +58,22 @@ class DWConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden, in_features)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, y = tokens_to_map(self.fc1(x), self.grid_size)
+    def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        """Feed-forward over `(B, N, C)` tokens that lie on `grid`.
+
+        Args:
+            x: Tokens (no prefix tokens).
+            grid: Grid of the tokens; None: the `grid_size` given at construction.
+
+        Raises:
+            ValueError: No grid is known, or it does not fit the tokens.
+        """
+        if grid is None:
+            if self.grid_size is None:
+                raise ValueError("DWConvMlp built without grid_size needs the token grid")
+            grid = self.grid_size
+        elif len(grid) != self.spatial_dims:
+            raise ValueError(f"grid {tuple(grid)} does not have {self.spatial_dims} dims")
+        _, y = tokens_to_map(self.fc1(x), grid)
         y = map_to_tokens(self.dwconv(self.relu(y)))
         return self.drop(self.fc2(self.drop(self.act(y))))

@@ -26,8 +26,10 @@ def _adaptive_avg_pool_nd(spatial_dims: int) -> type[nn.Module]:
 class SpatialReductionAttention(nn.Module):
     """Multi-head attention whose keys/values come from a spatially reduced token map.
 
-    Drops in as `Block(attn_layer=partial(SpatialReductionAttention, grid_size=...,
-    sr_ratio=...))`. The token grid is fixed at construction.
+    Drops in as `Block(attn_layer=partial(SpatialReductionAttention, sr_ratio=...))`. The
+    reduction convolves over the token map, so it needs the token grid: `forward` takes it
+    from its caller (PVT v2 / MiT, whose blocks run at any input size), or falls back to
+    `grid_size` fixed at construction (PVT v1, whose position table fixes the grid).
 
     Args:
         dim: Token width.
@@ -39,7 +41,8 @@ class SpatialReductionAttention(nn.Module):
         proj_drop: Dropout after the output projection.
         norm_layer: Accepted for `Block`'s calling convention; the reduction norm is a
             default `nn.LayerNorm`, as in the papers' code (whose blocks use eps 1e-6).
-        grid_size: Grid of the patch tokens.
+        grid_size: Default grid of the patch tokens, used when `forward` is given none;
+            None: every call passes its grid.
         sr_ratio: Kernel and stride of the reduction convolution; 1: no reduction.
         linear: PVT v2's linear SRA (pooling to `pool_size`, then a 1x1 conv).
         pool_size: Side of the pooled grid of the linear SRA.
@@ -56,7 +59,7 @@ class SpatialReductionAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         norm_layer: Callable[[int], nn.Module] | None = None,
-        grid_size: Sequence[int] = (56, 56),
+        grid_size: Sequence[int] | None = None,
         sr_ratio: int = 1,
         linear: bool = False,
         pool_size: int = 7,
@@ -69,18 +72,16 @@ class SpatialReductionAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         if qk_norm:
             raise ValueError("spatial-reduction attention has no qk_norm option")
-        if len(grid_size) != spatial_dims:
-            raise ValueError(f"grid_size {tuple(grid_size)} does not have {spatial_dims} dims")
         if sr_ratio < 1:
             raise ValueError(f"sr_ratio must be positive, got {sr_ratio}")
-        if not linear and any(g < sr_ratio for g in grid_size):
-            raise ValueError(
-                f"the token grid {tuple(grid_size)} is smaller than the reduction ratio {sr_ratio}"
-                " (use a larger img_size)"
-            )
+        self.spatial_dims = spatial_dims
+        self.sr_ratio = sr_ratio
+        self.linear = linear
+        self.grid_size = None if grid_size is None else check_sra_grid(
+            grid_size, sr_ratio, linear, spatial_dims
+        )
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.grid_size = tuple(grid_size)
         self.num_prefix_tokens = num_prefix_tokens
         self.attn_drop = attn_drop
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -101,10 +102,18 @@ class SpatialReductionAttention(nn.Module):
             self.sr = conv(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim)
 
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def _reduce(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
         if self.sr is None:
             return x
-        prefix, y = tokens_to_map(x, self.grid_size, self.num_prefix_tokens)
+        if grid is None:
+            if self.grid_size is None:
+                raise ValueError(
+                    "spatial-reduction attention built without grid_size needs the token grid"
+                )
+            grid = self.grid_size
+        else:
+            grid = check_sra_grid(grid, self.sr_ratio, self.linear, self.spatial_dims)
+        prefix, y = tokens_to_map(x, grid, self.num_prefix_tokens)
         if self.pool is not None:
             y = self.pool(y)
         y = self.norm(map_to_tokens(self.sr(y)))
@@ -112,15 +121,45 @@ class SpatialReductionAttention(nn.Module):
             y = self.act(y)
         return torch.cat([prefix, y], dim=1) if prefix.shape[1] else y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        """Attend over `(B, prefix + N, C)` tokens whose patch tokens lie on `grid`.
+
+        Args:
+            x: Tokens, prefix (class) tokens first.
+            grid: Grid of the patch tokens; None: the `grid_size` given at construction.
+
+        Raises:
+            ValueError: No grid is known, or it does not fit the tokens or is smaller than
+                the reduction ratio.
+        """
         b, n, c = x.shape
         q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv(self._reduce(x)).reshape(b, -1, 2, self.num_heads, self.head_dim)
+        kv = self.kv(self._reduce(x, grid)).reshape(b, -1, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.attn_drop if self.training else 0.0
         )
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+def check_sra_grid(
+    grid: Sequence[int], sr_ratio: int, linear: bool = False, spatial_dims: int = 2
+) -> tuple[int, ...]:
+    """A token grid that a spatial-reduction attention can reduce, as a tuple.
+
+    Raises:
+        ValueError: Wrong number of dims, or (strided reduction) a side below `sr_ratio`.
+    """
+    grid = tuple(int(g) for g in grid)
+    if len(grid) != spatial_dims:
+        raise ValueError(f"grid_size {grid} does not have {spatial_dims} dims")
+    # the pooled (linear) form adapts to any grid; the strided conv needs one full window
+    if not linear and any(g < sr_ratio for g in grid):
+        raise ValueError(
+            f"the token grid {grid} is smaller than the reduction ratio {sr_ratio}"
+            " (use a larger input)"
+        )
+    return grid
 
 
 def stage_mlp_ratios(

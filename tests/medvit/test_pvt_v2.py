@@ -127,8 +127,20 @@ def test_bad_arguments_raise_value_error() -> None:
     with pytest.raises(ValueError, match="one entry per stage"):
         medvit.create_model("pvt_v2_b0", depth=(2, 2, 2))
     model = medvit.create_model("pvt_v2_b0", **SMALL)
-    with pytest.raises(ValueError, match="does not match"):
-        model(torch.randn(1, 3, 96, 96))
+    # sr_ratio 8 needs a stem grid of 8, i.e. sides of at least 29
+    with pytest.raises(
+        ValueError,
+        match=r"input size \(64, 16\) does not fit .*token grid \(16, 4\) is smaller than the"
+        " reduction ratio 8",
+    ):
+        model(torch.randn(1, 3, 64, 16))
+    with pytest.raises(ValueError, match="smaller than the reduction ratio"):
+        model.forward_intermediates(torch.randn(1, 3, 28, 28))
+    assert model.check_input_size((29, 29)) == [(8, 8), (4, 4), (2, 2), (1, 1)]
+    with pytest.raises(ValueError, match="expected input"):
+        model(torch.randn(1, 3, 64, 64, 64))
+    with pytest.raises(ValueError, match="expected input"):
+        model(torch.randn(1, 1, 64, 64))
 
 
 def test_original_checkpoint_names_load() -> None:
@@ -149,3 +161,76 @@ def test_original_checkpoint_names_load() -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name, built, other",
+    [
+        ("pvt_v2_b1", (64, 64), (96, 64)),
+        ("pvt_v2_b2_li", (64, 64), (40, 72)),
+        ("mit_b0", (64, 64), (32, 96)),
+        ("mit_b0_3d", (32, 32, 32), (32, 64, 48)),
+        ("pvt_v2_b0_3d", (32, 32, 32), (64, 32, 48)),
+    ],
+)
+def test_weights_apply_at_any_input_size(
+    name: str, built: tuple[int, ...], other: tuple[int, ...]
+) -> None:
+    """A model built at one size, with the weights of one built at another, runs the other size."""
+    torch.manual_seed(0)
+    in_chans = 1 if len(built) == 3 else 3
+    ref = medvit.create_model(name, num_classes=5, **{**SMALL, "img_size": other}).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model = medvit.create_model(name, num_classes=5, **{**SMALL, "img_size": built}).eval()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, in_chans, *other)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+        feats = model.forward_intermediates(x, intermediates_only=True)
+        for a, b in zip(feats, ref.forward_intermediates(x, intermediates_only=True)):
+            assert torch.equal(a, b)
+        # and the model still runs the size it was built for
+        assert model(torch.randn(1, in_chans, *built)).shape == (1, 5)
+    assert [tuple(f.shape[2:]) for f in feats] == model.check_input_size(other)
+    assert model.patch_embed.img_size == built  # nothing was swapped in to run `other`
+
+
+def test_other_input_size_matches_timm() -> None:
+    ref = _timm_small("pvt_v2_b2_li")
+    ours = medvit.create_model("pvt_v2_b2_li", num_classes=7, **SMALL).eval()
+    load_timm(ours, ref.state_dict())
+    x = torch.randn(1, 3, 88, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
+
+
+def test_grid_aware_layers() -> None:
+    from medvit.layers.conv_mlp import DWConvMlp
+    from medvit.layers.overlap_embed import OverlapPatchEmbed
+    from medvit.layers.sra import SpatialReductionAttention
+
+    ref = timm.models.pvt_v2.Attention(16, num_heads=2, sr_ratio=2).eval()
+    sra = SpatialReductionAttention(16, 2, sr_ratio=2).eval()
+    sra.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        for grid in ((4, 6), (6, 4), (3, 5)):
+            x = torch.randn(2, grid[0] * grid[1], 16)
+            torch.testing.assert_close(sra(x, grid), ref(x, list(grid)), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="needs the token grid"):
+        sra(torch.randn(1, 24, 16))
+    with pytest.raises(ValueError, match=r"token grid \(1, 8\) is smaller than the reduction ratio 2"):
+        sra(torch.randn(1, 8, 16), (1, 8))
+    with pytest.raises(ValueError, match="do not fit"):
+        sra(torch.randn(1, 24, 16), (5, 5))
+    mlp = DWConvMlp(8, 16)
+    with pytest.raises(ValueError, match="needs the token grid"):
+        mlp(torch.randn(1, 12, 8))
+    x = torch.randn(1, 12, 8)
+    # the same tokens on another grid are another map: the depthwise conv must see the difference
+    assert not torch.allclose(mlp(x, (3, 4)), mlp(x, (4, 3)))
+    embed = OverlapPatchEmbed(64, 7, 4, 3, 8)
+    tokens, grid = embed(torch.randn(1, 3, 30, 17))
+    assert grid == (8, 5) == embed.output_size((30, 17)) and tokens.shape == (1, 40, 8)
+    assert embed.grid_size == (16, 16)

@@ -160,3 +160,38 @@ def test_bad_arguments_raise() -> None:
         model(torch.randn(1, 1, 64, 64, 64))
     with pytest.raises(ValueError, match="expected 4 feature maps"):
         model.decoder([torch.randn(1, 16, 8, 8)])
+
+
+@pytest.mark.parametrize(
+    "name, built, other",
+    [("segformer_b0", (64, 64), (96, 32)), ("segformer3d_b0", (32, 32, 32), (64, 32, 96))],
+)
+def test_weights_apply_at_any_input_size(
+    name: str, built: tuple[int, ...], other: tuple[int, ...]
+) -> None:
+    """Built at one size with the weights of a model built at another: the same output there."""
+    torch.manual_seed(0)
+    kw = dict(num_classes=3, decoder_dim=8, encoder_args=ENC)
+    ref = medvit.create_model(name, img_size=other, **kw)
+    _perturb(ref)
+    ref.eval()
+    model = medvit.create_model(name, img_size=built, **kw).eval()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    before = {n: getattr(m, "grid_size", None) for n, m in model.named_modules()}
+    x = torch.randn(1, 1, *other)
+    with torch.no_grad():
+        out = model(x)
+        assert torch.equal(out, ref(x)) and out.shape == (1, 3, *other)
+    # no grid was swapped in and left behind
+    assert {n: getattr(m, "grid_size", None) for n, m in model.named_modules()} == before
+    assert model.encoder.patch_embed.img_size == built
+
+
+def test_input_too_small_for_the_encoder_raises() -> None:
+    model = medvit.create_model(
+        "segformer_b0", img_size=64, num_classes=2, decoder_dim=8,
+        encoder_args={**ENC, "sr_ratios": (16, 4, 2, 1)},
+    )
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+    with pytest.raises(ValueError, match=r"input size \(32, 64\) does not fit .*reduction ratio 16"):
+        model(torch.randn(1, 1, 32, 64))

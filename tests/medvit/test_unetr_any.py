@@ -146,10 +146,16 @@ def test_bad_arguments_and_inputs_raise_value_error() -> None:
         UNETR(FakePyramid((3, 6), (3, 5)), img_size=24)
     with pytest.raises(ValueError, match="needs a hierarchical encoder"):
         UNETR(nn.Linear(2, 2), img_size=32)
-    # PVT v2 / MiT embeddings are built for one grid: another size is refused, not misread
-    pvt = medvit.create_model("unetr_pvt_v2_b1", **tiny_overrides("unetr_pvt_v2_b1"))
-    with pytest.raises(ValueError, match="does not match"):
-        pvt(torch.randn(1, 1, 64, 32, 32))
+
+
+def test_pvt_v2_unetr_runs_at_another_size_as_if_built_there() -> None:
+    args = tiny_overrides("unetr_pvt_v2_b1")
+    built = medvit.create_model("unetr_pvt_v2_b1", **args).eval()
+    there = medvit.create_model("unetr_pvt_v2_b1", **{**args, "img_size": (64, 32, 32)}).eval()
+    there.load_state_dict(built.state_dict())
+    x = torch.randn(1, 1, 64, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(built(x), there(x))
 
 
 def test_full_size_parameter_counts() -> None:

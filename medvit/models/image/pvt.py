@@ -20,11 +20,10 @@ import torch.nn as nn
 
 from medvit.layers.block import Block
 from medvit.layers.drop import drop_path_schedule
-from medvit.layers.helpers import check_spatial_dims, to_ntuple
 from medvit.layers.patch_embed import PatchEmbed
-from medvit.layers.sra import SpatialReductionAttention, stage_mlp_ratios
+from medvit.layers.sra import SpatialReductionAttention
 from medvit.layers.token_map import format_tokens, tokens_to_map
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models.image._pyramid import PyramidBackbone
 from medvit.registry import register_model
 
 # the paper's code normalises the blocks and the head with eps 1e-6, the embeddings with 1e-5
@@ -104,7 +103,7 @@ class PvtStage(nn.Module):
         return x
 
 
-class PyramidVisionTransformer(nn.Module):
+class PyramidVisionTransformer(PyramidBackbone):
     """PVT v1 classifier/backbone.
 
     Args:
@@ -126,6 +125,8 @@ class PyramidVisionTransformer(nn.Module):
         freeze_patch_embed: Keep the first stage's patch projection fixed (MoCo v3).
     """
 
+    pool_types = ("token", "avg")
+
     def __init__(
         self,
         img_size: int | Sequence[int] = 224,
@@ -146,19 +147,16 @@ class PyramidVisionTransformer(nn.Module):
         freeze_patch_embed: bool = False,
     ) -> None:
         super().__init__()
-        self.spatial_dims = check_spatial_dims(spatial_dims)
-        _check_pool(global_pool)
+        ratios = self._configure(
+            img_size, in_chans, num_classes, global_pool, depth, embed_dim, num_heads,
+            sr_ratios, mlp_ratio, spatial_dims,
+        )
         n = len(depth)
-        ratios = stage_mlp_ratios(depth, embed_dim, num_heads, sr_ratios, mlp_ratio)
-        self.img_size = to_ntuple(img_size, spatial_dims, "img_size")
         stride = 4 * 2 ** (n - 1)
         if any(s % stride for s in self.img_size):
             raise ValueError(
                 f"the total stride {stride} does not divide the image size {self.img_size}"
             )
-        self.in_chans = in_chans
-        self.num_classes = num_classes
-        self.global_pool = global_pool
         dpr = drop_path_schedule(drop_path_rate, sum(depth))
         stages, size, prev, cur = [], self.img_size, in_chans, 0
         for i in range(n):
@@ -173,20 +171,10 @@ class PyramidVisionTransformer(nn.Module):
         self.stages = nn.ModuleList(stages)
         if freeze_patch_embed:
             self.stages[0].patch_embed.requires_grad_(False)
-        self.stage_channels = list(embed_dim)
-        self.stage_strides = [4 * 2**i for i in range(n)]
-        self.num_features = embed_dim[-1]
         self.norm = _NORM(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head: nn.Module = nn.Identity()
         self.reset_classifier(num_classes)
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (and optionally the pooling); 0 removes it."""
-        if global_pool is not None:
-            self.global_pool = _check_pool(global_pool)
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _run(
         self, x: torch.Tensor, last: int, take: list[int], fmt: str
@@ -213,9 +201,6 @@ class PyramidVisionTransformer(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -238,17 +223,9 @@ class PyramidVisionTransformer(nn.Module):
             intermediates_only: Return only the list.
             stop_early: Stop after the last requested stage.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.stages), indices)
-        last = max(take) if stop_early else len(self.stages) - 1
+        take, last = self._take_indices(indices, output_fmt, stop_early)
         x, out = self._run(x, last, take, output_fmt)
         return out if intermediates_only else (x, out)
-
-
-def _check_pool(global_pool: str) -> str:
-    if global_pool not in ("token", "avg"):
-        raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
-    return global_pool
 
 
 _TINY_2D: dict[str, Any] = dict(

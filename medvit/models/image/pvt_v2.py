@@ -19,26 +19,40 @@ import torch.nn as nn
 from medvit.layers.block import Block
 from medvit.layers.conv_mlp import DWConvMlp
 from medvit.layers.drop import drop_path_schedule
-from medvit.layers.helpers import check_spatial_dims, to_ntuple
 from medvit.layers.overlap_embed import OverlapPatchEmbed
-from medvit.layers.sra import SpatialReductionAttention, stage_mlp_ratios
-from medvit.layers.token_map import tokens_to_map
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.layers.sra import SpatialReductionAttention, check_sra_grid
+from medvit.layers.token_map import map_to_tokens, tokens_to_map
+from medvit.models.image._pyramid import PyramidBackbone
 from medvit.registry import register_model
 
 # the papers' code normalises blocks and stages with eps 1e-6, the embeddings with 1e-5
 _NORM = partial(nn.LayerNorm, eps=1e-6)
 
 
+class PvtV2Block(Block):
+    """`Block` that hands the token grid of its input to the attention and feed-forward.
+
+    Both convolve over the token map; taking the grid at every call (from the stage's
+    embedding) instead of from construction lets one set of weights run at any input size.
+    The sub-layers are built exactly as `Block` builds them.
+    """
+
+    def forward(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:  # type: ignore[override]
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x), grid)))
+
+
 class PyramidVisionTransformerStage(nn.Module):
     """Downsampling embedding (none in the first stage), blocks, LayerNorm.
+
+    Runs at any input size: the token grid comes from the map it is given.
 
     Args:
         dim: Input channels.
         dim_out: Token width of the stage.
         depth: Number of blocks.
-        in_size: Spatial size of the input map.
-        downsample: Embed with a 3/2 overlapping conv; False: the input is already tokens.
+        in_size: Spatial size of the input map the model is built for.
+        downsample: Embed with a 3/2 overlapping conv; False: the map keeps its grid.
         num_heads: Attention heads.
         sr_ratio: Spatial reduction of the keys/values.
         linear: Linear (pooled) SRA, with a ReLU in the feed-forward.
@@ -68,24 +82,23 @@ class PyramidVisionTransformerStage(nn.Module):
         spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        self.spatial_dims = spatial_dims
+        self.sr_ratio = sr_ratio
+        self.linear = linear
         self.downsample: OverlapPatchEmbed | None = None
-        grid = tuple(in_size)
         if downsample:
-            self.downsample = OverlapPatchEmbed(grid, 3, 2, dim, dim_out, spatial_dims)
-            grid = self.downsample.grid_size
+            self.downsample = OverlapPatchEmbed(tuple(in_size), 3, 2, dim, dim_out, spatial_dims)
         elif dim != dim_out:
             raise ValueError(
                 f"a stage without downsampling keeps its width, got {dim} -> {dim_out}"
             )
-        self.grid_size = grid
         attn = partial(
-            SpatialReductionAttention, grid_size=grid, sr_ratio=sr_ratio, linear=linear,
-            spatial_dims=spatial_dims,
+            SpatialReductionAttention, sr_ratio=sr_ratio, linear=linear, spatial_dims=spatial_dims
         )
-        mlp = partial(DWConvMlp, grid_size=grid, extra_relu=linear, spatial_dims=spatial_dims)
+        mlp = partial(DWConvMlp, extra_relu=linear, spatial_dims=spatial_dims)
         dpr = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
-            Block(
+            PvtV2Block(
                 dim_out, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
                 attn_drop=attn_drop, drop_path=dpr[i], norm_layer=_NORM, attn_layer=attn,
                 mlp_layer=mlp,
@@ -93,21 +106,41 @@ class PyramidVisionTransformerStage(nn.Module):
             for i in range(depth)
         )
         self.norm = _NORM(dim_out)
+        # the grid at the size the model is built for; checked now so a bad img_size fails early
+        self.grid_size = self.output_size(in_size)
+
+    def output_size(self, in_size: Sequence[int]) -> tuple[int, ...]:
+        """Token grid of this stage for an input map of spatial size `in_size`.
+
+        Raises:
+            ValueError: The grid is too small for the stage's spatial reduction.
+        """
+        grid = tuple(in_size)
+        if self.downsample is not None:
+            grid = self.downsample.output_size(grid)
+        return check_sra_grid(grid, self.sr_ratio, self.linear, self.spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Channels-first map in (tokens in the first stage), channels-first map out."""
+        """Channels-first map in, channels-first map out."""
         if self.downsample is not None:
-            x = self.downsample(x)
+            x, grid = self.downsample(x)
+        else:
+            grid = tuple(x.shape[2:])
+            x = map_to_tokens(x)
         for blk in self.blocks:
-            x = blk(x)
-        return tokens_to_map(self.norm(x), self.grid_size)[1]
+            x = blk(x, grid)
+        return tokens_to_map(self.norm(x), grid)[1]
 
 
-class PyramidVisionTransformerV2(nn.Module):
+class PyramidVisionTransformerV2(PyramidBackbone):
     """PVT v2 / Mix Transformer backbone with an average-pooled linear classifier.
 
+    There is no position table, so the same weights run at any input size whose every
+    stage's token grid is at least that stage's reduction ratio; `img_size` is the size
+    the model is built and checked for.
+
     Args:
-        img_size: Input spatial size; an int is repeated over `spatial_dims`.
+        img_size: Nominal input spatial size; an int is repeated over `spatial_dims`.
         in_chans: Input channels.
         num_classes: Classifier outputs; 0 returns the pooled features.
         global_pool: "avg" (average of the last stage's tokens) or "" (no pooling).
@@ -125,6 +158,8 @@ class PyramidVisionTransformerV2(nn.Module):
         spatial_dims: 2 for images, 3 for volumes.
         freeze_patch_embed: Keep the stem's patch projection fixed (MoCo v3).
     """
+
+    pool_types = ("avg", "")
 
     def __init__(
         self,
@@ -147,14 +182,11 @@ class PyramidVisionTransformerV2(nn.Module):
         freeze_patch_embed: bool = False,
     ) -> None:
         super().__init__()
-        self.spatial_dims = check_spatial_dims(spatial_dims)
-        _check_pool(global_pool)
+        ratios = self._configure(
+            img_size, in_chans, num_classes, global_pool, depth, embed_dim, num_heads,
+            sr_ratios, mlp_ratio, spatial_dims,
+        )
         n = len(depth)
-        ratios = stage_mlp_ratios(depth, embed_dim, num_heads, sr_ratios, mlp_ratio)
-        self.img_size = to_ntuple(img_size, spatial_dims, "img_size")
-        self.in_chans = in_chans
-        self.num_classes = num_classes
-        self.global_pool = global_pool
         self.patch_embed = OverlapPatchEmbed(
             self.img_size, 7, 4, in_chans, embed_dim[0], spatial_dims
         )
@@ -172,32 +204,44 @@ class PyramidVisionTransformerV2(nn.Module):
             stages.append(stage)
             size, prev, cur = stage.grid_size, embed_dim[i], cur + depth[i]
         self.stages = nn.Sequential(*stages)
-        self.stage_channels = list(embed_dim)
-        self.stage_strides = [4 * 2**i for i in range(n)]
-        self.num_features = embed_dim[-1]
         self.head_drop = nn.Dropout(drop_rate)
         self.head: nn.Module = nn.Identity()
         self.reset_classifier(num_classes)
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (and optionally the pooling); 0 removes it."""
-        if global_pool is not None:
-            self.global_pool = _check_pool(global_pool)
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    def check_input_size(self, size: Sequence[int]) -> list[tuple[int, ...]]:
+        """The token grid of every stage for an input of spatial size `size`.
+
+        Raises:
+            ValueError: `size` is not a valid input size (wrong dims, or a stage's grid
+                smaller than its reduction ratio).
+        """
+        size = tuple(size)
+        grids = []
+        try:
+            grid = self.patch_embed.output_size(size)
+            for stage in self.stages:
+                grid = stage.output_size(grid)
+                grids.append(grid)
+        except ValueError as e:
+            raise ValueError(f"input size {size} does not fit {type(self).__name__}: {e}") from None
+        return grids
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem tokens as a channels-first map, after checking the input's size."""
+        if x.ndim == self.spatial_dims + 2:
+            self.check_input_size(x.shape[2:])
+        x, grid = self.patch_embed(x)
+        return tokens_to_map(x, grid)[1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's channels-first map."""
-        return self.stages(self.patch_embed(x))
+        return self.stages(self._embed(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
             x = x.mean(dim=tuple(range(2, x.ndim)))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
         self,
@@ -218,22 +262,14 @@ class PyramidVisionTransformerV2(nn.Module):
             intermediates_only: Return only the list.
             stop_early: Stop after the last requested stage.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.stages), indices)
-        last = max(take) if stop_early else len(self.stages) - 1
+        take, last = self._take_indices(indices, output_fmt, stop_early)
         out = []
-        x = self.patch_embed(x)
+        x = self._embed(x)
         for i, stage in enumerate(self.stages[: last + 1]):
             x = stage(x)
             if i in take:
                 out.append(x if output_fmt == "NCHW" else x.flatten(2).transpose(1, 2))
         return out if intermediates_only else (x, out)
-
-
-def _check_pool(global_pool: str) -> str:
-    if global_pool not in ("avg", ""):
-        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-    return global_pool
 
 
 _B_NARROW = dict(embed_dim=(32, 64, 160, 256), num_heads=(1, 2, 5, 8))

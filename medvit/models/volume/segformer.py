@@ -12,8 +12,7 @@ organs and background); the 3D ones to 96^3 crops, the same defaults as UNETR.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 
 from medvit.layers.helpers import check_spatial_dims, to_ntuple
 from medvit.layers.mlp_decoder import AllMLPDecoder
-from medvit.layers.overlap_embed import OverlapPatchEmbed
 from medvit.registry import create_model, register_model
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -36,8 +34,9 @@ class SegFormer(nn.Module):
             `in_chans` and `spatial_dims` must match it).
         in_chans: Input channels (neighbouring slices as channels for 2D slabs).
         num_classes: Output channels (classes, background included).
-        img_size: Input (window) size; an int is repeated. Every side must be a multiple
-            of the encoder's total stride (32).
+        img_size: Input (window) size the model is built for; an int is repeated. Every
+            side must be a multiple of the encoder's total stride (32). `forward` takes
+            other sizes of that kind too: the encoder has no position table.
         spatial_dims: 2 for slices, 3 for volumes.
         decoder_dim: Width of the decoder (paper: 256 for B0/B1, 768 for B2-B5).
         dropout: Channel dropout before the classifier.
@@ -97,10 +96,10 @@ class SegFormer(nn.Module):
             )
         size = tuple(x.shape[2:])
         _check_size(size, self.stride, "input size")
-        with _encoder_input_size(self.encoder, size):
-            feats = self.encoder.forward_intermediates(
-                x, indices=len(self.encoder.stage_channels), intermediates_only=True
-            )
+        # PVT v2 / MiT take their token grids from the input, so any valid size runs
+        feats = self.encoder.forward_intermediates(
+            x, indices=len(self.encoder.stage_channels), intermediates_only=True
+        )
         logits = self.decoder(feats).contiguous()
         return F.interpolate(logits, size=size, mode=_MODES[self.spatial_dims], align_corners=False)
 
@@ -108,47 +107,6 @@ class SegFormer(nn.Module):
 def _check_size(size: Sequence[int], stride: int, what: str) -> None:
     if any(s % stride or s < stride for s in size):
         raise ValueError(f"{what} {tuple(size)} must be a positive multiple of {stride} in every dimension")
-
-
-@contextlib.contextmanager
-def _encoder_input_size(encoder: nn.Module, size: tuple[int, ...]) -> Iterator[None]:
-    """Run a PVT v2 / MiT encoder on another input size for the duration of the block.
-
-    Its layers carry their token grid from construction, but it has no position table,
-    so its weights apply at any size; the grids are swapped in and restored afterwards.
-    """
-    if size == tuple(encoder.img_size):
-        yield
-        return
-    saved: list[tuple[Any, str, Any]] = []
-
-    def put(obj: Any, name: str, value: Any) -> None:
-        saved.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, value)
-
-    def embed(pe: OverlapPatchEmbed, in_size: tuple[int, ...]) -> tuple[int, ...]:
-        conv = pe.proj
-        grid = tuple(
-            (s + 2 * p - k) // st + 1
-            for s, p, k, st in zip(in_size, conv.padding, conv.kernel_size, conv.stride)
-        )
-        put(pe, "img_size", in_size)
-        put(pe, "grid_size", grid)
-        return grid
-
-    try:
-        grid = embed(encoder.patch_embed, size)
-        for stage in encoder.stages:
-            if stage.downsample is not None:
-                grid = embed(stage.downsample, grid)
-            put(stage, "grid_size", grid)
-            for blk in stage.blocks:
-                put(blk.attn, "grid_size", grid)
-                put(blk.mlp, "grid_size", grid)
-        yield
-    finally:
-        for obj, name, value in reversed(saved):
-            setattr(obj, name, value)
 
 
 def _segformer(encoder: str, decoder_dim: int, defaults: dict[str, Any], kwargs: dict[str, Any]) -> SegFormer:
