@@ -127,7 +127,9 @@ class ConvBlock(nn.Module):
         out = self.act(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         if self.residual:
-            out = out + (self.shortcut(x) if self.shortcut is not None else x)
+            short = self.shortcut(x) if self.shortcut is not None else x
+            # in place when nothing records the graph: no second full-size map
+            out = out + short if out.requires_grad else out.add_(short)
         return self.act(out)
 
 

@@ -6,6 +6,7 @@ grids `(B, *grid, C)` so the surrounding `Block` (norms, MLP) works on them unch
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -73,6 +74,28 @@ def border_window_masks(
     sub = ids[mixed]
     diff = sub[:, None, :] - sub[:, :, None]
     return mixed, torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
+
+
+@functools.lru_cache(maxsize=32)
+def _shift_masks(
+    grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`border_window_masks` of one configuration, made once per process: (number of
+    windows, indices of the windows without a mask, of those with one, their masks in
+    `dtype`). They depend only on the grid, so every block and every window reuses them."""
+    mixed, mask = border_window_masks(grid, window, shift, device)
+    num_windows = math.prod(g // w for g, w in zip(grid, window))
+    is_mixed = torch.zeros(num_windows, dtype=torch.bool, device=device)
+    is_mixed[mixed] = True
+    plain = torch.nonzero(~is_mixed).flatten()
+    return num_windows, plain, mixed, mask.to(dtype)
+
+
+def _batched(index: torch.Tensor, num_windows: int, batch: int) -> torch.Tensor:
+    """Window indices of one image repeated for every image of a `(batch * num_windows)` stack."""
+    if batch == 1:
+        return index
+    return (torch.arange(batch, device=index.device)[:, None] * num_windows + index).flatten()
 
 
 def _product(lists: list[tuple[slice, ...]]) -> list[tuple[slice, ...]]:
@@ -159,14 +182,13 @@ class WindowAttention(nn.Module):
         return cached[1]
 
     def _window_attention(
-        self, x: torch.Tensor, masks: tuple[int, torch.Tensor, torch.Tensor] | None
+        self, x: torch.Tensor, masks: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
         """Attention within windows `(B * num_windows, N, C)`.
 
         Args:
             x: Window tokens.
-            masks: For shifted windows: (num_windows, indices of the windows that mix
-                regions, their additive masks) from `border_window_masks`.
+            masks: For shifted windows, `_shift_masks` of the padded grid.
         """
         bw, n, c = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -175,16 +197,16 @@ class WindowAttention(nn.Module):
         if masks is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         else:
-            nw, mixed, mask = masks
-            is_mixed = torch.zeros(nw, dtype=torch.bool, device=x.device)
-            is_mixed[mixed] = True
-            is_mixed = is_mixed.repeat(bw // nw)
+            nw, plain, mixed, mask = masks
+            batch = bw // nw
+            plain, mixed = _batched(plain, nw, batch), _batched(mixed, nw, batch)
             y = torch.empty_like(q)
-            plain = ~is_mixed
             y[plain] = F.scaled_dot_product_attention(q[plain], k[plain], v[plain], attn_mask=bias, dropout_p=drop)
-            mixed_bias = (bias + mask[:, None].to(bias.dtype)).repeat(bw // nw, 1, 1, 1)
-            y[is_mixed] = F.scaled_dot_product_attention(
-                q[is_mixed], k[is_mixed], v[is_mixed], attn_mask=mixed_bias, dropout_p=drop
+            mixed_bias = bias + mask[:, None]
+            if batch > 1:
+                mixed_bias = mixed_bias.repeat(batch, 1, 1, 1)
+            y[mixed] = F.scaled_dot_product_attention(
+                q[mixed], k[mixed], v[mixed], attn_mask=mixed_bias, dropout_p=drop
             )
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(bw, n, c)))
 
@@ -204,9 +226,7 @@ class WindowAttention(nn.Module):
         masks = None
         if any(self.shift_size):
             x = torch.roll(x, [-s for s in self.shift_size], dims)
-            mixed, mask = border_window_masks(padded, self.window_size, self.shift_size, x.device)
-            num_windows = math.prod(p // w for p, w in zip(padded, self.window_size))
-            masks = (num_windows, mixed, mask)
+            masks = _shift_masks(tuple(padded), self.window_size, self.shift_size, x.device, x.dtype)
         y = self._window_attention(window_partition(x, self.window_size), masks)
         x = window_reverse(y, self.window_size, padded)
         if any(self.shift_size):
