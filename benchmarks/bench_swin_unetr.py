@@ -2,9 +2,14 @@
 
 Builds MONAI's SwinUNETR in the paper configuration (feature size 48, 96^3, 14 classes)
 with random weights, converts the same weights into `swin_unetr_base`, and prints the
-median per-patch forward time (after a warm-up) of MONAI fp32, ours fp32 and ours in bf16
-(weights and activations, what `medvit segment --precision auto` runs on such CPUs), the speed-ups, the largest difference of our fp32 logits from MONAI's, and
-the argmax agreement of bf16 with fp32.
+median per-patch forward time (after a warm-up) of:
+- MONAI fp32 as a user runs it (glibc's default allocator behaviour);
+- MONAI fp32 again under `reuse_large_blocks`, the allocator setting `medvit segment`
+  runs its windows under (so the ratio against it shows what is not the allocator);
+- ours in fp32 and in bf16 (weights and activations, what `medvit segment --precision
+  auto` runs on CPUs with AVX512-BF16), both under that setting, as `medvit segment` runs.
+It also prints the largest difference of our fp32 logits from MONAI's and the argmax
+agreement of bf16 with fp32.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_swin_unetr.py --size 96 --repeats 3
 """
@@ -20,6 +25,7 @@ import torch
 
 import medvit
 from medvit.convert import load_monai
+from medvit.pipelines.runtime import reuse_large_blocks
 
 
 def _median_time(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, float, torch.Tensor]:
@@ -54,7 +60,7 @@ def main() -> None:
     print(f"threads {torch.get_num_threads()}, patch {args.size}^3, feature size {args.feature_size}")
 
     ref_out = None
-    t_ref = c_ref = float("nan")
+    t_ref = c_ref = t_reuse = float("nan")
     if not args.skip_monai:
         from monai.networks.nets import SwinUNETR
 
@@ -62,18 +68,23 @@ def main() -> None:
         load_monai(ours, ref.state_dict())
         with torch.no_grad():
             t_ref, c_ref, ref_out = _median_time(lambda: ref(x), args.repeats)
-        print(f"MONAI fp32        {t_ref:8.3f} s/patch  {c_ref:8.3f} CPU s/patch")
+            print(f"MONAI fp32                 {t_ref:8.3f} s/patch  {c_ref:8.3f} CPU s/patch")
+            with reuse_large_blocks():
+                t_reuse, c_reuse, _ = _median_time(lambda: ref(x), args.repeats)
+            print(f"MONAI fp32, heap reuse     {t_reuse:8.3f} s/patch  {c_reuse:8.3f} CPU s/patch")
+        del ref
 
-    with torch.no_grad():
+    def report(name: str, t: float, c: float) -> None:
+        print(f"{name:26} {t:8.3f} s/patch  {c:8.3f} CPU s/patch  {t_ref / t:5.2f}x MONAI (wall)"
+              f"  {c_ref / c:5.2f}x (CPU)  {t_reuse / t:5.2f}x MONAI with heap reuse (wall)")
+
+    with torch.no_grad(), reuse_large_blocks():
         t32, c32, out32 = _median_time(lambda: ours(x), args.repeats)
-        print(f"medvit fp32       {t32:8.3f} s/patch  {c32:8.3f} CPU s/patch  {t_ref / t32:5.2f}x MONAI (wall)"
-              f"  {c_ref / c32:5.2f}x (CPU)")
-
+        report("medvit fp32", t32, c32)
         ours.to(torch.bfloat16)
         xb = x.to(torch.bfloat16)
         t16, c16, out16 = _median_time(lambda: ours(xb), args.repeats)
-        print(f"medvit bf16       {t16:8.3f} s/patch  {c16:8.3f} CPU s/patch  {t_ref / t16:5.2f}x MONAI (wall)"
-              f"  {c_ref / c16:5.2f}x (CPU)")
+        report("medvit bf16", t16, c16)
     if ref_out is not None:
         print(f"max |medvit fp32 - MONAI| = {(out32 - ref_out).abs().max().item():.2e}")
     agree = (out16.float().argmax(1) == out32.argmax(1)).float().mean().item()

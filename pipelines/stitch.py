@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from medvit.pipelines.geometry import gaussian_weights, sample_slab, slabs
 from medvit.pipelines.inference import SliceSpec, slab_stack
+from medvit.pipelines.runtime import reuse_large_blocks
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -99,26 +100,35 @@ def stream_probabilities(
     acc_weights = weights.to(acc_dtype)
     rows = starts[2]
     bar = tqdm(total=len(starts[0]) * len(starts[1]) * len(rows), desc="windows", unit="win", disable=not progress)
-    for r, z in enumerate(rows):
-        windows = [(x, y) for x in starts[0] for y in starts[1]]
-        for b in range(0, len(windows), sw_batch_size):
-            batch = windows[b : b + sw_batch_size]
-            x_in = torch.stack([image[:, x : x + roi[0], y : y + roi[1], z : z + depth] for x, y in batch])
-            logits = predict(x_in).to(acc_device, acc_dtype)
-            for (x, y), lg in zip(batch, logits):
-                acc[:, x : x + roi[0], y : y + roi[1]].addcmul_(lg, acc_weights)
-                wsum[x : x + roi[0], y : y + roi[1]].add_(weights)
-            bar.update(len(batch))
-        done = (rows[r + 1] - z) if r + 1 < len(rows) else depth
-        _finish(acc[..., :done], wsum[..., :done], out, z, pads)
-        if r + 1 < len(rows):  # slide the accumulator to the next row's start
-            keep = depth - done
-            acc[..., :keep] = acc[..., done:].clone()
-            wsum[..., :keep] = wsum[..., done:].clone()
-            acc[..., keep:] = 0
-            wsum[..., keep:] = 0
+    # every window allocates the same activations: keep them in the heap from one window to
+    # the next (the output and accumulators above stay outside, mapped on their own)
+    with reuse_large_blocks():
+        for r, z in enumerate(rows):
+            windows = [(x, y) for x in starts[0] for y in starts[1]]
+            for b in range(0, len(windows), sw_batch_size):
+                batch = windows[b : b + sw_batch_size]
+                x_in = torch.stack([image[:, x : x + roi[0], y : y + roi[1], z : z + depth] for x, y in batch])
+                logits = predict(x_in).to(acc_device, acc_dtype)
+                for (x, y), lg in zip(batch, logits):
+                    acc[:, x : x + roi[0], y : y + roi[1]].addcmul_(lg, acc_weights)
+                    wsum[x : x + roi[0], y : y + roi[1]].add_(weights)
+                bar.update(len(batch))
+            done = (rows[r + 1] - z) if r + 1 < len(rows) else depth
+            _finish(acc[..., :done], wsum[..., :done], out, z, pads)
+            if r + 1 < len(rows):  # slide the accumulator to the next row's start
+                _slide(acc, done)
+                _slide(wsum, done)
     bar.close()
     return out
+
+
+def _slide(buf: torch.Tensor, done: int) -> None:
+    """Move the unfinished planes `done:` of the last axis to the front and zero the rest."""
+    keep = buf.shape[-1] - done
+    tail = buf[..., done:]
+    # with overlap <= 0.5 the planes kept and their new place do not overlap: no copy needed
+    buf[..., :keep] = tail.clone() if keep > done else tail
+    buf[..., keep:] = 0
 
 
 def accumulator_device(image: torch.Tensor, num_classes: int, roi: Sequence[int]) -> torch.device:
@@ -149,15 +159,16 @@ def stream_slice_probabilities(
     from monai.inferers import sliding_window_inference  # 2D models only: MONAI's import is heavy
 
     bar = tqdm(total=depth, desc="slices", unit="slice", disable=not progress)
-    for start in range(0, depth, slice_batch):
-        index = torch.arange(start, min(start + slice_batch, depth), device=image.device)
-        logits = sliding_window_inference(
-            slab_stack(image, slices, index), roi_size=tuple(roi), sw_batch_size=sw_batch_size,
-            predictor=predict, overlap=overlap, mode="gaussian",
-        )
-        prob = torch.softmax(logits.float(), dim=1).to("cpu", store_dtype)
-        out.narrow(1 + slices.axis, start, len(index)).copy_(prob.movedim(0, slices.axis + 1))
-        bar.update(len(index))
+    with reuse_large_blocks():  # as in `stream_probabilities`
+        for start in range(0, depth, slice_batch):
+            index = torch.arange(start, min(start + slice_batch, depth), device=image.device)
+            logits = sliding_window_inference(
+                slab_stack(image, slices, index), roi_size=tuple(roi), sw_batch_size=sw_batch_size,
+                predictor=predict, overlap=overlap, mode="gaussian",
+            )
+            prob = torch.softmax(logits.float(), dim=1).to("cpu", store_dtype)
+            out.narrow(1 + slices.axis, start, len(index)).copy_(prob.movedim(0, slices.axis + 1))
+            bar.update(len(index))
     bar.close()
     return out
 

@@ -31,17 +31,23 @@ def test_window_starts_are_monais(size, roi, overlap) -> None:
     assert window_starts(size, roi, overlap) == monai
 
 
-# streamed along z, x (the longest), x with a tie, and smaller than the window
-@pytest.mark.parametrize("shape", [(40, 33, 45), (47, 33, 40), (40, 33, 40), (20, 14, 9)])
-def test_stream_equals_monai_sliding_window(shape) -> None:
+# streamed along z, x (the longest), x with a tie, and smaller than the window; overlaps
+# above 0.5 keep more planes than a row finishes (the accumulator slides onto itself)
+@pytest.mark.parametrize(
+    "shape,overlap",
+    [((40, 33, 45), 0.5), ((47, 33, 40), 0.5), ((40, 33, 40), 0.5), ((20, 14, 9), 0.5),
+     ((24, 20, 45), 0.75), ((24, 20, 45), 0.25)],
+)
+def test_stream_equals_monai_sliding_window(shape, overlap) -> None:
     torch.manual_seed(0)
     net = LocalNet().eval()
     image = torch.rand(1, *shape)
     with torch.no_grad():
-        ref = torch.softmax(sliding_window_inference(image[None], (16, 16, 16), 3, net, 0.5, "gaussian")[0], 0)
-        ours = stream_probabilities(net, image, (16, 16, 16), 3, 3, 0.5, torch.float32)
+        ref = sliding_window_inference(image[None], (16, 16, 16), 3, net, overlap, "gaussian")[0]
+        ref = torch.softmax(ref, 0)
+        ours = stream_probabilities(net, image, (16, 16, 16), 3, 3, overlap, torch.float32)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-    fp16 = stream_probabilities(net, image, (16, 16, 16), 3, 3, 0.5, torch.float16)
+    fp16 = stream_probabilities(net, image, (16, 16, 16), 3, 3, overlap, torch.float16)
     assert fp16.dtype == torch.float16 and (fp16.float() - ref).abs().max() < 1e-3
 
 

@@ -1,0 +1,81 @@
+"""Run-time choices: devices, precision, and the allocator setting used during inference."""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.runtime import inference_dtype, resolve_device
+
+GLIBC = bool(ctypes.util.find_library("c")) and hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt")
+
+
+# run in a fresh interpreter: what earlier tests left in the heap changes which blocks glibc
+# can reuse, and the setting is process-wide
+_PROBE = """
+import json, resource, torch
+from medvit.layers import ConvBlock
+from medvit.pipelines.runtime import reuse_large_blocks
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+block = ConvBlock(6, 6).eval()  # a decoder stage: conv, norm, activation, residual
+
+
+def faults_per_step(x, steps):
+    # one step is one window's forward; it allocates and frees maps of x's size
+    out = []
+    for _ in range(steps):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block(x)
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
+
+
+torch.set_grad_enabled(False)
+x = torch.randn(1, 6, 128, 128, 128)  # 48 MB maps: above glibc's 32 MB mmap ceiling
+outside = faults_per_step(x, 3)
+start = rss()
+with reuse_large_blocks():
+    inside = faults_per_step(x, 6)
+    held = rss() - start
+print(json.dumps(dict(outside=outside, inside=inside, held=held, left=rss() - start, map=x.nbytes)))
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="the allocator setting applies to glibc only")
+def test_large_blocks_are_reused_inside_and_handed_back_after() -> None:
+    run = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True)
+    r = json.loads(run.stdout)
+    map_pages = r["map"] // resource.getpagesize()
+    # by default every step maps its maps afresh and faults every page in
+    assert min(r["outside"]) > 2 * map_pages, r
+    # inside, the heap settles within a step or two and then serves the maps without new pages
+    assert sum(r["inside"][-3:]) < map_pages // 10, r
+    assert r["map"] <= r["held"] < 8 * r["map"], r  # the freed maps stay in the heap while inside...
+    assert r["left"] < r["map"], r  # ...and are handed back to the OS on leaving
+
+
+def test_device_and_precision_choices_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(MedvitError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(MedvitError, match="needs a CUDA device"):
+        inference_dtype(torch.device("cpu"), "fp16")
+    assert inference_dtype(torch.device("cpu"), "fp32") == torch.float32
+
+
+def test_cuda_defaults_to_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert inference_dtype(torch.device("cuda"), "auto") == torch.float16
