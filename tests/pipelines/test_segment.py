@@ -13,7 +13,7 @@ import torch
 from medvit.pipelines.checkpoint import read_card
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.io import read_scan
-from medvit.pipelines.segment import SegmentConfig, Segmenter, segment
+from medvit.pipelines.segment import SegmentConfig, Segmenter, label_counts, segment
 
 from helpers import make_tiny_checkpoint
 
@@ -134,3 +134,11 @@ def test_real_model_when_model_space_is_the_scans_own(tmp_path) -> None:
     scan = read_scan(img)
     mask = seg.predict(scan)
     assert mask.shape == scan.shape and set(np.unique(mask)) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_label_counts_in_chunks_equal_bincount(dtype) -> None:
+    mask = np.random.default_rng(0).integers(0, 300 if dtype == np.uint16 else 14, (30, 20, 17)).astype(dtype)
+    expected = np.bincount(mask.ravel(), minlength=400)
+    np.testing.assert_array_equal(label_counts(mask, 400, chunk=1000), expected)  # chunks end mid-array
+    assert label_counts(mask, 2).sum() == mask.size  # grows past minlength to the largest id

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 
-from medvit.pipelines.stitch import invert_argmax, invert_probabilities, stream_probabilities, window_starts
+from medvit.pipelines.stitch import (
+    accumulator_device,
+    invert_argmax,
+    invert_probabilities,
+    stream_probabilities,
+    window_starts,
+)
 
 
 class LocalNet(torch.nn.Module):
@@ -70,3 +78,16 @@ def test_inversion_interpolates_linearly_and_clamps_at_edges() -> None:
     m = np.diag([0.5, 1.0, 1.0, 1.0])  # scan voxel i sits at model x = i / 2
     out = invert_probabilities(ramp, m, (12, 2, 2))
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4, 4, 4]))
+
+
+def test_accumulator_goes_to_the_cpu_when_it_would_not_fit_the_gpu(monkeypatch) -> None:
+    """MONAI's `sw_device`/`device` split, decided from free GPU memory (faked: no GPU here)."""
+    gpu = torch.device("cuda", 0)
+    image = SimpleNamespace(device=gpu, shape=(1, 512, 512, 400))
+    need = 4 * (14 + 1) * 512 * 512 * 96  # fp32 accumulator and weight sum, one window deep
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * need, 80 * 2**30))
+    assert accumulator_device(image, 14, (96, 96, 96)) == gpu
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * need, 80 * 2**30))
+    assert accumulator_device(image, 14, (96, 96, 96)) == torch.device("cpu")
+    cpu_image = torch.zeros(1, 4, 4, 4)
+    assert accumulator_device(cpu_image, 14, (96, 96, 96)) == torch.device("cpu")
