@@ -8,6 +8,8 @@ What MONAI's `sliding_window_inference` + `Invertd` compute, without ever holdin
   done, the planes no later window touches are final, so they are normalised, turned into
   probabilities and stored (in `store_dtype`, fp16 on the default path) in the model-space
   probability volume. Window positions, gaussian weights and padding are MONAI's.
+- `stream_slice_probabilities` / `slice_windows`: the same for 2D models, slice batch by
+  slice batch, in plane (neither imports MONAI).
 - `invert_argmax` / `invert_probabilities`: each slab of the scan's own grid is mapped
   into model space with the affine the preprocessing produced, the probabilities are
   trilinearly interpolated there (edge values outside, as MONAI's `Spacingd` inversion
@@ -153,24 +155,58 @@ def stream_slice_probabilities(
     progress: bool = False,
     slice_batch: int = 16,
 ) -> torch.Tensor:
-    """Softmax probabilities `(K, X, Y, Z)` of a 2D model run slice by slice (see `inference`)."""
+    """Softmax probabilities `(K, X, Y, Z)` of a 2D model run slice by slice (see `inference`).
+
+    Each batch of `slice_batch` slab-stacked slices is stitched in plane as MONAI's
+    `sliding_window_inference` (gaussian) would stitch it (`slice_windows`).
+    """
     out = torch.empty(num_classes, *image.shape[1:], dtype=store_dtype)
     depth = image.shape[1 + slices.axis]
-    from monai.inferers import sliding_window_inference  # 2D models only: MONAI's import is heavy
-
     bar = tqdm(total=depth, desc="slices", unit="slice", disable=not progress)
     with reuse_large_blocks():  # as in `stream_probabilities`
         for start in range(0, depth, slice_batch):
             index = torch.arange(start, min(start + slice_batch, depth), device=image.device)
-            logits = sliding_window_inference(
-                slab_stack(image, slices, index), roi_size=tuple(roi), sw_batch_size=sw_batch_size,
-                predictor=predict, overlap=overlap, mode="gaussian",
-            )
-            prob = torch.softmax(logits.float(), dim=1).to("cpu", store_dtype)
-            out.narrow(1 + slices.axis, start, len(index)).copy_(prob.movedim(0, slices.axis + 1))
+            prob = slice_windows(predict, slab_stack(image, slices, index), roi, num_classes, sw_batch_size, overlap)
+            out.narrow(1 + slices.axis, start, len(index)).copy_(prob.to("cpu", store_dtype).movedim(0, slices.axis + 1))
             bar.update(len(index))
     bar.close()
     return out
+
+
+def slice_windows(
+    predict: Predictor,
+    planes: torch.Tensor,
+    roi: Sequence[int],
+    num_classes: int,
+    sw_batch_size: int = 4,
+    overlap: float = 0.5,
+) -> torch.Tensor:
+    """Softmax probabilities `(S, K, H, W)` of a 2D model over planes `(S, C, H, W)`.
+
+    MONAI's `sliding_window_inference` with gaussian blending, without importing MONAI:
+    its window positions and zero padding of planes smaller than the window, and its
+    gaussian map; the logits are accumulated in fp32. Each window position runs over all
+    planes, `sw_batch_size` at a time.
+    """
+    roi = tuple(int(r) for r in roi)
+    size = tuple(planes.shape[2:])
+    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size)]
+    if any(p for pair in pads for p in pair):
+        planes = F.pad(planes, [p for pair in reversed(pads) for p in pair])
+    padded = planes.shape[2:]
+    weights = gaussian_weights(roi, planes.device)
+    acc = torch.zeros(planes.shape[0], num_classes, *padded, device=planes.device)
+    wsum = torch.zeros(*padded, device=planes.device)
+    for x in window_starts(padded[0], roi[0], overlap):
+        for y in window_starts(padded[1], roi[1], overlap):
+            window = planes[..., x : x + roi[0], y : y + roi[1]]
+            for b in range(0, planes.shape[0], sw_batch_size):
+                logits = predict(window[b : b + sw_batch_size]).float()
+                acc[b : b + sw_batch_size, :, x : x + roi[0], y : y + roi[1]].addcmul_(logits, weights)
+            wsum[x : x + roi[0], y : y + roi[1]].add_(weights)
+    (x0, _), (y0, _) = pads
+    inside = (slice(x0, x0 + size[0]), slice(y0, y0 + size[1]))
+    return torch.softmax(acc[(..., *inside)] / wsum[inside], dim=1)
 
 
 def _finish(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from medvit.pipelines.checkpoint import read_card
+import medvit
+from medvit.pipelines.checkpoint import ModelCard, read_card, save_checkpoint
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.io import read_scan
 from medvit.pipelines.segment import SegmentConfig, Segmenter, label_counts, segment
@@ -142,3 +145,31 @@ def test_label_counts_in_chunks_equal_bincount(dtype) -> None:
     expected = np.bincount(mask.ravel(), minlength=400)
     np.testing.assert_array_equal(label_counts(mask, 400, chunk=1000), expected)  # chunks end mid-array
     assert label_counts(mask, 2).sum() == mask.size  # grows past minlength to the largest id
+
+
+_SEGMENT_WITHOUT_MONAI = """
+import sys
+from medvit.pipelines.io import read_scan
+from medvit.pipelines.segment import SegmentConfig, Segmenter
+
+for ckpt in sys.argv[2:]:
+    mask = Segmenter(ckpt, SegmentConfig(progress=False)).predict(read_scan(sys.argv[1]))
+    assert mask.shape == read_scan(sys.argv[1]).shape
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("monai", "sympy")))
+"""
+
+
+def test_segment_path_does_not_import_monai(tmp_path, phantom_scan) -> None:
+    """MONAI's import alone costs ~300 MB and seconds; segmentation (3D and 2D models) runs
+    on medvit's own stitcher and geometry, which the stitch and geometry tests hold equal
+    to MONAI's."""
+    img, _ = phantom_scan
+    ckpt3d = make_tiny_checkpoint(tmp_path / "c3d.safetensors")
+    args = dict(in_chans=3, num_classes=5, img_size=(32, 32))
+    card = ModelCard("segformer_b0", args, read_card(ckpt3d).labels, {"spacing": [3.0, 3.0, 4.0], "intensity": "ct"},
+                     (32, 32), {"axis": 2, "slab": 3})
+    ckpt2d = save_checkpoint(medvit.create_model("segformer_b0", **args), card, tmp_path / "c2d.safetensors")
+    run = subprocess.run([sys.executable, "-c", _SEGMENT_WITHOUT_MONAI, str(img), str(ckpt3d), str(ckpt2d)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

@@ -15,6 +15,7 @@ from medvit.pipelines.stitch import (
     invert_argmax,
     invert_probabilities,
     stream_probabilities,
+    slice_windows,
     window_starts,
 )
 
@@ -22,10 +23,11 @@ from medvit.pipelines.stitch import (
 class LocalNet(torch.nn.Module):
     """Window-position-dependent logits, so stitching errors show."""
 
-    def __init__(self, k: int = 3) -> None:
+    def __init__(self, k: int = 3, in_chans: int = 1, spatial_dims: int = 3) -> None:
         super().__init__()
-        self.conv = torch.nn.Conv3d(1, k, 3, padding=1)
-        self.bias = torch.nn.Parameter(torch.randn(k, 1, 1, 1))
+        conv = torch.nn.Conv3d if spatial_dims == 3 else torch.nn.Conv2d
+        self.conv = conv(in_chans, k, 3, padding=1)
+        self.bias = torch.nn.Parameter(torch.randn(k, *([1] * spatial_dims)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ramp = torch.linspace(-1, 1, x.shape[-1])
@@ -57,6 +59,18 @@ def test_stream_equals_monai_sliding_window(shape, overlap) -> None:
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     fp16 = stream_probabilities(net, image, (16, 16, 16), 3, 3, overlap, torch.float16)
     assert fp16.dtype == torch.float16 and (fp16.float() - ref).abs().max() < 1e-3
+
+
+# planes larger than the window (two overlaps) and smaller than it along one axis (padded)
+@pytest.mark.parametrize("shape,overlap", [((5, 2, 40, 29), 0.5), ((5, 2, 40, 29), 0.25), ((4, 2, 11, 37), 0.5)])
+def test_slice_windows_equal_monai_sliding_window(shape, overlap) -> None:
+    torch.manual_seed(0)
+    net = LocalNet(4, in_chans=2, spatial_dims=2).eval()
+    planes = torch.rand(*shape)
+    with torch.no_grad():
+        ref = torch.softmax(sliding_window_inference(planes, (16, 16), 3, net, overlap, "gaussian"), 1)
+        ours = slice_windows(net, planes, (16, 16), 4, 3, overlap)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
 def test_inversion_identity_and_permuted_flipped() -> None:
