@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -86,6 +87,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_CEILING = 32 * 2**20
 
 
+_reuse_lock = threading.Lock()
+_reuse_depth = 0
+
+
 @contextlib.contextmanager
 def reuse_large_blocks(limit_bytes: int = 2**30) -> Iterator[None]:
     """Serve allocations up to `limit_bytes` from glibc's heap while the block runs.
@@ -97,18 +102,26 @@ def reuse_large_blocks(limit_bytes: int = 2**30) -> Iterator[None]:
     after window. The heap holds a few maps more than the forward's live set (torch's
     64-byte aligned blocks do not always fit the holes earlier ones left) and stops growing
     after a few windows (Swin-UNETR's bf16 forward: +220 MB, flat from the 8th window).
-    Afterwards the thresholds are left where glibc's dynamic rule ends (32 MB mmap, twice
-    that to trim) and the kept memory is handed back. No-op where the C library is not glibc.
+    The setting is process-wide: nested or concurrent blocks (threads) share it, and the
+    last one out leaves the thresholds where glibc's dynamic rule ends (32 MB mmap, twice
+    that to trim) and hands the kept memory back. No-op where the C library is not glibc.
     """
+    global _reuse_depth
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, int(limit_bytes))
-    libc.mallopt(_M_TRIM_THRESHOLD, int(limit_bytes))
+    with _reuse_lock:
+        if _reuse_depth == 0:
+            libc.mallopt(_M_MMAP_THRESHOLD, int(limit_bytes))
+            libc.mallopt(_M_TRIM_THRESHOLD, int(limit_bytes))
+        _reuse_depth += 1
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_CEILING)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_CEILING)
-        return_freed_memory()
+        with _reuse_lock:
+            _reuse_depth -= 1
+            if _reuse_depth == 0:
+                libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_CEILING)
+                libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_CEILING)
+                return_freed_memory()

@@ -47,8 +47,11 @@ outside = faults_per_step(x, 3)
 start = rss()
 with reuse_large_blocks():
     inside = faults_per_step(x, 6)
+    with reuse_large_blocks():  # a nested block (another caller) leaving must not end it
+        pass
+    nested = faults_per_step(x, 2)
     held = rss() - start
-print(json.dumps(dict(outside=outside, inside=inside, held=held, left=rss() - start, map=x.nbytes)))
+print(json.dumps(dict(outside=outside, inside=inside, nested=nested, held=held, left=rss() - start, map=x.nbytes)))
 """
 
 
@@ -61,6 +64,7 @@ def test_large_blocks_are_reused_inside_and_handed_back_after() -> None:
     assert min(r["outside"]) > 2 * map_pages, r
     # inside, the heap settles within a step or two and then serves the maps without new pages
     assert sum(r["inside"][-3:]) < map_pages // 10, r
+    assert sum(r["nested"]) < map_pages // 10, r
     assert r["map"] <= r["held"] < 8 * r["map"], r  # the freed maps stay in the heap while inside...
     assert r["left"] < r["map"], r  # ...and are handed back to the OS on leaving
 
