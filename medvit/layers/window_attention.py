@@ -76,7 +76,7 @@ def border_window_masks(
     return mixed, torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)  # a 3D Swin uses one entry per shifted stage and dtype
 def _shift_masks(
     grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device: torch.device, dtype: torch.dtype
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
