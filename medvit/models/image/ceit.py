@@ -33,8 +33,7 @@ from medvit.layers import Block, grid_for
 from medvit.layers.conv_ffn import ConvFeedForward
 from medvit.layers.helpers import to_ntuple
 from medvit.layers.hybrid_embed import HybridEmbed
-from medvit.layers.token_map import format_tokens
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import feature_take_last, format_intermediate
 from medvit.models.image.vit import VisionTransformer
 from medvit.registry import register_variant
 
@@ -191,25 +190,16 @@ class CeiT(VisionTransformer):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Outputs of selected blocks, as channels-first maps or token sequences.
 
+        Arguments and return value as the common interface (`medvit.models._features`).
+
         Args:
             x: Input `(B, C, H, W)`.
-            indices: Blocks to return: None = all, n = the last n, or a list (0-based).
-            norm: Apply the final norm to each intermediate.
-            output_fmt: `NCHW` (`(B, D, *grid)` maps) or `NLC` (patch tokens `(B, N, D)`).
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested block (only with
-                `intermediates_only`).
-
-        Returns:
-            The intermediates, or `(final_tokens, intermediates)` where `final_tokens` is
-            what `forward_features` returns.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
+        take, last = feature_take_last(len(self.blocks), indices, output_fmt, stop_early, intermediates_only)
         x, grid = self.embed(x)
         x, cls_tokens, taken = self._run_blocks(x, last, take)
-        feats = [format_tokens(self.norm(y) if norm else y, grid, 1, output_fmt) for y in taken]
+        final_norm = self.norm if norm else None
+        feats = [format_intermediate(y, grid, output_fmt, final_norm, 1) for y in taken]
         return feats if intermediates_only else (self._finish(x, cls_tokens), feats)
 
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 from medvit.layers import Attention, Block, grid_for
 from medvit.layers.gpsa import GPSA
 from medvit.layers.helpers import to_ntuple
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import feature_take_last, format_intermediate
 from medvit.registry import register_variant
 from medvit.models.image.vit import VisionTransformer
 
@@ -168,20 +168,20 @@ class ConViT(VisionTransformer):
         `return_prefix_tokens` each entry is `(map, prefix)`, the prefix empty for GPSA
         blocks. Arguments as `VisionTransformer.forward_intermediates`.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
+        take, last = feature_take_last(len(self.blocks), indices, output_fmt, stop_early, intermediates_only)
         x, grid = self.embed(x)
+        final_norm = self.norm if norm else None
         feats: list = []
+        # not `collect_intermediates`: blocks run through `_run_block`, and the number of
+        # prefix tokens depends on the block
         for i in range(last + 1):
             x = self._run_block(x, i)
             if i in take:
-                y = self.norm(x) if norm else x
-                p = self._prefix_count(i)
-                prefix, y = y[:, :p], y[:, p:]
-                if output_fmt == "NCHW":
-                    y = y.transpose(1, 2).reshape(y.shape[0], -1, *grid)
-                feats.append((y, prefix) if return_prefix_tokens else y)
+                feats.append(
+                    format_intermediate(
+                        x, grid, output_fmt, final_norm, self._prefix_count(i), return_prefix_tokens
+                    )
+                )
         if intermediates_only:
             return feats
         return self.norm(x), feats

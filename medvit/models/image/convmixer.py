@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from medvit.layers import grid_for
 from medvit.layers.helpers import to_ntuple
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import collect_intermediates, feature_take_last
 from medvit.registry import register_model
 
 POOL_TYPES = ("avg", "")
@@ -148,27 +148,21 @@ class ConvMixer(nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Outputs of selected blocks: `(B, D, H / p, W / p)` maps, or `(B, N, D)` tokens.
 
+        Arguments and return value as the common interface (`medvit.models._features`),
+        except that `final` is the final map.
+
         Args:
             x: Input `(B, C, H, W)`.
-            indices: Blocks to return: None = all, n = the last n, or a list (0-based).
             norm: Accepted for the common interface; ConvMixer has no final norm.
-            output_fmt: `NCHW` or `NLC`.
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested block (only with `intermediates_only`).
-
-        Returns:
-            The intermediates, or `(final_map, intermediates)` where `final_map` is what
-            `forward_features` returns.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
-        x = self.stem(x)
-        feats = []
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            x = blk(x)
-            if i in take:
-                feats.append(x.flatten(2).transpose(1, 2) if output_fmt == "NLC" else x)
+        take, last = feature_take_last(len(self.blocks), indices, output_fmt, stop_early, intermediates_only)
+        x, feats = collect_intermediates(
+            self.blocks,
+            self.stem(x),
+            take,
+            last,
+            lambda y: y.flatten(2).transpose(1, 2) if output_fmt == "NLC" else y,
+        )
         if intermediates_only:
             return feats
         return x, feats

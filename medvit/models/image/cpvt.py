@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from medvit.layers.peg import PEG
-from medvit.layers.token_map import format_tokens
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import feature_take_last, format_intermediate
 from medvit.models.image.vit import VisionTransformer
 from medvit.registry import register_variant
 
@@ -114,28 +113,16 @@ class CPVT(VisionTransformer):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Outputs of selected blocks (block `peg_index`'s with the PEG applied).
 
+        Arguments and return value as the common interface (`medvit.models._features`).
+
         Args:
             x: Input `(B, C, H, W)`.
-            indices: Blocks to return: None = all, n = the last n, or a list (0-based).
-            norm: Apply the final norm to each intermediate.
-            output_fmt: `NCHW` (`(B, D, *grid)` maps) or `NLC` (patch tokens `(B, N, D)`).
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested block (only with
-                `intermediates_only`).
-
-        Returns:
-            The intermediates, or `(final_tokens, intermediates)` where `final_tokens` is
-            what `forward_features` returns.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
+        take, last = feature_take_last(len(self.blocks), indices, output_fmt, stop_early, intermediates_only)
         x, grid = self.embed(x)
         x, taken = self._run_blocks(x, grid, last, take)
-        feats = [
-            format_tokens(self.norm(y) if norm else y, grid, self.num_prefix_tokens, output_fmt)
-            for y in taken
-        ]
+        final_norm = self.norm if norm else None
+        feats = [format_intermediate(y, grid, output_fmt, final_norm, self.num_prefix_tokens) for y in taken]
         return feats if intermediates_only else (self.norm(x), feats)
 
     @torch.no_grad()

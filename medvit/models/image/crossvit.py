@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from medvit.layers import Block, PatchEmbed, drop_path_schedule
 from medvit.layers.cross_attention import CrossAttentionBlock
 from medvit.layers.helpers import to_ntuple
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import check_output_fmt, feature_take_indices, format_intermediate
 from medvit.registry import register_variant
 
 _POOLS = ("token", "avg")
@@ -346,9 +346,8 @@ class CrossViT(nn.Module):
             xs = blk(xs)
             for b in range(self.num_branches):
                 if b * num_blocks + i in take:
-                    y = (self.norm[b](xs[b]) if norm else xs[b])[:, 1:]
-                    if output_fmt == "NCHW":
-                        y = y.transpose(1, 2).reshape(y.shape[0], -1, *self.grid_sizes[b])
+                    final_norm = self.norm[b] if norm else None
+                    y = format_intermediate(xs[b], self.grid_sizes[b], output_fmt, final_norm, 1)
                     per_branch[b].append(y)
         feats = [y for branch in per_branch for y in branch]
         if intermediates_only:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from medvit.layers import DropPath, Mlp, PatchEmbed, drop_path_schedule
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
 from medvit.registry import register_variant
 
 POOL_TYPES = ("avg", "")
@@ -183,30 +183,20 @@ class MlpMixer(nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Outputs of selected blocks, as `(B, D, H', W')` maps or `(B, N, D)` tokens.
 
+        Arguments and return value as the common interface (`medvit.models._features`).
+
         Args:
             x: Input `(B, C, H, W)`.
-            indices: Blocks to return: None = all, n = the last n, or a list (0-based).
-            norm: Apply the final norm to each intermediate.
-            output_fmt: `NCHW` or `NLC`.
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested block (only with `intermediates_only`).
-
-        Returns:
-            The intermediates, or `(final_tokens, intermediates)` where `final_tokens` is
-            what `forward_features` returns.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
-        x = self.stem(x)
-        feats = []
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            x = blk(x)
-            if i in take:
-                y = self.norm(x) if norm else x
-                if output_fmt == "NCHW":
-                    y = y.transpose(1, 2).reshape(y.shape[0], -1, *self.grid_size)
-                feats.append(y)
+        take, last = feature_take_last(len(self.blocks), indices, output_fmt, stop_early, intermediates_only)
+        final_norm = self.norm if norm else None
+        x, feats = collect_intermediates(
+            self.blocks,
+            self.stem(x),
+            take,
+            last,
+            lambda y: format_intermediate(y, self.grid_size, output_fmt, final_norm),
+        )
         if intermediates_only:
             return feats
         return self.norm(x), feats

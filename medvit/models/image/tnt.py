@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from medvit.layers import Block, check_pool_type, drop_path_schedule, grid_for, pool_tokens
 from medvit.layers.helpers import to_ntuple
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
 from medvit.registry import register_variant
 
 _POOLS = ("token", "avg", "")
@@ -289,33 +289,25 @@ class TNT(nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Patch-token outputs of selected blocks (the pixel tokens are not returned).
 
+        Arguments and return value as the common interface (`medvit.models._features`).
+
         Args:
             x: Input `(B, C, H, W)`.
-            indices: Blocks to return: None = all, n = the last n, or a list (0-based).
-            norm: Apply the final norm to each intermediate.
-            output_fmt: `NCHW` (`(B, D, H/p, W/p)` maps) or `NLC` (`(B, N, D)` tokens);
-                the class token is removed.
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested block (only with `intermediates_only`).
             return_prefix_tokens: Return `(map, class_token)` pairs.
-
-        Returns:
-            The intermediates, or `(final_tokens, intermediates)` where `final_tokens` is
-            what `forward_features` returns.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
-        pixel_embed, patch_embed = self.embed(x)
-        feats: list = []
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
-            if i in take:
-                y = self.norm(patch_embed) if norm else patch_embed
-                prefix, y = y[:, :1], y[:, 1:]
-                if output_fmt == "NCHW":
-                    y = y.transpose(1, 2).reshape(y.shape[0], -1, *self.grid_size)
-                feats.append((y, prefix) if return_prefix_tokens else y)
+        take, last = feature_take_last(len(self.blocks), indices, output_fmt, stop_early, intermediates_only)
+        final_norm = self.norm if norm else None
+        # the state is (pixel_embed, patch_embed); only the patch tokens are returned
+        (_, patch_embed), feats = collect_intermediates(
+            self.blocks,
+            self.embed(x),
+            take,
+            last,
+            lambda s: format_intermediate(
+                s[1], self.grid_size, output_fmt, final_norm, 1, return_prefix_tokens
+            ),
+            step=lambda blk, s: blk(*s),
+        )
         if intermediates_only:
             return feats
         return self.norm(patch_embed), feats

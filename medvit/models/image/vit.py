@@ -26,7 +26,12 @@ from medvit.layers import (
     resample_pos_embed,
     sincos_pos_embed,
 )
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import (
+    check_output_fmt,
+    collect_intermediates,
+    feature_take_last,
+    format_intermediate,
+)
 from medvit.registry import register_variant
 
 POS_EMBED_TYPES = ("learn", "sincos", "none")
@@ -243,20 +248,11 @@ class VisionTransformer(nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Outputs of selected blocks, as channels-first maps or token sequences.
 
+        Arguments and return value as the common interface (`medvit.models._features`);
+        `return_prefix_tokens` gives `(map, prefix_tokens)` pairs.
+
         Args:
             x: Input `(B, C, *spatial)`.
-            indices: Blocks to return: None = all, n = the last n, or a list (0-based).
-            norm: Apply the final norm to each intermediate.
-            output_fmt: `NCHW` (channels-first map, `(B, D, *grid)`, in any number of
-                dims) or `NLC` (patch tokens, `(B, N, D)`).
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested block (only with
-                `intermediates_only`).
-            return_prefix_tokens: Return `(map, prefix_tokens)` pairs.
-
-        Returns:
-            The intermediates, or `(final_tokens, intermediates)` where `final_tokens` is
-            what `forward_features` returns.
         """
         check_output_fmt(output_fmt)
         x, grid = self.embed(x)
@@ -277,16 +273,18 @@ class VisionTransformer(nn.Module):
         return_prefix_tokens: bool,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """The block loop of `forward_intermediates` on embedded tokens, appending to `feats`."""
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only and take) else len(self.blocks) - 1
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            x = blk(x)
-            if i in take:
-                y = self.norm(x) if norm else x
-                prefix, y = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens :]
-                if output_fmt == "NCHW":
-                    y = y.transpose(1, 2).reshape(y.shape[0], -1, *grid)
-                feats.append((y, prefix) if return_prefix_tokens else y)
+        take, last = feature_take_last(len(self.blocks), indices, output_fmt, stop_early, intermediates_only)
+        final_norm = self.norm if norm else None
+        x, taken = collect_intermediates(
+            self.blocks,
+            x,
+            take,
+            last,
+            lambda y: format_intermediate(
+                y, grid, output_fmt, final_norm, self.num_prefix_tokens, return_prefix_tokens
+            ),
+        )
+        feats.extend(taken)
         if intermediates_only:
             return feats
         return self.norm(x), feats

@@ -23,7 +23,7 @@ from medvit.layers import Block, DropPath, LayerScale, grid_for, pool_tokens
 from medvit.layers.attention_variants import XCA
 from medvit.layers.class_attention import ClassAttentionBlock
 from medvit.layers.helpers import to_ntuple
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
 from medvit.registry import register_variant
 
 _POOLS = ("token", "avg", "")
@@ -382,30 +382,22 @@ class Xcit(nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Outputs of selected XCA blocks (patch tokens; the class token joins later).
 
+        Arguments and return value as the common interface (`medvit.models._features`).
+
         Args:
             x: Input `(B, C, H, W)`.
-            indices: Blocks to return: None = all, n = the last n, or a list (0-based).
-            norm: Apply the final norm to each intermediate.
-            output_fmt: `NCHW` (`(B, D, H / p, W / p)`) or `NLC` (`(B, N, D)`).
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested block (only with `intermediates_only`).
-
-        Returns:
-            The intermediates, or `(final_tokens, intermediates)` where `final_tokens` is
-            what `forward_features` returns.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
+        take, last = feature_take_last(len(self.blocks), indices, output_fmt, stop_early, intermediates_only)
         x, grid = self.embed(x)
-        feats = []
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            x = blk(x, grid)
-            if i in take:
-                y = self.norm(x) if norm else x
-                if output_fmt == "NCHW":
-                    y = y.transpose(1, 2).reshape(y.shape[0], -1, *grid)
-                feats.append(y)
+        final_norm = self.norm if norm else None
+        x, feats = collect_intermediates(
+            self.blocks,
+            x,
+            take,
+            last,
+            lambda y: format_intermediate(y, grid, output_fmt, final_norm),
+            step=lambda blk, y: blk(y, grid),
+        )
         if intermediates_only:
             return feats
         return self.norm(self.forward_cls(x)), feats

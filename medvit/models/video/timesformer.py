@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from medvit.layers import Block
 from medvit.layers.video_attention import GROUPINGS, FactorisedSpaceTimeBlock, check_grouping
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
 from medvit.registry import register_variant
 from medvit.models.image.vit import VisionTransformer
 
@@ -204,31 +204,25 @@ class TimeSformer(VisionTransformer):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Patch tokens of selected blocks.
 
+        Arguments and return value as the common interface (`medvit.models._features`).
+
         Args:
             x: Clip `(B, C, T, H, W)`.
-            indices: Blocks to return: None = all, n = the last n, or a list (0-based).
-            norm: Apply the final norm to each intermediate.
             output_fmt: `NCHW` (maps `(B, D, T, H', W')`) or `NLC` (`(B, T*H'*W', D)`,
                 (t, h, w) order); the class token is removed.
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested block (only with `intermediates_only`).
-
-        Returns:
-            The intermediates, or `(final_tokens, intermediates)` with `final_tokens` as
-            `forward_features` returns them.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
+        take, last = feature_take_last(len(self.blocks), indices, output_fmt, stop_early, intermediates_only)
         x, grid = self.embed(x)
-        feats: list[torch.Tensor] = []
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            x = self._block(blk, x)
-            if i in take:
-                y = self._clip_tokens(self.norm(x) if norm else x)[:, 1:]
-                if output_fmt == "NCHW":
-                    y = y.transpose(1, 2).reshape(y.shape[0], -1, *grid)
-                feats.append(y)
+        x, feats = collect_intermediates(
+            self.blocks,
+            x,
+            take,
+            last,
+            lambda y: format_intermediate(
+                self._clip_tokens(self.norm(y) if norm else y), grid, output_fmt, num_prefix_tokens=1
+            ),
+            step=self._block,
+        )
         if intermediates_only:
             return feats
         return self._clip_tokens(self.norm(x)), feats

@@ -23,7 +23,7 @@ import torch.nn as nn
 from medvit.layers import Attention, Block, PatchEmbed, check_pool_type, drop_path_schedule, pool_tokens
 from medvit.layers.factorised_attention import FactorisedDotProductAttention, FactorisedSelfAttentionBlock
 from medvit.layers.helpers import to_ntuple
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
 from medvit.registry import register_variant
 
 ATTENTION_TYPES = ("st", "fe", "fsa", "fdp")
@@ -218,33 +218,24 @@ class ViViT(nn.Module):
 
         For `fe` the blocks are those of the spatial encoder; the temporal encoder only
         sees class tokens, so it has no maps to give.
+        Arguments and return value as the common interface (`medvit.models._features`).
 
         Args:
             x: Clip `(B, C, T, H, W)`.
-            indices: Blocks to return: None = all, n = the last n, or a list (0-based).
             norm: Apply the final (spatial) norm to each intermediate.
             output_fmt: `NCHW` (`(B, D, T', H', W')`) or `NLC` (`(B, T'N, D)`).
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested block (only with `intermediates_only`).
-
-        Returns:
-            The intermediates, or `(forward_features output, intermediates)`.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
+        take, last = feature_take_last(len(self.blocks), indices, output_fmt, stop_early, intermediates_only)
         b = x.shape[0]
-        x = self.embed(x)
-        feats = []
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            x = blk(x)
-            if i in take:
-                y = self._patch_tokens(self.norm(x) if norm else x, b)
-                if output_fmt == "NCHW":
-                    y = y.permute(0, 3, 1, 2).reshape(b, -1, *self.grid_size)
-                else:
-                    y = y.flatten(1, 2)
-                feats.append(y)
+        x, feats = collect_intermediates(
+            self.blocks,
+            self.embed(x),
+            take,
+            last,
+            lambda y: format_intermediate(
+                self._patch_tokens(self.norm(y) if norm else y, b).flatten(1, 2), self.grid_size, output_fmt
+            ),
+        )
         if intermediates_only:
             return feats
         x = self.norm(x)

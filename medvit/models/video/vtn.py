@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from medvit.layers import Block, Mlp, drop_path_schedule
 from medvit.layers.longformer_1d import LongformerAttention1d
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
 from medvit.registry import register_variant
 
 
@@ -148,28 +148,22 @@ class VTN(nn.Module):
 
         The backbone pools each frame to a vector, so the maps have no spatial extent:
         `NCHW` gives `(B, D, T, 1, 1)`, `NLC` gives `(B, T, D)`.
+        Arguments and return value as the common interface (`medvit.models._features`).
 
         Args:
             x: Input `(B, C, T, H, W)`.
             indices: Temporal blocks to return: None = all, n = the last n, or a list.
-            norm: Apply the final norm to each intermediate.
-            output_fmt: `NCHW` or `NLC`.
-            intermediates_only: Return only the list.
-            stop_early: Stop after the last requested block (only with `intermediates_only`).
-
-        Returns:
-            The intermediates, or `(final_tokens, intermediates)` as `forward_features`.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.blocks), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.blocks) - 1
-        z = self._tokens(x)
-        feats = []
-        for i, blk in enumerate(self.blocks[: last + 1]):
-            z = blk(z)
-            if i in take:
-                y = (self.norm(z) if norm else z)[:, 1:]
-                feats.append(y.transpose(1, 2)[..., None, None] if output_fmt == "NCHW" else y)
+        take, last = feature_take_last(len(self.blocks), indices, output_fmt, stop_early, intermediates_only)
+        final_norm = self.norm if norm else None
+        z, feats = collect_intermediates(
+            self.blocks,
+            self._tokens(x),
+            take,
+            last,
+            # the frame tokens form a (T, 1, 1) grid
+            lambda y: format_intermediate(y, (y.shape[1] - 1, 1, 1), output_fmt, final_norm, 1),
+        )
         if intermediates_only:
             return feats
         return self.norm(z), feats
