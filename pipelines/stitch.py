@@ -84,10 +84,7 @@ def stream_probabilities(
         return moved.permute(0, *[1 + b for b in back])
     roi = tuple(int(r) for r in roi)
     size = tuple(image.shape[1:])
-    # MONAI pads a volume smaller than the window symmetrically with zeros
-    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size)]
-    if any(p for pair in pads for p in pair):
-        image = F.pad(image, [p for pair in reversed(pads) for p in pair])
+    image, pads = _pad_to_window(image, roi)
     padded = tuple(image.shape[1:])
     acc_device = accumulate_on or image.device
     weights = gaussian_weights(roi, acc_device)
@@ -122,6 +119,16 @@ def stream_probabilities(
                 _slide(wsum, done)
     bar.close()
     return out
+
+
+def _pad_to_window(x: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Zero-pad the trailing spatial axes of `x` that are shorter than the window, symmetrically
+    as MONAI does; the padded tensor and the (before, after) padding per axis."""
+    size = x.shape[x.ndim - len(roi) :]
+    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size)]
+    if any(p for pair in pads for p in pair):
+        x = F.pad(x, [p for pair in reversed(pads) for p in pair])
+    return x, pads
 
 
 def _slide(buf: torch.Tensor, done: int) -> None:
@@ -190,9 +197,7 @@ def slice_windows(
     """
     roi = tuple(int(r) for r in roi)
     size = tuple(planes.shape[2:])
-    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size)]
-    if any(p for pair in pads for p in pair):
-        planes = F.pad(planes, [p for pair in reversed(pads) for p in pair])
+    planes, pads = _pad_to_window(planes, roi)
     padded = planes.shape[2:]
     weights = gaussian_weights(roi, planes.device)
     acc = torch.zeros(planes.shape[0], num_classes, *padded, device=planes.device)
