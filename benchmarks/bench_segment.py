@@ -3,10 +3,12 @@
 Usage: python benchmarks/bench_segment.py [--scan ../shared/data/ct/example_ct.nii.gz] [--fidelity]
        python benchmarks/bench_segment.py --large           # synthetic 512x512x400 CT
        python benchmarks/bench_segment.py --agreement CKPT  # default path vs exact path, trained weights
+       python benchmarks/bench_segment.py --network swin_unetr  # MONAI SwinUNETR / swin_unetr_base
 
 Both sides run in their own fresh process on the same scan and the same weights (a
-random-initialised MONAI `UNETR`, paper configuration, 14 classes, saved with torch.save
-and brought to medvit with `medvit convert`):
+random-initialised MONAI `UNETR`, paper configuration, 14 classes, or with `--network
+swin_unetr` a MONAI `SwinUNETR` at feature size 48; saved with torch.save and brought to
+medvit with `medvit convert`):
 
 - reference: LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> Spacingd(1.5, 1.5, 2.0)
   -> ScaleIntensityRanged(-175..250 -> 0..1, clip) -> sliding_window_inference(96^3, overlap
@@ -39,19 +41,29 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPACING = (1.5, 1.5, 2.0)
 ROI = (96, 96, 96)
 NUM_CLASSES = 14
+# --network: medvit's registered model for each MONAI reference network
+NETWORKS = {"unetr": "unetr_base", "swin_unetr": "swin_unetr_base"}
 
 
-def child_monai(scan: str, weights: str, out: str, probs: str | None) -> None:
+def monai_network(name: str):
+    """The MONAI reference network in its paper configuration, random weights."""
+    from monai.networks.nets import UNETR, SwinUNETR
+
+    if name == "swin_unetr":
+        return SwinUNETR(in_channels=1, out_channels=NUM_CLASSES, feature_size=48)
+    return UNETR(1, NUM_CLASSES, ROI)
+
+
+def child_monai(scan: str, weights: str, out: str, probs: str | None, network: str = "unetr") -> None:
     import torch
     from monai.data import MetaTensor
     from monai.inferers import sliding_window_inference
-    from monai.networks.nets import UNETR
     from monai.transforms import (
         AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd,
         SaveImaged, ScaleIntensityRanged, Spacingd,
     )
 
-    model = UNETR(1, NUM_CLASSES, ROI)
+    model = monai_network(network)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
     pre = Compose([
@@ -159,22 +171,22 @@ def main() -> None:
     p.add_argument("--fidelity", action="store_true", help="also compare inverted probabilities")
     p.add_argument("--agreement", metavar="CKPT", help="only compare default and exact paths of CKPT")
     p.add_argument("--skip-reference", action="store_true", help="run only the medvit side")
+    p.add_argument("--network", choices=sorted(NETWORKS), default="unetr", help="the MONAI reference network")
     p.add_argument("--work", default=None, help="folder for weights and masks (default: a temp dir)")
     p.add_argument("--child", choices=["monai", "medvit"], help=argparse.SUPPRESS)
     p.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        scan, weights, out, probs, *precision = args.rest
+        scan, weights, out, probs, *extra = args.rest
         if args.child == "monai":
-            child_monai(scan, weights, out, probs or None)
+            child_monai(scan, weights, out, probs or None, *extra)
         else:
-            child_medvit(scan, weights, out, probs or None, *precision)
+            child_medvit(scan, weights, out, probs or None, *extra)
         print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
 
     import nibabel as nib
     import torch
-    from monai.networks.nets import UNETR
 
     work = Path(args.work or tempfile.mkdtemp(prefix="medvit_bench_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -185,26 +197,26 @@ def main() -> None:
         agreement(scan, args.agreement, work)
         return
     torch.manual_seed(0)
-    weights = work / "monai_unetr.pt"
-    torch.save(UNETR(1, NUM_CLASSES, ROI).state_dict(), weights)
-    ckpt = work / "unetr.safetensors"
+    weights = work / f"monai_{args.network}.pt"
+    torch.save(monai_network(args.network).state_dict(), weights)
+    ckpt = work / f"{args.network}.safetensors"
     subprocess.run([sys.executable, "-m", "medvit.cli", "convert", str(weights), "-o", str(ckpt), "--from", "monai",
-                    "--model", "unetr_base", "--num-classes", str(NUM_CLASSES), "--spacing", *map(str, SPACING)],
+                    "--model", NETWORKS[args.network], "--num-classes", str(NUM_CLASSES), "--spacing", *map(str, SPACING)],
                    check=True, capture_output=True)
     stem = Path(scan).name.replace(".nii.gz", "").replace(".nii", "")
     res = {}
-    sides = (("monai", weights), ("medvit", ckpt))
+    sides = (("monai", weights, args.network), ("medvit", ckpt, "auto"))
     if args.skip_reference:
         sides = sides[1:]
-    for side, model_file in sides:
-        res[side] = run_child(side, scan, str(model_file), str(work / side), "")
+    for side, model_file, extra in sides:
+        res[side] = run_child(side, scan, str(model_file), str(work / side), "", extra)
         print(f"{side:>6}: {res[side]['wall_s']:7.1f} s wall, peak RSS {res[side]['peak_rss_mb']:7.0f} MB", flush=True)
     print(f"scan {scan}, torch threads {torch.get_num_threads()}")
     if args.skip_reference:
         return
     if args.fidelity:  # untimed runs that also dump the inverted probabilities
-        for side, model_file in sides:
-            run_child(side, scan, str(model_file), str(work / f"{side}_fidelity"), str(work / f"{side}_probs.npy"))
+        for side, model_file, extra in sides:
+            run_child(side, scan, str(model_file), str(work / f"{side}_fidelity"), str(work / f"{side}_probs.npy"), extra)
     a = np.asarray(nib.load(work / "monai" / f"{stem}_seg.nii.gz").dataobj)
     b = np.asarray(nib.load(work / "medvit" / f"{stem}_seg.nii.gz").dataobj)
     print(f"shape {a.shape}")
