@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import threading
 from collections.abc import Iterator
 
@@ -62,6 +63,7 @@ def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = No
     return contextlib.nullcontext()
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
