@@ -14,7 +14,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import feature_take_last
 
 
 def check_network_stride(img_size: tuple[int, ...], stride: int | Sequence[int]) -> None:
@@ -177,16 +177,13 @@ class MultiScaleBackbone(nn.Module):
         Returns:
             The intermediates, or `(final_tokens, intermediates)` as `forward_features`.
         """
-        check_output_fmt(output_fmt)
-        last_stage = len(self.stage_channels) - 1
-        take = feature_take_indices(last_stage + 1, indices)
-        last = max(take) if (stop_early and intermediates_only) else last_stage
+        take, last = feature_take_last(len(self.stage_channels), indices, output_fmt, stop_early, intermediates_only)
         x, feat_size = self._embed(x)
         feats = []
         for i in range(last + 1):
             x, feat_size = self._forward_stage(i, x, feat_size)
             if i in take:
-                y = self.norm(x) if (norm and i == last_stage) else x
+                y = self.norm(x) if (norm and i == len(self.stage_channels) - 1) else x
                 y = y[:, self.num_prefix_tokens :]
                 if output_fmt == "NCHW":
                     y = y.transpose(1, 2).reshape(y.shape[0], -1, *feat_size)

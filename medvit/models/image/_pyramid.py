@@ -1,8 +1,8 @@
 """Interface shared by the four-stage Pyramid Vision Transformers (PVT v1, PVT v2 / MiT).
 
-The configuration checks, the classifier, `reset_classifier`, `forward` and the index
-handling of `forward_intermediates` are the same for both families; only the stages, the
-pooling of `forward_head` and the pooling types allowed differ. The base class holds no
+The configuration checks, the classifier, `reset_classifier` and `forward` are the same for
+both families; only the stages, the pooling of `forward_head` and the pooling types allowed
+differ. The base class holds no
 parameters, so the models' parameters and state_dict keys are their own.
 """
 
@@ -15,7 +15,6 @@ import torch.nn as nn
 
 from medvit.layers.helpers import check_spatial_dims, to_ntuple
 from medvit.layers.sra import stage_mlp_ratios
-from medvit.models._features import check_output_fmt, feature_take_indices
 
 
 class PyramidBackbone(nn.Module):
@@ -78,15 +77,3 @@ class PyramidBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-    def _take_indices(
-        self, indices: int | Sequence[int] | None, output_fmt: str, stop_early: bool
-    ) -> tuple[list[int], int]:
-        """Stages to return and the last stage to run, for `forward_intermediates`.
-
-        Raises:
-            ValueError: A bad output format or an index out of range.
-        """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.stages), indices)
-        return take, max(take) if stop_early else len(self.stages) - 1

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from medvit.layers.token_pool import TokenMaxPool1d
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import check_output_fmt, feature_take_last
 from medvit.models.image.vit import VisionTransformer
 from medvit.registry import register_variant
 
@@ -119,8 +119,7 @@ class HierarchicalVisionTransformer(VisionTransformer):
         check_output_fmt(output_fmt)
         if output_fmt != "NLC":
             raise ValueError("HVT pools tokens in 1D, so its stages have no grid: use output_fmt='NLC'")
-        take = feature_take_indices(self.num_pool_stages, indices)
-        last = max(take) if (stop_early and intermediates_only) else self.num_pool_stages - 1
+        take, last = feature_take_last(self.num_pool_stages, indices, output_fmt, stop_early, intermediates_only)
         x, _ = self.embed(x)
         feats = []
         for i in range(last + 1):

@@ -25,7 +25,7 @@ from medvit.layers import DropPath, drop_path_schedule
 from medvit.layers.attention_bias import AttentionBias, AttentionSubsample
 from medvit.layers.helpers import to_ntuple
 from medvit.layers.linear_norm import ConvNorm, LinearNorm, NormLinear
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import feature_take_last
 from medvit.registry import register_variant
 
 
@@ -341,9 +341,7 @@ class Levit(nn.Module):
         Returns:
             The maps, or `(forward_features output, maps)`.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.stages), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.stages) - 1
+        take, last = feature_take_last(len(self.stages), indices, output_fmt, stop_early, intermediates_only)
         x = self._stem(x)
         feats = []
         for i, stage in enumerate(self.stages[: last + 1]):

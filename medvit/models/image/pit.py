@@ -18,7 +18,7 @@ import torch.nn as nn
 from medvit.layers import Block, drop_path_schedule
 from medvit.layers.conv_token_pool import ConvTokenPool
 from medvit.layers.helpers import to_ntuple
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import feature_take_last
 from medvit.registry import register_variant
 
 
@@ -240,9 +240,7 @@ class PoolingVisionTransformer(nn.Module):
         Returns:
             The maps, or `(forward_features output, maps)`.
         """
-        check_output_fmt(output_fmt)
-        take = feature_take_indices(len(self.transformers), indices)
-        last = max(take) if (stop_early and intermediates_only) else len(self.transformers) - 1
+        take, last = feature_take_last(len(self.transformers), indices, output_fmt, stop_early, intermediates_only)
         x, prefix = self._embed(x)
         feats = []
         for i, stage in enumerate(self.transformers[: last + 1]):

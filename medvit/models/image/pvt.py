@@ -23,6 +23,7 @@ from medvit.layers.drop import drop_path_schedule
 from medvit.layers.patch_embed import PatchEmbed
 from medvit.layers.sra import SpatialReductionAttention
 from medvit.layers.token_map import format_tokens, tokens_to_map
+from medvit.models._features import feature_take_last
 from medvit.models.image._pyramid import PyramidBackbone
 from medvit.registry import register_model
 
@@ -221,9 +222,9 @@ class PyramidVisionTransformer(PyramidBackbone):
             norm: Unused: the final norm is part of the last stage's output.
             output_fmt: "NCHW" maps or "NLC" token sequences.
             intermediates_only: Return only the list.
-            stop_early: Stop after the last requested stage.
+            stop_early: Stop after the last requested stage (only with `intermediates_only`).
         """
-        take, last = self._take_indices(indices, output_fmt, stop_early)
+        take, last = feature_take_last(len(self.stages), indices, output_fmt, stop_early, intermediates_only)
         x, out = self._run(x, last, take, output_fmt)
         return out if intermediates_only else (x, out)
 

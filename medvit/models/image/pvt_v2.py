@@ -22,6 +22,7 @@ from medvit.layers.drop import drop_path_schedule
 from medvit.layers.overlap_embed import OverlapPatchEmbed
 from medvit.layers.sra import SpatialReductionAttention, check_sra_grid
 from medvit.layers.token_map import map_to_tokens, tokens_to_map
+from medvit.models._features import feature_take_last
 from medvit.models.image._pyramid import PyramidBackbone
 from medvit.registry import register_model
 
@@ -260,9 +261,9 @@ class PyramidVisionTransformerV2(PyramidBackbone):
             norm: Unused: every stage already ends in its LayerNorm.
             output_fmt: "NCHW" maps or "NLC" token sequences.
             intermediates_only: Return only the list.
-            stop_early: Stop after the last requested stage.
+            stop_early: Stop after the last requested stage (only with `intermediates_only`).
         """
-        take, last = self._take_indices(indices, output_fmt, stop_early)
+        take, last = feature_take_last(len(self.stages), indices, output_fmt, stop_early, intermediates_only)
         out = []
         x = self._embed(x)
         for i, stage in enumerate(self.stages[: last + 1]):

@@ -22,7 +22,7 @@ import torch.nn as nn
 from medvit.layers import Block, PatchEmbed, check_pool_type, drop_path_schedule
 from medvit.layers.helpers import to_ntuple
 from medvit.layers.longformer_attention import LongformerAttention2d
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import feature_take_last
 from medvit.registry import register_model
 
 
@@ -255,10 +255,8 @@ class VisionLongformer(nn.Module):
         Returns:
             The maps, or `(forward_features output, maps)`.
         """
-        check_output_fmt(output_fmt)
         n = len(self.stages)
-        take = feature_take_indices(n, indices)
-        last = max(take) if (stop_early and intermediates_only) else n - 1
+        take, last = feature_take_last(n, indices, output_fmt, stop_early, intermediates_only)
         tokens, maps = self._run(x, last)
         feats = []
         for i in take:
