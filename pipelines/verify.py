@@ -228,8 +228,9 @@ def _nifti_header(path: Path, problems: list[Problem]) -> tuple[nib.Nifti1Image,
 
 def _nifti_complete(path: Path, img: nib.Nifti1Image) -> bool:
     """Whether the file holds all its voxel bytes, told without decompressing them."""
-    header = img.header
-    expected = int(header["vox_offset"]) + int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+    # The loaded header's vox_offset can read 0; the data proxy knows where data starts.
+    offset = int(getattr(img.dataobj, "offset", img.header["vox_offset"]))
+    expected = offset + int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize
     if not path.name.lower().endswith(".gz"):
         return path.stat().st_size >= expected
     # A gzip member ends with the length of its data modulo 2**32.
