@@ -17,7 +17,7 @@ Nature Methods 2021), with patch sizes kept to multiples of the ViT patch size.
 
 Every problem with a dataset a user can cause raises :class:`DatasetError` with one
 line naming the file and what is wrong. Given a list to collect into, :func:`load_dataset`
-instead lists every problem with single cases there (as :class:`Problem`) and carries on,
+instead lists every problem with single cases there (as :class:`~medvit.pipelines.errors.Problem`) and carries on,
 which is what :mod:`medvit.pipelines.verify` builds on.
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from medvit.pipelines.errors import DatasetError
+from medvit.pipelines.errors import DatasetError, Problem
 from medvit.pipelines.io import SCAN_SUFFIXES, Scan, ScanError, read_scan
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
     "Case",
     "DatasetSpec",
     "PreprocessConfig",
-    "Problem",
     "compute_fingerprint",
     "load_dataset",
     "plan_from_fingerprint",
@@ -65,24 +64,6 @@ MAX_PATCH_VOXELS = 96**3
 PATCH_MULTIPLE = 16
 
 _MR_NAMES = {"MR", "MRI", "T1", "T1W", "T1C", "T1GD", "T1CE", "T2", "T2W", "FLAIR", "ADC", "DWI", "PD"}
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a dataset, about one file.
-
-    Attributes:
-        file: The file (or folder) at fault.
-        message: What is wrong, one line, without the file name.
-        warning: True for something that may be intended (training can go on).
-    """
-
-    file: Path
-    message: str
-    warning: bool = False
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.message}"
 
 
 @dataclass

@@ -35,8 +35,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medvit.pipelines.data import DatasetSpec, Problem, load_dataset
-from medvit.pipelines.errors import DatasetError, MedvitError
+from medvit.pipelines.data import DatasetSpec, load_dataset
+from medvit.pipelines.errors import DatasetError, MedvitError, Problem
 from medvit.pipelines.io import NIFTI_SUFFIXES, read_scan
 
 __all__ = [
