@@ -336,7 +336,8 @@ class Trainer:
                 for stale in self.out.glob(f".tmp-*-{name}"):
                     stale.unlink(missing_ok=True)
             run_info = {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps}
-            _write_atomic(self.out / "config.json", lambda tmp: tmp.write_text(json.dumps(run_info, default=str, indent=2)))
+            text = json.dumps(run_info, default=str, indent=2)
+            _write_atomic(self.out / "config.json", lambda tmp: tmp.write_text(text))
             # Events after the resumed step were logged by the lost part of the run; drop them.
             writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.cfg.resume else None)
         self.model.train()

@@ -140,7 +140,8 @@ def _listed_twice(spec: DatasetSpec) -> list[Problem]:
                 continue
             key = file.resolve()
             if key in owner:
-                found.append(Problem(file, f"listed twice: the {kind} of training cases {owner[key]!r} and {case.name!r}"))
+                twice = f"listed twice: the {kind} of training cases {owner[key]!r} and {case.name!r}"
+                found.append(Problem(file, twice))
             else:
                 owner[key] = case.name
     for case in spec.cases:
