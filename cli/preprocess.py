@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from medvit.cli._common import user_errors
+from medvit.cli._common import terminate_unwinds, user_errors
 from medvit.pipelines.data import (
     FINGERPRINT_JSON,
     PREPROCESSED_JSON,
@@ -18,6 +18,7 @@ from medvit.pipelines.data import (
 )
 from medvit.pipelines.errors import DatasetError
 from medvit.pipelines.preprocessing import INTENSITY_PRESETS
+from medvit.pipelines.verify import format_problems, verified_dataset
 
 
 def _xyz(values: list[float], unit: str = "") -> str:
@@ -36,21 +37,37 @@ def _xyz(values: list[float], unit: str = "") -> str:
     help="Intensity preset (default: ct for CT, mr for MR, none otherwise).",
 )  # fmt: skip
 @click.option("--max-cases", type=click.IntRange(min=1), default=None, help="Use only the first N training cases.")
+@click.option(
+    "--verify", is_flag=True,
+    help="First check every case (readable, label on the image's grid, declared label values, one channel, "
+    "finite, no duplicates); refuse, listing every problem, before anything is written.",
+)  # fmt: skip
 @user_errors
 def preprocess(
-    data: Path, out: Path, spacing: tuple[float, float, float] | None, intensity: str | None, max_cases: int | None
+    data: Path, out: Path, spacing: tuple[float, float, float] | None, intensity: str | None, max_cases: int | None,
+    verify: bool,
 ) -> None:
     """Fingerprint DATA and write resampled, normalised volumes to OUT.
 
     DATA is a dataset.json (MSD or nnU-Net v2) or the folder holding it. OUT gets
     imagesTr/ and labelsTr/ (NIfTI), fingerprint.json and medvit_preprocessed.json,
-    which `medvit train` accepts in place of the source dataset.
+    which `medvit train` accepts in place of the source dataset. With --verify the whole
+    dataset is checked first (as `medvit train` always does) and preprocessing starts
+    only when it has no problem; warnings are printed and do not stop it.
     """
-    spec = load_dataset(data)
+    if verify:
+        spec, warnings = verified_dataset(data, "nothing was preprocessed")
+        for line in format_problems(warnings):
+            click.echo(line, err=True)
+        note = f" ({len(warnings)} warning(s) above)" if warnings else ""
+        click.echo(f"Verified {len(spec.cases)} training case(s) of {spec.name}: no problems{note}")
+    else:
+        spec = load_dataset(data)
     if max_cases is not None:
         spec = dataclasses.replace(spec, cases=spec.cases[:max_cases])
     config = PreprocessConfig(spacing=spacing or None, intensity=intensity)
-    out_dir = preprocess_dataset(spec, out, config)
+    with terminate_unwinds():
+        out_dir = preprocess_dataset(spec, out, config)
 
     try:
         fp = json.loads((out_dir / FINGERPRINT_JSON).read_text())

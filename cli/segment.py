@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from medvit.cli._common import device_option, user_errors
+from medvit.cli._common import device_option, terminate_unwinds, user_errors
 
 
 @click.command()
@@ -23,10 +23,18 @@ from medvit.cli._common import device_option, user_errors
 @click.option("--tta", is_flag=True, help="Average over the 8 axis flips (8x slower).")
 @click.option("--labels", multiple=True, help="Keep only these label names (repeatable).")
 @click.option("--preview", is_flag=True, help="Also write <stem>_preview.png.")
+@click.option("--skip-existing", is_flag=True,
+              help="Leave out scans whose <stem>_seg.nii.gz and <stem>_volumes.json exist (resume a stopped batch).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @user_errors
-def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, precision, tta, labels, preview, quiet) -> None:
-    """Segment INPUTS: scan files, DICOM series folders or folders of scans."""
+def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, precision, tta, labels, preview,
+            skip_existing, quiet) -> None:
+    """Segment INPUTS: scan files, DICOM series folders or folders of scans.
+
+    A bad scan does not stop the batch: every other scan is segmented, then each bad
+    one is listed as `<file>: <problem>` and the exit status is 1. A bad model or
+    output folder stops everything before the first scan.
+    """
     from medvit.pipelines.segment import SegmentConfig, segment as run, card_summary
     from medvit.pipelines.checkpoint import read_card
 
@@ -34,7 +42,14 @@ def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, precisi
     if not quiet:
         click.echo(f"model: {card_summary(card)}")
     cfg = SegmentConfig(overlap=overlap, sw_batch_size=sw_batch_size, device=device, precision=precision, tta=tta,
-                        labels=list(labels) or None, preview=preview, progress=not quiet)
-    for r in run(inputs, checkpoint, out_dir, cfg):
+                        labels=list(labels) or None, preview=preview, progress=not quiet, skip_existing=skip_existing)
+
+    def show(r) -> None:  # noqa: ANN001
+        if r.skipped:
+            click.echo(f"{r.input}: already segmented ({r.volumes} exists), skipped")
+            return
         vols = ", ".join(f"{k} {v:.1f} ml" for k, v in r.volumes_ml.items())
         click.echo(f"{r.input} -> {r.mask} ({vols})")
+
+    with terminate_unwinds():
+        run(inputs, checkpoint, out_dir, cfg, on_result=show)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from medvit.cli._common import device_option, model_arg_option, user_errors
+from medvit.cli._common import device_option, model_arg_option, terminate_unwinds, user_errors
 
 
 @click.command()
@@ -34,13 +34,18 @@ from medvit.cli._common import device_option, model_arg_option, user_errors
 @click.option("--val-every", default=1, show_default=True, help="Validate every N epochs.")
 @device_option()
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only; ignored on CPU).")
-@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT where it stopped.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from its last checkpoint (end of an epoch).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice_axis, slab, spacing, intensity,
           batch_size, samples_per_volume, lr, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
-    """Train on DATA: a dataset.json (MSD or nnU-Net v2) or a `medvit preprocess` folder."""
+    """Train on DATA: a dataset.json (MSD or nnU-Net v2) or a `medvit preprocess` folder.
+
+    DATA is verified first (every file readable, labels on their images' grids and
+    holding declared values, one channel, finite, no duplicates); a dataset with
+    problems is refused with all of them listed, before training starts.
+    """
     from medvit.pipelines.inference import parse_axis
     from medvit.pipelines.train import TrainConfig, train as run
 
@@ -50,7 +55,8 @@ def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice
         samples_per_volume=samples_per_volume, lr=lr, val_fraction=val_fraction, val_every=val_every,
         device=device, amp=amp, resume=resume, seed=seed, progress=not quiet,
     )
-    result = run(cfg)
+    with terminate_unwinds():
+        result = run(cfg)
     dice = ", ".join(f"{k} {v:.3f}" for k, v in result.last_dice.items())
     click.echo(f"trained {result.steps} steps ({result.epochs} epochs); validation Dice: {dice}")
     click.echo(f"best mean Dice {result.best_dice:.3f}; checkpoints in {result.out_dir}")

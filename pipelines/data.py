@@ -16,7 +16,9 @@ self-configuring method for deep learning-based biomedical image segmentation",
 Nature Methods 2021), with patch sizes kept to multiples of the ViT patch size.
 
 Every problem with a dataset a user can cause raises :class:`DatasetError` with one
-line naming the file and what is wrong.
+line naming the file and what is wrong. Given a list to collect into, :func:`load_dataset`
+instead lists every problem with single cases there (as :class:`~medvit.pipelines.errors.Problem`) and carries on,
+which is what :mod:`medvit.pipelines.verify` builds on.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from medvit.pipelines.errors import DatasetError
+from medvit.pipelines.errors import DatasetError, Problem
 from medvit.pipelines.io import SCAN_SUFFIXES, Scan, ScanError, read_scan
 
 __all__ = [
@@ -132,7 +134,18 @@ def _one_line(text: str) -> str:
 
 
 def _error(path: str | Path, problem: str) -> DatasetError:
-    return DatasetError(_one_line(f"{path}: {problem}"))
+    error = DatasetError(_one_line(f"{path}: {problem}"))
+    error.problem = Problem(Path(path), _one_line(problem))  # type: ignore[attr-defined]
+    return error
+
+
+def _report(sink: list[Problem] | None, path: str | Path, problem: str, warning: bool = False) -> None:
+    """Raise the problem, or add it to ``sink`` when collecting them."""
+    if sink is None:
+        if warning:
+            return
+        raise _error(path, problem)
+    sink.append(Problem(Path(path), _one_line(problem), warning))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -151,7 +164,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_dataset(path: str | Path) -> DatasetSpec:
+def load_dataset(path: str | Path, problems: list[Problem] | None = None) -> DatasetSpec:
     """Read a dataset in MSD, nnU-Net v2 or medvit-preprocessed layout.
 
     The layout is told by the json: a folder (or file) with ``medvit_preprocessed.json``
@@ -162,6 +175,11 @@ def load_dataset(path: str | Path) -> DatasetSpec:
     Args:
         path: A ``dataset.json`` (or ``medvit_preprocessed.json``) file, or a folder
             holding one.
+        problems: When given, problems with single cases (a missing file, a case with
+            several channel files, a name used twice, an image file that belongs to no
+            case, a ``numTraining`` that disagrees) are appended here instead of raised;
+            cases whose files are missing or whose name is unusable are left out. The
+            json's own problems still raise.
 
     Returns:
         The dataset; every listed image and label file exists.
@@ -183,16 +201,16 @@ def load_dataset(path: str | Path) -> DatasetSpec:
             raise _error(path, f"no {DATASET_JSON} (or {PREPROCESSED_JSON}) in this folder")
     data = _read_json(path)
     if path.name == PREPROCESSED_JSON:
-        return _load_preprocessed(path, data)
+        return _load_preprocessed(path, data, problems)
     if "labels" not in data:
         raise _error(path, "no 'labels' entry (label ids and names)")
     labels = data["labels"]
     if not isinstance(labels, dict) or not labels:
         raise _error(path, "'labels' must be a non-empty object of label ids and names")
     if all(isinstance(v, str) for v in labels.values()):
-        return _load_msd(path, data)
+        return _load_msd(path, data, problems)
     if all(isinstance(v, (int, list)) and not isinstance(v, bool) for v in labels.values()):
-        return _load_nnunet(path, data)
+        return _load_nnunet(path, data, problems)
     raise _error(
         path,
         "'labels' must map ids to names (MSD, {\"1\": \"liver\"}) or names to ids (nnU-Net v2, {\"liver\": 1})",
@@ -249,24 +267,37 @@ def _case_name(image: Path) -> str:
     return name
 
 
-def _check_cases(path: Path, cases: list[Case]) -> list[Case]:
+def _check_cases(path: Path, cases: list[Case], sink: list[Problem] | None = None) -> list[Case]:
     if not cases:
         raise _error(path, "no training cases")
     seen: dict[str, Path] = {}
+    kept = []
     for case in cases:
         # Case names become output file names: keep them inside the output folders.
         if not case.name or case.name.startswith(".") or "/" in case.name or "\\" in case.name:
-            raise _error(path, f"training case name {case.name!r} cannot be used as a file name")
+            _report(sink, path, f"training case name {case.name!r} cannot be used as a file name")
+            continue
         if case.name in seen:
-            raise _error(path, f"two training cases share the name {case.name!r} ({seen[case.name]} and {case.image})")
+            _report(sink, path, f"two training cases share the name {case.name!r} ({seen[case.name]} and {case.image})")
+            continue
         seen[case.name] = case.image
+        missing = False
         for kind, file in (("image", case.image), ("label", case.label)):
             if file is not None and not file.exists():
-                raise _error(file, f"{kind} of training case {case.name!r} does not exist (dataset {path})")
-    return cases
+                _report(sink, file, f"{kind} of training case {case.name!r} does not exist (dataset {path})")
+                missing = True
+        if not missing:
+            kept.append(case)
+    return kept
 
 
-def _load_msd(path: Path, data: dict[str, Any]) -> DatasetSpec:
+def _check_count(path: Path, data: dict[str, Any], found: int, sink: list[Problem] | None) -> None:
+    declared = data.get("numTraining")
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared != found:
+        _report(sink, path, f"'numTraining' is {declared} but {found} training cases were found", warning=True)
+
+
+def _load_msd(path: Path, data: dict[str, Any], sink: list[Problem] | None = None) -> DatasetSpec:
     labels: dict[int, str] = {}
     for key, name in data["labels"].items():
         lid = _label_id(path, key, name)
@@ -290,17 +321,18 @@ def _load_msd(path: Path, data: dict[str, Any]) -> DatasetSpec:
             raise _error(path, f"training case {index} ({image}) has no 'label' path")
         image_path = root / image
         cases.append(Case(name=_case_name(image_path), image=image_path, label=root / label))
+    _check_count(path, data, len(cases), sink)
     return DatasetSpec(
         root=root,
         name=str(data.get("name") or root.name),
         labels=labels,
-        cases=_check_cases(path, cases),
+        cases=_check_cases(path, cases, sink),
         modality=_modality(path, data.get("modality"), "modality"),
         layout="msd",
     )
 
 
-def _load_nnunet(path: Path, data: dict[str, Any]) -> DatasetSpec:
+def _load_nnunet(path: Path, data: dict[str, Any], sink: list[Problem] | None = None) -> DatasetSpec:
     labels: dict[int, str] = {}
     for name, value in data["labels"].items():
         if isinstance(value, list):
@@ -322,34 +354,37 @@ def _load_nnunet(path: Path, data: dict[str, Any]) -> DatasetSpec:
         raise _error(path, f"'file_ending' must be a suffix such as \".nii.gz\", got {ending!r}")
     root = path.parent
     if "dataset" in data:
-        cases = _nnunet_listed_cases(path, data["dataset"])
+        cases = _nnunet_listed_cases(path, data["dataset"], sink)
     else:
-        cases = _nnunet_found_cases(path, root, ending)
+        cases = _nnunet_found_cases(path, root, ending, sink)
+    _check_count(path, data, len(cases), sink)
     return DatasetSpec(
         root=root,
         name=str(data.get("name") or root.name),
         labels=labels,
-        cases=_check_cases(path, cases),
+        cases=_check_cases(path, cases, sink),
         modality=modality,
         layout="nnunet",
     )
 
 
-def _nnunet_found_cases(path: Path, root: Path, ending: str) -> list[Case]:
+def _nnunet_found_cases(path: Path, root: Path, ending: str, sink: list[Problem] | None = None) -> list[Case]:
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
         raise _error(images_dir, f"folder of training images for {path} does not exist")
     files = sorted(p for p in images_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith("."))
     stems = [p.name[: -len(ending)] for p in files]
-    extra = [s for s in stems if not s.endswith("_0000") and s[-5:-4] == "_" and s[-4:].isdigit()]
-    if extra:
-        raise _error(
-            images_dir / (extra[0] + ending),
-            "second image channel found; only single-channel (_0000) nnU-Net datasets are supported",
-        )
     cases = []
     for stem, image in zip(stems, files):
+        if stem[-5:-4] == "_" and stem[-4:].isdigit() and not stem.endswith("_0000"):
+            _report(
+                sink, image,
+                f"image channel {stem[-4:]} of case {stem[:-5]!r}; the dataset declares 1 channel and only "
+                "single-channel (_0000) nnU-Net datasets are supported",
+            )  # fmt: skip
+            continue
         if not stem.endswith("_0000"):
+            _report(sink, image, f"not named <case>_0000{ending}, so it belongs to no training case", warning=True)
             continue
         name = stem[: -len("_0000")]
         cases.append(Case(name=name, image=image, label=labels_dir / f"{name}{ending}"))
@@ -358,7 +393,7 @@ def _nnunet_found_cases(path: Path, root: Path, ending: str) -> list[Case]:
     return cases
 
 
-def _nnunet_listed_cases(path: Path, listed: Any) -> list[Case]:
+def _nnunet_listed_cases(path: Path, listed: Any, sink: list[Problem] | None = None) -> list[Case]:
     if not isinstance(listed, dict):
         raise _error(path, f"'dataset' must map case names to their files, got {type(listed).__name__}")
     cases = []
@@ -368,12 +403,12 @@ def _nnunet_listed_cases(path: Path, listed: Any) -> list[Case]:
         if not isinstance(images, list) or not images or not isinstance(label, str):
             raise _error(path, f"case {name!r} in 'dataset' needs 'images' (a list) and 'label'")
         if len(images) != 1:
-            raise _error(path, f"case {name!r} has {len(images)} image channels; only single-channel is supported")
+            _report(sink, path, f"case {name!r} has {len(images)} image channels; only single-channel is supported")
         cases.append(Case(name=str(name), image=path.parent / images[0], label=path.parent / label))
     return cases
 
 
-def _load_preprocessed(path: Path, data: dict[str, Any]) -> DatasetSpec:
+def _load_preprocessed(path: Path, data: dict[str, Any], sink: list[Problem] | None = None) -> DatasetSpec:
     root = path.parent
     for key in ("labels", "cases", "preprocessing"):
         if key not in data:
@@ -407,7 +442,7 @@ def _load_preprocessed(path: Path, data: dict[str, Any]) -> DatasetSpec:
         root=root,
         name=str(data.get("name") or root.name),
         labels=labels,
-        cases=_check_cases(path, cases),
+        cases=_check_cases(path, cases, sink),
         modality=str(data.get("modality") or "CT"),
         layout="preprocessed",
         preprocessing=preprocessing,

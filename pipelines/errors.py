@@ -5,6 +5,9 @@ The CLI turns these into `Error: <message>` and a non-zero exit, never a traceba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 
 class MedvitError(ValueError):
     """A problem the user can fix (bad file, bad argument); str() is one line."""
@@ -16,3 +19,21 @@ class CheckpointError(MedvitError):
 
 class DatasetError(MedvitError):
     """A dataset folder or dataset.json that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one file, for checks that list every problem instead of raising.
+
+    Attributes:
+        file: The file (or folder) at fault.
+        message: What is wrong, one line, without the file name.
+        warning: True for something that may be intended (the work can go on).
+    """
+
+    file: Path
+    message: str
+    warning: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}"

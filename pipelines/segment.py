@@ -5,15 +5,21 @@ Every mask is written on its scan's own grid: predictions are made in the model'
 transforms produced. Inference and inversion stream (`medvit.pipelines.stitch`), so memory
 stays bounded on large scans; with `precision="fp32"` the probabilities are MONAI's
 sliding-window + `Invertd` result.
+
+A batch survives bad scans: each is reported and the others are segmented. Every output
+is written under a temporary name and renamed, and `<stem>_volumes.json` is written last
+(after removing an older one), so a scan is finished exactly when its volumes file
+exists; `skip_existing` resumes a killed batch from there.
 """
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +30,7 @@ from tqdm.auto import tqdm
 from medvit.pipelines.checkpoint import ModelCard, load_checkpoint
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.inference import SliceSpec
-from medvit.pipelines.io import Scan, find_scans, read_scan, write_mask
+from medvit.pipelines.io import Scan, find_scans, read_scan, scan_stem, write_mask
 from medvit.pipelines.preview import write_preview
 from medvit.pipelines.runtime import autocast, inference_dtype, resolve_device, return_freed_memory
 from medvit.pipelines.stitch import (
@@ -54,6 +60,9 @@ class SegmentConfig:
         labels: Keep only these label names (others become background).
         preview: Also write `<stem>_preview.png`.
         progress: Show progress bars.
+        skip_existing: Leave out scans already finished in the output folder (their
+            `<stem>_seg.nii.gz` and `<stem>_volumes.json` exist, and with `preview` their
+            `<stem>_preview.png`).
     """
 
     overlap: float = 0.5
@@ -64,17 +73,50 @@ class SegmentConfig:
     labels: Sequence[str] | None = None
     preview: bool = False
     progress: bool = True
+    skip_existing: bool = False
 
 
 @dataclass
 class SegmentResult:
-    """What was written for one input."""
+    """What was written for one input (`skipped`: found finished, left as it was)."""
 
     input: Path
     mask: Path
     volumes: Path
     volumes_ml: dict[str, float]
     preview: Path | None = None
+    skipped: bool = False
+
+
+@dataclass
+class ScanFailure:
+    """A scan a batch could not segment; `problem` is one line starting with the scan."""
+
+    input: Path
+    problem: str
+
+    def __str__(self) -> str:
+        return self.problem
+
+
+class BatchError(MedvitError):
+    """Some scans of a batch failed; every other scan was segmented.
+
+    `str()` is a one-line summary (the failure itself when the batch was one scan);
+    `details` holds one line per failed scan.
+    """
+
+    def __init__(self, failures: list[ScanFailure], results: list[SegmentResult], out_dir: Path) -> None:
+        self.failures, self.results = failures, results
+        total = len(failures) + len(results)
+        if total == 1:
+            super().__init__(failures[0].problem)
+            self.details: list[str] = []
+        else:
+            super().__init__(
+                f"{len(failures)} of {total} scans failed (listed above); the other {len(results)} are in {out_dir}"
+            )
+            self.details = [f.problem for f in failures]
 
 
 def label_counts(mask: np.ndarray, minlength: int, chunk: int = 2**23) -> np.ndarray:
@@ -209,15 +251,19 @@ class Segmenter:
         }
 
     def segment_file(self, path: str | Path, out_dir: str | Path) -> SegmentResult:
+        """Segment one scan into `out_dir`; its volumes file, written last, marks it finished."""
         scan = read_scan(path)
         mask = self.predict(scan)
         out_dir = Path(out_dir)
+        vol_target = out_dir / f"{scan.stem}_volumes.json"
+        # An older volumes file would mark the scan finished while its new mask is written.
+        vol_target.unlink(missing_ok=True)
         mask_path = write_mask(mask, scan, out_dir / f"{scan.stem}_seg.nii.gz")
         vols = self.volumes_ml(mask, scan)
-        vol_path = _write_json(out_dir / f"{scan.stem}_volumes.json", vols)
         preview = None
         if self.config.preview:
             preview = write_preview(scan.array, mask, scan.affine, out_dir / f"{scan.stem}_preview.png")
+        vol_path = _write_json(vol_target, vols)
         return SegmentResult(Path(path), mask_path, vol_path, vols, preview)
 
 
@@ -246,18 +292,132 @@ def _write_json(path: Path, payload: dict) -> Path:
 
 
 def segment(
-    inputs: Sequence[str | Path], checkpoint: str | Path, out_dir: str | Path, config: SegmentConfig | None = None
+    inputs: Sequence[str | Path],
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    config: SegmentConfig | None = None,
+    on_result: Callable[[SegmentResult], None] | None = None,
 ) -> list[SegmentResult]:
     """Segment every scan named by `inputs` (files, DICOM folders, folders of scans).
 
-    All inputs are checked before any model work starts, so a typo fails fast.
+    A bad scan (missing, unreadable, not 3D, non-finite, failing to segment or to be
+    written) does not stop the batch: it is recorded and the next scan goes on. Two
+    scans whose outputs would share a name are a failure of the later one. The model is
+    loaded when the first scan needs it.
+
+    Args:
+        inputs: Scan files and folders as the user gave them.
+        checkpoint: The model.
+        out_dir: Output folder, created if needed.
+        config: Options; `skip_existing` resumes a killed batch.
+        on_result: Called with each scan's result as soon as it is written (or skipped).
+
+    Returns:
+        The results of all scans, in input order, when every scan succeeded.
+
+    Raises:
+        MedvitError: The output folder, checkpoint or settings are unusable; raised
+            before any scan is segmented.
+        BatchError: After the whole batch, when some scans failed.
     """
-    paths = find_scans(inputs)
-    seg = Segmenter(checkpoint, config)
-    results = []
-    for path in tqdm(paths, desc="scans", disable=not seg.config.progress or len(paths) < 2):
-        results.append(seg.segment_file(path, out_dir))
+    config = config or SegmentConfig()
+    out = Path(out_dir)
+    failures: list[ScanFailure] = []
+    paths = _expand_inputs(inputs, failures)
+    _check_output_folder(out)
+    results: list[SegmentResult] = []
+    seg: Segmenter | None = None
+    for path in tqdm(paths, desc="scans", disable=not config.progress or len(paths) < 2):
+        stem = scan_stem(path)
+        _remove_temporaries(out, stem)
+        done = _finished(out, path, config.preview) if config.skip_existing else None
+        if done is not None:
+            results.append(done)
+        else:
+            if seg is None:
+                seg = Segmenter(checkpoint, config)  # a bad checkpoint or setting fails the whole batch
+            try:
+                results.append(seg.segment_file(path, out))
+            except (MedvitError, MemoryError, torch.OutOfMemoryError) as exc:
+                failures.append(ScanFailure(path, _problem_line(path, exc)))
+                return_freed_memory()
+                continue
+        if on_result is not None:
+            on_result(results[-1])
+    if failures:
+        raise BatchError(failures, results, out)
     return results
+
+
+def _expand_inputs(inputs: Sequence[str | Path], failures: list[ScanFailure]) -> list[Path]:
+    """The scans named by each input; an input that names none is a failure."""
+    paths: list[Path] = []
+    seen: set[Path] = set()
+    owners: dict[str, Path] = {}
+    for raw in inputs:
+        try:
+            found = find_scans([raw])
+        except MedvitError as exc:
+            failures.append(ScanFailure(Path(raw), _problem_line(Path(raw), exc)))
+            continue
+        for path in found:
+            key = path.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            stem = scan_stem(path)
+            if stem in owners:
+                failures.append(ScanFailure(path, (
+                    f"{path}: its outputs ({stem}_seg.nii.gz ...) would overwrite those of {owners[stem]}; "
+                    "segment it into another folder"
+                )))  # fmt: skip
+                continue
+            owners[stem] = path
+            paths.append(path)
+    return paths
+
+
+def _check_output_folder(out: Path) -> None:
+    """Refuse an output folder that cannot be made or written, before any work."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "exists and is not a folder" if probe == out else f"cannot be created ({probe} is a file)"
+        raise MedvitError(f"{out}: output folder {where}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise MedvitError(f"{out}: output folder is not writable")
+
+
+def _remove_temporaries(out: Path, stem: str) -> None:
+    """Temporary files of this scan's outputs left by a killed run (SIGKILL runs no clean-up)."""
+    if not out.is_dir():
+        return
+    for suffix in ("_seg.nii.gz", "_volumes.json", "_preview.png"):
+        for tmp in out.glob(f".tmp-*-{glob.escape(stem)}{suffix}"):
+            tmp.unlink(missing_ok=True)
+
+
+def _finished(out: Path, path: Path, preview: bool) -> SegmentResult | None:
+    """The result of a scan finished by an earlier run, or None when it must be (re)done."""
+    stem = scan_stem(path)
+    mask, vols, png = out / f"{stem}_seg.nii.gz", out / f"{stem}_volumes.json", out / f"{stem}_preview.png"
+    if not mask.is_file() or not vols.is_file() or (preview and not png.is_file()):
+        return None
+    try:
+        volumes = json.loads(vols.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(volumes, dict):
+        return None
+    return SegmentResult(path, mask, vols, volumes, png if preview else None, skipped=True)
+
+
+def _problem_line(path: Path, exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+        text = f"out of memory ({text})" if text else "out of memory"
+    return text if text.startswith(str(path)) else f"{path}: {text}"
 
 
 def card_summary(card: ModelCard) -> str:

@@ -3,6 +3,14 @@
 One process per device; under `torchrun` (WORLD_SIZE > 1) the model is wrapped in
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs). Only rank 0 validates, logs to
 TensorBoard and writes checkpoints.
+
+The dataset is verified (`medvit.pipelines.verify`) before anything else, and refused
+with every problem listed. A run can be killed at any moment and resumed: everything a
+resume needs (weights, optimiser, schedule, step, best Dice, model card) is one file,
+`last_state.pt`, written under a temporary name and renamed, so it always describes one
+and the same step; each epoch's randomness (shuffling, crops, augmentation) is seeded
+from the run seed and the epoch number, so a resumed run repeats the epochs it lost
+exactly as they were first drawn.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ import json
 import math
 import os
 import random
+import secrets
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,14 +36,19 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 import medvit
-from medvit.pipelines.checkpoint import ModelCard, load_checkpoint, save_checkpoint
-from medvit.pipelines.data import DatasetSpec, load_dataset
+from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
+from medvit.pipelines.data import DatasetSpec
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.inference import SliceSpec, in_plane
 from medvit.pipelines.runtime import autocast, resolve_device
 from medvit.pipelines.stitch import stream_probabilities, stream_slice_probabilities
 from medvit.pipelines.train_images import overlay_slice
 from medvit.pipelines.transforms import Preprocessing, preprocess_transforms, train_transforms
+from medvit.pipelines.verify import format_problems, verified_dataset
+
+STATE_FILE = "last_state.pt"
+# Files a run folder gets; a temporary one of these left by a killed run is removed at start.
+_RUN_FILES = ("last.safetensors", "best.safetensors", STATE_FILE, "config.json")
 
 
 @dataclass
@@ -121,7 +136,10 @@ class Trainer:
         np.random.seed(config.seed + self.rank)
         random.seed(config.seed + self.rank)
 
-        self.spec = load_dataset(config.data)
+        self.spec, warnings = verified_dataset(config.data, "nothing was trained")
+        if self.is_main:
+            for line in format_problems(warnings):
+                tqdm.write(line, file=sys.stderr)
         self.class_ids = sorted(self.spec.labels)
         self.num_classes = len(self.class_ids) + 1
         self.prep, self.card_prep = self._preprocessing()
@@ -220,31 +238,51 @@ class Trainer:
         self.card.extra = {"step": self.step, "epoch": self.epoch, "best_dice": self.best, "last_dice": self.last_dice}
         save_checkpoint(self.model, self.card, self.out / f"{name}.safetensors")
         if name == "last":
+            # The weights travel with the optimiser: a kill between writing two files
+            # could otherwise pair one step's weights with another step's optimiser.
             state = {
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "card": self.card.to_json(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "step": self.step,
                 "epoch": self.epoch,
                 "best": self.best,
+                "last_dice": dict(self.last_dice),
             }
-            tmp = self.out / ".last_state.pt.tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, self.out / "last_state.pt")
+            _write_atomic(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
     def _resume(self) -> None:
-        ckpt, state_path = self.out / "last.safetensors", self.out / "last_state.pt"
-        if not ckpt.exists() or not state_path.exists():
-            raise MedvitError(f"{self.out}: nothing to resume (no last.safetensors / last_state.pt)")
-        model, card = load_checkpoint(ckpt, self.device)
+        state_path = self.out / STATE_FILE
+        if not state_path.exists():
+            raise MedvitError(f"{self.out}: nothing to resume (no {STATE_FILE})")
+        try:
+            state = torch.load(state_path, map_location=self.device, weights_only=True)
+            card = ModelCard.from_json(state["card"], state_path)
+        except (KeyError, RuntimeError, OSError, EOFError) as e:
+            reason = " ".join(str(e).split())[:160]
+            raise MedvitError(f"{state_path}: not a resumable training state ({reason})") from None
         if card.model_name != self.cfg.model or card.model_args != json.loads(json.dumps(self.model_args)):
-            raise MedvitError(f"{ckpt}: was trained as {card.model_name} {card.model_args}; resume with the same settings")
-        self.model.load_state_dict(model.state_dict())
-        state = torch.load(state_path, map_location=self.device, weights_only=True)
+            raise MedvitError(
+                f"{state_path}: was trained as {card.model_name} {card.model_args}; resume with the same settings"
+            )
+        self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.best = int(state["step"]), int(state["epoch"]), float(state["best"])
+        self.last_dice = dict(state["last_dice"])
+
+    def _seed_epoch(self) -> None:
+        """Draw this epoch's randomness from (seed, rank, epoch) alone, so a resumed run
+        repeats a lost epoch exactly: shuffling, crops, augmentations, dropout."""
+        seed = int(np.random.SeedSequence([self.cfg.seed, self.rank, self.epoch]).generate_state(1)[0])
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        self.train_loader.generator.manual_seed(seed)
+        self.train_loader.dataset.transform.set_random_state(seed=seed)
 
     # -- loop -----------------------------------------------------------------------------
     def _train_step(self, batch: dict) -> float:
@@ -291,15 +329,22 @@ class Trainer:
         return {n: float(d) for n, d in zip(names, mean)}
 
     def run(self) -> TrainResult:
-        writer = SummaryWriter(str(self.out / "tb")) if self.is_main else None
+        writer = None
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for name in _RUN_FILES:
+                for stale in self.out.glob(f".tmp-*-{name}"):
+                    stale.unlink(missing_ok=True)
             run_info = {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps}
-            (self.out / "config.json").write_text(json.dumps(run_info, default=str, indent=2))
+            text = json.dumps(run_info, default=str, indent=2)
+            _write_atomic(self.out / "config.json", lambda tmp: tmp.write_text(text))
+            # Events after the resumed step were logged by the lost part of the run; drop them.
+            writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.cfg.resume else None)
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not (self.is_main and self.cfg.progress))
         try:
             while self.step < self.total_steps:
+                self._seed_epoch()
                 for batch in self.train_loader:
                     loss = self._train_step(batch)
                     self.step += 1
@@ -333,6 +378,15 @@ class Trainer:
             self.best = mean
             self._save("best")
         self._save("last")
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def train(config: TrainConfig) -> TrainResult:
