@@ -182,7 +182,12 @@ def render_preview(
     centre = np.argwhere(lab > 0).mean(0).round().astype(int) if lab.any() else np.array(lab.shape) // 2
     x, y, z = centre
     sx, sy, sz = _ras_spacing(affine)
-    cuts = [(img[:, :, z], lab[:, :, z], sy, sx), (img[:, y, :], lab[:, y, :], sz, sx), (img[x, :, :], lab[x, :, :], sz, sy)]
+    # (grey, labels, row mm, column mm) of the axial, coronal and sagittal slice
+    cuts = [
+        (img[:, :, z], lab[:, :, z], sy, sx),
+        (img[:, y, :], lab[:, y, :], sz, sx),
+        (img[x, :, :], lab[x, :, :], sz, sy),
+    ]
     # one grey window for the three slices: percentiles of the whole volume would cost a
     # float copy of it, for a picture that shows only these pixels
     shown = np.concatenate([c[0].ravel() for c in cuts]).astype(np.float32)

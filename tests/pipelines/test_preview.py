@@ -93,8 +93,8 @@ def _check_panels(preview: pv.Preview) -> None:
         r, c = np.nonzero(hit)
         e_top, e_bottom, e_left, e_right = _expected_box(h, w, rows, cols)
         # the overlay is exactly the blob's rectangle (to a pixel of nearest-neighbour scaling)
-        assert abs(r.min() - e_top) <= 1 and abs(r.max() + 1 - e_bottom) <= 1, (plane, r.min(), r.max(), e_top, e_bottom)
-        assert abs(c.min() - e_left) <= 1 and abs(c.max() + 1 - e_right) <= 1, (plane, c.min(), c.max(), e_left, e_right)
+        assert abs(r.min() - e_top) <= 1 and abs(r.max() + 1 - e_bottom) <= 1, (plane, r.min(), r.max())
+        assert abs(c.min() - e_left) <= 1 and abs(c.max() + 1 - e_right) <= 1, (plane, c.min(), c.max())
         assert hit[r.min() : r.max() + 1, c.min() : c.max() + 1].all(), plane
         # right-anterior-superior blob: top-left quadrant of every plane
         assert r.mean() < h / 2 and c.mean() < w / 2, plane
