@@ -240,15 +240,17 @@ class Segmenter:
         classes = invert_argmax(prob, voxel_to_model, scan.shape, self.keep)
         return self.class_ids[classes]
 
+    @property
+    def label_names(self) -> dict[int, str]:
+        """Label id -> name of the labels this segmenter writes (after `labels` filtering)."""
+        ids = self.class_ids.tolist()
+        return {lid: name for lid, name in self.card.label_names().items() if self.keep[ids.index(lid)]}
+
     def volumes_ml(self, mask: np.ndarray, scan: Scan) -> dict[str, float]:
         voxel_ml = float(np.prod(scan.spacing)) / 1000.0
-        names = self.card.label_names()
+        names = self.label_names
         counts = label_counts(mask, max(names) + 1 if names else 1)
-        return {
-            name: round(float(counts[lid]) * voxel_ml, 3)
-            for lid, name in names.items()
-            if self.keep[self.class_ids.tolist().index(lid)]
-        }
+        return {name: round(float(counts[lid]) * voxel_ml, 3) for lid, name in names.items()}
 
     def segment_file(self, path: str | Path, out_dir: str | Path) -> SegmentResult:
         """Segment one scan into `out_dir`; its volumes file, written last, marks it finished."""
@@ -262,7 +264,9 @@ class Segmenter:
         vols = self.volumes_ml(mask, scan)
         preview = None
         if self.config.preview:
-            preview = write_preview(scan.array, mask, scan.affine, out_dir / f"{scan.stem}_preview.png")
+            preview = write_preview(
+                scan.array, mask, scan.affine, out_dir / f"{scan.stem}_preview.png", self.label_names
+            )
         vol_path = _write_json(vol_target, vols)
         return SegmentResult(Path(path), mask_path, vol_path, vols, preview)
 

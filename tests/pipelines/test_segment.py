@@ -173,3 +173,47 @@ def test_segment_path_does_not_import_monai(tmp_path, phantom_scan) -> None:
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "[]"
+
+
+def _flip_average(model: torch.nn.Module, x: torch.Tensor, roi: tuple[int, int, int]) -> torch.Tensor:
+    """Probabilities averaged over the 8 axis flips, each from MONAI's sliding window."""
+    from monai.inferers import sliding_window_inference
+
+    flips = [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)]
+    probs = []
+    with torch.no_grad():
+        for axes in flips:
+            logits = sliding_window_inference(torch.flip(x, axes)[None], roi, 1, model, overlap=0.5, mode="gaussian")
+            # (K, X, Y, Z) has its spatial axes where the image (C, X, Y, Z) has them
+            probs.append(torch.flip(torch.softmax(logits[0], 0), axes))
+    return torch.stack(probs).mean(0)
+
+
+def test_tta_is_the_average_over_the_eight_flips(tmp_path) -> None:
+    """`tta=True` returns the mean of the 8 flipped predictions, each flipped back (fp32 path)."""
+    from monai.inferers import sliding_window_inference
+
+    from medvit.pipelines.io import Scan
+
+    ckpt = make_tiny_checkpoint(tmp_path / "c.safetensors", spacing=(3.0, 3.0, 4.0), seed=1)
+    # the scan is already in model space (RAS, the checkpoint's spacing): no resampling
+    shape = (40, 32, 32)  # two windows along x
+    lo, hi = -175.0, 250.0
+    hu = np.random.default_rng(0).uniform(lo, hi, size=shape).astype(np.float32)
+    scan = Scan(hu, np.diag([3.0, 3.0, 4.0, 1.0]), tmp_path / "ras.nii.gz")
+    x = torch.from_numpy((hu - lo) / (hi - lo))[None]
+
+    tta = Segmenter(ckpt, SegmentConfig(progress=False, precision="fp32", device="cpu", tta=True))
+    plain = Segmenter(ckpt, SegmentConfig(progress=False, precision="fp32", device="cpu"))
+    model = tta.model.eval()
+    expected = _flip_average(model, x, (32, 32, 32))
+    with torch.no_grad():
+        unflipped = torch.softmax(sliding_window_inference(x[None], (32, 32, 32), 1, model, 0.5, "gaussian")[0], 0)
+
+    got = tta.predict_proba(scan)
+    assert got.shape == (5, *shape)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+    without = plain.predict_proba(scan)
+    torch.testing.assert_close(without, unflipped, atol=2e-5, rtol=0)
+    # the random model is not flip-symmetric, so averaging over flips changes the result
+    assert (without - expected).abs().max() > 1e-2
