@@ -23,9 +23,12 @@ from medvit.cli._common import device_option, user_errors
 @click.option("--tta", is_flag=True, help="Average over the 8 axis flips (8x slower).")
 @click.option("--labels", multiple=True, help="Keep only these label names (repeatable).")
 @click.option("--preview", is_flag=True, help="Also write <stem>_preview.png.")
+@click.option("--postprocess", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: the connected-component rules the checkpoint chose on validation; none: raw mask.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @user_errors
-def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, precision, tta, labels, preview, quiet) -> None:
+def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, precision, tta, labels, preview, postprocess,
+            quiet) -> None:
     """Segment INPUTS: scan files, DICOM series folders or folders of scans."""
     from medvit.pipelines.segment import SegmentConfig, segment as run, card_summary
     from medvit.pipelines.checkpoint import read_card
@@ -34,7 +37,7 @@ def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, precisi
     if not quiet:
         click.echo(f"model: {card_summary(card)}")
     cfg = SegmentConfig(overlap=overlap, sw_batch_size=sw_batch_size, device=device, precision=precision, tta=tta,
-                        labels=list(labels) or None, preview=preview, progress=not quiet)
+                        labels=list(labels) or None, preview=preview, progress=not quiet, postprocess=postprocess)
     for r in run(inputs, checkpoint, out_dir, cfg):
         vols = ", ".join(f"{k} {v:.1f} ml" for k, v in r.volumes_ml.items())
         click.echo(f"{r.input} -> {r.mask} ({vols})")

@@ -35,6 +35,7 @@ from medvit.pipelines.stitch import (
     stream_slice_probabilities,
 )
 from medvit.pipelines.geometry import model_grid, resample_scan, scale_intensity
+from medvit.pipelines.postprocess import apply_postprocessing
 from medvit.pipelines.preprocessing import Preprocessing
 
 
@@ -54,6 +55,8 @@ class SegmentConfig:
         labels: Keep only these label names (others become background).
         preview: Also write `<stem>_preview.png`.
         progress: Show progress bars.
+        postprocess: `auto` applies the connected-component rules in the checkpoint's card
+            (chosen on validation by `medvit train`), `none` writes the raw argmax mask.
     """
 
     overlap: float = 0.5
@@ -64,6 +67,7 @@ class SegmentConfig:
     labels: Sequence[str] | None = None
     preview: bool = False
     progress: bool = True
+    postprocess: str = "auto"
 
 
 @dataclass
@@ -99,6 +103,8 @@ class Segmenter:
             raise MedvitError(f"--overlap must be in [0, 1), got {self.config.overlap}")
         if self.config.sw_batch_size is not None and self.config.sw_batch_size < 1:
             raise MedvitError(f"--sw-batch-size must be >= 1, got {self.config.sw_batch_size}")
+        if self.config.postprocess not in ("auto", "none"):
+            raise MedvitError(f"--postprocess must be auto or none, got {self.config.postprocess!r}")
         self.device = resolve_device(self.config.device)
         self.sw_batch_size = self.config.sw_batch_size or (4 if self.device.type == "cuda" else 1)
         self.dtype = inference_dtype(self.device, self.config.precision)
@@ -196,7 +202,10 @@ class Segmenter:
         del image
         return_freed_memory()
         classes = invert_argmax(prob, voxel_to_model, scan.shape, self.keep)
-        return self.class_ids[classes]
+        mask = self.class_ids[classes]
+        if self.config.postprocess == "auto":
+            apply_postprocessing(mask, self.card.postprocessing, scan.spacing)
+        return mask
 
     def volumes_ml(self, mask: np.ndarray, scan: Scan) -> dict[str, float]:
         voxel_ml = float(np.prod(scan.spacing)) / 1000.0
