@@ -145,8 +145,9 @@ class Segmenter:
         affine, shape = model_grid(scan.affine, scan.shape, self.prep.spacing, self.prep.orientation)
         if any(s < 1 for s in shape):
             raise MedvitError(f"{scan.path}: empty after resampling")
+        norm = self.prep.ct_norm() if self.prep.intensity == "ct-fingerprint" else None
         image = scale_intensity(resample_scan(scan.array, affine, scan.affine, shape), self.prep.intensity,
-                                self.prep.ct_window)
+                                self.prep.ct_window, norm)
         return image, np.linalg.solve(affine, np.asarray(scan.affine, dtype=float))
 
     @property

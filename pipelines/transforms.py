@@ -87,6 +87,10 @@ def intensity_transform(prep: Preprocessing, key: str = "image") -> MapTransform
     if prep.intensity == "ct":
         lo, hi = prep.ct_window
         return ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    if prep.intensity == "ct-fingerprint":
+        # clip, then z-score: one linear map of the clipped range (geometry.scale_intensity)
+        lo, hi, mean, std = prep.ct_norm()
+        return ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=(lo - mean) / std, b_max=(hi - mean) / std, clip=True)
     if prep.intensity == "mr":
         return NormalizeIntensityd(key, nonzero=True, channel_wise=True)
     return None
