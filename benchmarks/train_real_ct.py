@@ -49,6 +49,8 @@ def main() -> None:
     p.add_argument("--feature-size", type=int, default=None, help="UNETR-family decoder width")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=JSON", help="extra model argument")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--recipe", default="default", help="training recipe (medvit train --recipe)")
+    p.add_argument("--intensity", default=None, help="intensity preset (medvit train --intensity)")
     p.add_argument("--slab", type=int, default=1, help="2D models: slices as channels")
     p.add_argument("--slice-axis", type=int, default=2, help="2D models: 0 sagittal, 1 coronal, 2 axial")
     p.add_argument("--segment-only", action="store_true", help="reuse OUT/run, only segment and score")
@@ -75,7 +77,7 @@ def main() -> None:
         model_args=model_args, epochs=10**6, max_steps=args.max_steps,
         patch_size=tuple(args.patch_size), slice_axis=args.slice_axis, slab=args.slab, spacing=(3.0, 3.0, 3.0),
         batch_size=args.batch_size, samples_per_volume=args.samples_per_volume, lr=args.lr,
-        val_every=args.val_every, device="cpu",
+        val_every=args.val_every, device="cpu", recipe=args.recipe, intensity=args.intensity,
     )
     if args.segment_only:
         card = read_card(out / "run" / "last.safetensors")
@@ -94,8 +96,10 @@ def main() -> None:
     ref = np.asarray(nib.load(DATA / "ct" / "example_seg.nii.gz").dataobj)
     sm = np.asarray(nib.load(seg[0].mask).dataobj)
     full = np.asarray(nib.load(seg[1].mask).dataobj)
+    used = read_card(out / "run" / f"{args.checkpoint}.safetensors")
     report = {
-        "model": args.model, "model_args": model_args, "checkpoint": args.checkpoint,
+        "model": args.model, "model_args": model_args, "checkpoint": args.checkpoint, "recipe": args.recipe,
+        "intensity": used.preprocessing["intensity"], "postprocessing": used.postprocessing,
         "patch_size": list(args.patch_size), "slab": args.slab, "batch_size": args.batch_size, "steps": steps,
         "train_seconds": round(t_train, 1), "segment_seconds_3_scans": round(t_seg, 1),
         "val_dice_model_space": {k: round(v, 4) for k, v in last_dice.items()},
