@@ -1,10 +1,13 @@
 """Connected-component post-processing, chosen per label on validation predictions.
 
-As nnU-Net's `determine_postprocessing` (Isensee et al., Nature Methods 2021): for every
-label, try removing all but its largest connected component, or removing its components
-under a volume, on the validation cases' predictions, and keep the rule that scores best
-if the label's mean Dice does not drop. The chosen rules travel in the checkpoint's card
-(`ModelCard.postprocessing`) and `medvit segment` applies them to the mask it writes.
+After nnU-Net's `determine_postprocessing` (Isensee et al., Nature Methods 2021): for
+every label, try removing its components under a volume, or all but its largest connected
+component, on the validation cases' predictions, and keep the rule that scores best if the
+label's mean Dice does not drop. On a tie the mildest rule wins: validation then shows no
+benefit, and keeping only the largest piece is the rule that can delete a real organ in
+favour of a larger false one elsewhere (nnU-Net itself keeps a rule only when the Dice
+rises). The chosen rules travel in the checkpoint's card (`ModelCard.postprocessing`) and
+`medvit segment` applies them to the mask it writes.
 
 A rule is a dict: `{"id": <label id in masks>, "name": ..., "rule": "largest"}` or
 `{"id": ..., "name": ..., "rule": "min_ml", "min_ml": <ml>}`. Removed voxels become
@@ -25,7 +28,7 @@ from medvit.pipelines.errors import MedvitError
 RULES = ("largest", "min_ml")
 # Sizes tried for `min_ml`, as fractions of the smallest reference component of the label
 # over the validation cases: pieces well below any real piece are taken as spurious.
-MIN_ML_FRACTIONS = (0.5, 0.25)
+MIN_ML_FRACTIONS = (0.25, 0.5)
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 
 
@@ -134,19 +137,19 @@ def _smallest_reference_ml(cases: Sequence[ValidationCase], cls: int) -> float |
 
 
 def candidate_rules(cases: Sequence[ValidationCase], cls: int) -> list[dict[str, Any]]:
-    """Rules tried for class `cls`, strongest first (ties go to the earlier one)."""
-    rules: list[dict[str, Any]] = [{"rule": "largest"}]
+    """Rules tried for class `cls`, mildest first (ties go to the earlier one)."""
+    rules: list[dict[str, Any]] = []
     smallest = _smallest_reference_ml(cases, cls)
     if smallest is not None:
         rules += [{"rule": "min_ml", "min_ml": round(smallest * f, 3)} for f in MIN_ML_FRACTIONS]
-    return rules
+    return rules + [{"rule": "largest"}]
 
 
 def determine_postprocessing(
     cases: Sequence[ValidationCase], labels: Mapping[int, Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
     """The rule kept for each label: the candidate with the best mean validation Dice, if that
-    is not below the Dice without post-processing. Labels absent from every validation case
+    is not below the Dice without post-processing (the mildest of equals). Labels absent from every validation case
     (prediction and reference) get no rule: nothing shows whether one helps.
 
     Args:

@@ -7,12 +7,13 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 from scipy import ndimage
 
 from medvit.cli.main import main
-from medvit.pipelines.checkpoint import CARD_KEY, ModelCard, read_card, save_checkpoint
+from medvit.pipelines.checkpoint import CARD_KEY, ModelCard, load_checkpoint, read_card, save_checkpoint
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.postprocess import ValidationCase, apply_postprocessing, determine_postprocessing
 from medvit.pipelines.segment import SegmentConfig, Segmenter, segment
@@ -43,38 +44,47 @@ def test_rules_remove_only_what_they_say() -> None:
         apply_postprocessing(mask.copy(), [{"id": 5, "rule": "min_ml"}], spacing)
 
 
-def _case(spurious: bool, split: bool) -> ValidationCase:
+def _case(spurious: int = 0, split: bool = False) -> ValidationCase:
+    """Class 1 (liver): a 12x12x8 block (and with `split` a real 8x8x8 second piece); class 2
+    (kidney_right): 4x6x4. The prediction adds a slightly too large liver and, with
+    `spurious`, a false liver piece of spurious^3 voxels and a false kidney piece."""
     ref = np.zeros((40, 40, 12), np.uint8)
     ref[2:14, 2:14, 2:10] = 1
     if split:
-        ref[25:33, 25:33, 2:10] = 1  # a real second piece of class 1
+        ref[25:33, 25:33, 2:10] = 1
     ref[20:24, 4:10, 3:7] = 2
     pred = ref.copy()
-    pred[14:16, 2:14, 2:10] = 1  # a slightly too large liver
+    pred[14:16, 2:14, 2:10] = 1
     if spurious:
-        pred[36:39, 2:5, 8:11] = 1
+        pred[36 - spurious:36, 2:2 + spurious, 1:1 + spurious] = 1
         pred[30:32, 12:14, 1:3] = 2
     return ValidationCase(pred, ref, 0.027)
 
 
 def test_a_rule_that_helps_is_chosen() -> None:
-    rules = determine_postprocessing([_case(spurious=True, split=False), _case(spurious=False, split=False)], LABELS)
+    rules = determine_postprocessing([_case(spurious=3), _case()], LABELS)
     by_name = {r["name"]: r for r in rules}
-    assert by_name["liver"] == {"id": 5, "name": "liver", "rule": "largest"}
-    assert by_name["kidney_right"]["rule"] == "largest" and by_name["kidney_right"]["id"] == 2
+    # a 27-voxel false piece: dropping pieces under a quarter of the smallest real one (1152
+    # voxels) removes it as well as keeping only the largest would: the milder rule is kept
+    assert by_name["liver"] == {"id": 5, "name": "liver", "rule": "min_ml", "min_ml": round(0.25 * 1152 * 0.027, 3)}
+    assert by_name["kidney_right"]["rule"] == "min_ml" and by_name["kidney_right"]["id"] == 2
     assert "pancreas" not in by_name  # absent everywhere: nothing shows a rule helps
+    # a 729-voxel false piece is above both volume thresholds (288, 576): only "largest" removes it
+    rules = {r["name"]: r for r in determine_postprocessing([_case(spurious=9), _case()], LABELS)}
+    assert rules["liver"] == {"id": 5, "name": "liver", "rule": "largest"}
 
 
 def test_a_rule_that_hurts_is_not_chosen() -> None:
-    cases = [_case(spurious=False, split=True)]
+    cases = [_case(split=True)]
     rules = {r["name"]: r for r in determine_postprocessing(cases, LABELS)}
-    # keeping only the largest piece would drop the real second piece of class 1
-    assert rules["liver"]["rule"] == "min_ml"
-    smallest_ml = 8 * 8 * 8 * 0.027
-    assert rules["liver"]["min_ml"] == pytest.approx(0.5 * smallest_ml, abs=1e-3)
-    pred = cases[0].pred.copy()
-    out = apply_postprocessing(np.where(pred == 1, 5, 0).astype(np.uint8), [rules["liver"]], (3.0, 3.0, 3.0))
+    # keeping only the largest piece would drop the real second piece of class 1; the
+    # volume rules change nothing, so the mildest one is kept
+    assert rules["liver"] == {"id": 5, "name": "liver", "rule": "min_ml", "min_ml": round(0.25 * 512 * 0.027, 3)}
+    out = apply_postprocessing(np.where(cases[0].pred == 1, 5, 0).astype(np.uint8), [rules["liver"]], (3.0, 3.0, 3.0))
     assert _components(out == 5) == 2
+    # a rule that lowers the Dice of every case is never kept
+    only_split = [_case(split=True), _case(split=True)]
+    assert all(r["rule"] != "largest" for r in determine_postprocessing(only_split, LABELS))
 
 
 def test_old_checkpoint_card_without_rules_loads(tmp_path, tiny_checkpoint) -> None:
@@ -83,8 +93,6 @@ def test_old_checkpoint_card_without_rules_loads(tmp_path, tiny_checkpoint) -> N
     del d["postprocessing"]
     assert ModelCard.from_json(json.dumps(d)).postprocessing is None
     old = tmp_path / "old.safetensors"
-    import torch
-
     save_file({"w": torch.zeros(1)}, str(old), metadata={CARD_KEY: json.dumps(d)})
     assert read_card(old).postprocessing is None and read_card(old).model_name == "unetr_tiny"
 
@@ -92,8 +100,6 @@ def test_old_checkpoint_card_without_rules_loads(tmp_path, tiny_checkpoint) -> N
 @pytest.fixture(scope="module")
 def ruled_checkpoint(tmp_path_factory):
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("pp") / "plain.safetensors")
-    from medvit.pipelines.checkpoint import load_checkpoint
-
     model, card = load_checkpoint(path)
     card.postprocessing = [{"id": 1, "name": "liver", "rule": "largest"}]
     return save_checkpoint(model, card, path.with_name("ruled.safetensors"))
@@ -132,8 +138,6 @@ def test_segment_cli_postprocess_option(tmp_path, ruled_checkpoint, phantom_scan
 def test_card_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path, tiny_checkpoint) -> None:
     """A longer card (the rules) can make the safetensors header length's first byte 0x80,
     the first byte of a pickle."""
-    from medvit.pipelines.checkpoint import load_checkpoint
-
     model, card = load_checkpoint(tiny_checkpoint)
     path = tmp_path / "c.safetensors"
     card.extra = {"pad": ""}
@@ -147,8 +151,6 @@ def test_card_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp
     assert path.read_bytes()[0] == 0x80
     assert read_card(path).extra["pad"] == "x" * pad
     pickled = tmp_path / "p.pt"
-    import torch
-
     torch.save({"w": torch.zeros(1)}, pickled, _use_new_zipfile_serialization=False)
     with pytest.raises(MedvitError, match="pickle"):
         read_card(pickled)
