@@ -3,13 +3,15 @@
 Usage: python benchmarks/train_real_ct.py [-o OUT] [--model unetr_tiny] [--max-steps 240]
        python benchmarks/train_real_ct.py --model segformer3d_b0 --patch-size 64 64 32
        python benchmarks/train_real_ct.py --model segformer_b0 --patch-size 96 96 1 --slab 3 --batch-size 8
+       python benchmarks/train_real_ct.py --recipe light --intensity ct-fingerprint   (see medvit train)
 
 The training scan is `../shared/data/ct/example_ct_sm.nii.gz` with TotalSegmentator's
 reference labels for spleen (1), kidneys (2, 3) and liver (5); everything runs through the
 same pipelines as `medvit train` / `medvit segment` / `medvit evaluate`. Reported:
 wall times, validation Dice on the training scan (sliding window, model space), Dice of
 the exported mask on the scan's own grid, and Dice of the full-CT mask on the 30 slices
-that `example_ct_sm` was cut from (slices 82-111 of `example_ct`).
+that `example_ct_sm` was cut from (slices 82-111 of `example_ct`), with and without the
+post-processing rules the run chose.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main() -> None:
     p.add_argument("--feature-size", type=int, default=None, help="UNETR-family decoder width")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=JSON", help="extra model argument")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--recipe", default="default", help="training recipe (medvit train --recipe)")
+    p.add_argument("--intensity", default=None, help="intensity preset (medvit train --intensity)")
     p.add_argument("--slab", type=int, default=1, help="2D models: slices as channels")
     p.add_argument("--slice-axis", type=int, default=2, help="2D models: 0 sagittal, 1 coronal, 2 axial")
     p.add_argument("--segment-only", action="store_true", help="reuse OUT/run, only segment and score")
@@ -75,7 +79,7 @@ def main() -> None:
         model_args=model_args, epochs=10**6, max_steps=args.max_steps,
         patch_size=tuple(args.patch_size), slice_axis=args.slice_axis, slab=args.slab, spacing=(3.0, 3.0, 3.0),
         batch_size=args.batch_size, samples_per_volume=args.samples_per_volume, lr=args.lr,
-        val_every=args.val_every, device="cpu",
+        val_every=args.val_every, device="cpu", recipe=args.recipe, intensity=args.intensity,
     )
     if args.segment_only:
         card = read_card(out / "run" / "last.safetensors")
@@ -90,19 +94,27 @@ def main() -> None:
     inputs = [DATA / "ct" / "example_ct_sm.nii.gz", DATA / "ct" / "example_ct.nii.gz", DATA / "ct_dicom"]
     seg = segment(inputs, out / "run" / f"{args.checkpoint}.safetensors", out / "masks", cfg)
     t_seg = time.perf_counter() - t0
+    raw_cfg = SegmentConfig(progress=False, device="cpu", postprocess="none")
+    raw = segment([inputs[1]], out / "run" / f"{args.checkpoint}.safetensors", out / "masks_raw", raw_cfg)[0]
 
     ref = np.asarray(nib.load(DATA / "ct" / "example_seg.nii.gz").dataobj)
     sm = np.asarray(nib.load(seg[0].mask).dataobj)
     full = np.asarray(nib.load(seg[1].mask).dataobj)
+    full_raw = np.asarray(nib.load(raw.mask).dataobj)
+    used = read_card(out / "run" / f"{args.checkpoint}.safetensors")
     report = {
-        "model": args.model, "model_args": model_args, "checkpoint": args.checkpoint,
+        "model": args.model, "model_args": model_args, "checkpoint": args.checkpoint, "recipe": args.recipe,
+        "intensity": used.preprocessing["intensity"], "postprocessing": used.postprocessing,
         "patch_size": list(args.patch_size), "slab": args.slab, "batch_size": args.batch_size, "steps": steps,
         "train_seconds": round(t_train, 1), "segment_seconds_3_scans": round(t_seg, 1),
         "val_dice_model_space": {k: round(v, 4) for k, v in last_dice.items()},
         "dice_sm_on_input_grid": {n: round(dice(sm == i, ref == i), 4) for i, n in LABELS.items()},
         "dice_full_ct_on_sm_slices": {n: round(dice(full[:, :, SM_SLICES] == i, ref == i), 4) for i, n in LABELS.items()},
+        "dice_full_ct_on_sm_slices_without_postprocessing": {
+            n: round(dice(full_raw[:, :, SM_SLICES] == i, ref == i), 4) for i, n in LABELS.items()
+        },
         "dicom_mask": str(seg[2].mask), "dicom_volumes_ml": seg[2].volumes_ml,
-        "full_ct_volumes_ml": seg[1].volumes_ml,
+        "full_ct_volumes_ml": seg[1].volumes_ml, "full_ct_volumes_ml_without_postprocessing": raw.volumes_ml,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

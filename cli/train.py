@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from medvit.cli._common import device_option, model_arg_option, terminate_unwinds, user_errors
+from medvit.pipelines.preprocessing import INTENSITY_PRESETS
+from medvit.pipelines.recipes import recipe_names
 
 
 @click.command()
@@ -25,8 +27,11 @@ from medvit.cli._common import device_option, model_arg_option, terminate_unwind
               help="2D models: odd number of neighbouring slices given as input channels.")
 @click.option("--spacing", nargs=3, type=float, default=(1.5, 1.5, 2.0), show_default=True,
               help="Target voxel size in mm (ignored for a preprocessed folder).")
-@click.option("--intensity", type=click.Choice(["ct", "mr", "none"]), default=None,
-              help="Intensity preset (default: from the dataset's modality).")
+@click.option("--intensity", type=click.Choice(INTENSITY_PRESETS), default=None,
+              help="Intensity preset (default: from the dataset's modality); ct-fingerprint: clip to the "
+              "training foreground's 0.5/99.5 percentiles and z-score (nnU-Net's CT scheme).")
+@click.option("--recipe", default="default", show_default=True,
+              help=f"Training recipe (augmentation, crop sampling, schedule): {', '.join(recipe_names())}.")
 @click.option("--batch-size", default=2, show_default=True)
 @click.option("--samples-per-volume", default=2, show_default=True, help="Random crops per volume and pass.")
 @click.option("--lr", default=1e-4, show_default=True)
@@ -38,7 +43,7 @@ from medvit.cli._common import device_option, model_arg_option, terminate_unwind
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
-def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice_axis, slab, spacing, intensity,
+def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice_axis, slab, spacing, intensity, recipe,
           batch_size, samples_per_volume, lr, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
     """Train on DATA: a dataset.json (MSD or nnU-Net v2) or a `medvit preprocess` folder.
 
@@ -53,7 +58,7 @@ def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice
         data=data, out_dir=out_dir, model=model, model_args=model_args, epochs=epochs, max_steps=max_steps,
         patch_size=tuple(patch_size), slice_axis=parse_axis(slice_axis), slab=slab, spacing=tuple(spacing), intensity=intensity, batch_size=batch_size,
         samples_per_volume=samples_per_volume, lr=lr, val_fraction=val_fraction, val_every=val_every,
-        device=device, amp=amp, resume=resume, seed=seed, progress=not quiet,
+        device=device, amp=amp, resume=resume, seed=seed, progress=not quiet, recipe=recipe,
     )
     with terminate_unwinds():
         result = run(cfg)

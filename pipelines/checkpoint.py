@@ -44,6 +44,9 @@ class ModelCard:
         slicing: For 2D models, how volumes are sliced: {"axis": 0|1|2, "slab": odd n}
             (see `medvit.pipelines.inference.SliceSpec`); None for 3D models.
         extra: Training progress and anything else (epoch, step, best Dice ...).
+        postprocessing: Connected-component rules chosen on validation, applied to the
+            masks `medvit segment` writes (`medvit.pipelines.postprocess`); None in
+            checkpoints from before they existed or not made by training.
     """
 
     model_name: str
@@ -55,6 +58,7 @@ class ModelCard:
     medvit_version: str = medvit.__version__
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    postprocessing: list[dict[str, Any]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -123,7 +127,8 @@ def _open(path: Path) -> Any:
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     with open(path, "rb") as fh:
         head = fh.read(16)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    # a safetensors header length may start with the byte 0x80 too; its JSON header then follows
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[8:9] != b"{"):
         raise CheckpointError(
             f"{path}: a pickle/torch.save file; medvit never unpickles checkpoints "
             "(convert it with `medvit convert`)"

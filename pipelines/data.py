@@ -764,6 +764,7 @@ def preprocess_dataset(
     if prep.spacing is None:
         planned = tuple(fingerprint["suggested"]["spacing"])
         prep = Preprocessing(spacing=planned, intensity=intensity)  # type: ignore[arg-type]
+    prep = prep.with_fingerprint(fingerprint)
     transform = preprocess_transforms(prep, keys=("image", "label"), label_ids=spec.label_ids)
 
     try:

@@ -156,12 +156,20 @@ def _reindex(array: np.ndarray, voxel_map: np.ndarray, shape: Sequence[int]) -> 
     return torch.from_numpy(np.ascontiguousarray(view, dtype=np.float32))[None]
 
 
-def scale_intensity(x: torch.Tensor, preset: str, ct_window: Sequence[float]) -> torch.Tensor:
+def scale_intensity(
+    x: torch.Tensor, preset: str, ct_window: Sequence[float], ct_norm: Sequence[float] | None = None
+) -> torch.Tensor:
     """The intensity presets of `Preprocessing`, in place: MONAI's ScaleIntensityRange (clip)
-    for `ct`, NormalizeIntensity over the non-zero voxels for `mr`."""
+    for `ct`, clipping to `ct_norm`'s (low, high) and z-scoring with its (mean, std) for
+    `ct-fingerprint`, NormalizeIntensity over the non-zero voxels for `mr`."""
     if preset == "ct":
         lo, hi = ct_window
         return x.sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
+    if preset == "ct-fingerprint":
+        if ct_norm is None:
+            raise ValueError("the ct-fingerprint preset needs its (low, high, mean, std)")
+        lo, hi, mean, std = ct_norm
+        return x.clamp_(lo, hi).sub_(mean).div_(std)
     if preset == "mr":
         for c in x:
             nz = c[c != 0]

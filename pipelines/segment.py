@@ -41,6 +41,7 @@ from medvit.pipelines.stitch import (
     stream_slice_probabilities,
 )
 from medvit.pipelines.geometry import model_grid, resample_scan, scale_intensity
+from medvit.pipelines.postprocess import apply_postprocessing
 from medvit.pipelines.preprocessing import Preprocessing
 
 
@@ -63,6 +64,8 @@ class SegmentConfig:
         skip_existing: Leave out scans already finished in the output folder (their
             `<stem>_seg.nii.gz` and `<stem>_volumes.json` exist, and with `preview` their
             `<stem>_preview.png`).
+        postprocess: `auto` applies the connected-component rules in the checkpoint's card
+            (chosen on validation by `medvit train`), `none` writes the raw argmax mask.
     """
 
     overlap: float = 0.5
@@ -74,6 +77,7 @@ class SegmentConfig:
     preview: bool = False
     progress: bool = True
     skip_existing: bool = False
+    postprocess: str = "auto"
 
 
 @dataclass
@@ -141,6 +145,8 @@ class Segmenter:
             raise MedvitError(f"--overlap must be in [0, 1), got {self.config.overlap}")
         if self.config.sw_batch_size is not None and self.config.sw_batch_size < 1:
             raise MedvitError(f"--sw-batch-size must be >= 1, got {self.config.sw_batch_size}")
+        if self.config.postprocess not in ("auto", "none"):
+            raise MedvitError(f"--postprocess must be auto or none, got {self.config.postprocess!r}")
         self.device = resolve_device(self.config.device)
         self.sw_batch_size = self.config.sw_batch_size or (4 if self.device.type == "cuda" else 1)
         self.dtype = inference_dtype(self.device, self.config.precision)
@@ -181,8 +187,9 @@ class Segmenter:
         affine, shape = model_grid(scan.affine, scan.shape, self.prep.spacing, self.prep.orientation)
         if any(s < 1 for s in shape):
             raise MedvitError(f"{scan.path}: empty after resampling")
+        norm = self.prep.ct_norm() if self.prep.intensity == "ct-fingerprint" else None
         image = scale_intensity(resample_scan(scan.array, affine, scan.affine, shape), self.prep.intensity,
-                                self.prep.ct_window)
+                                self.prep.ct_window, norm)
         return image, np.linalg.solve(affine, np.asarray(scan.affine, dtype=float))
 
     @property
@@ -238,7 +245,10 @@ class Segmenter:
         del image
         return_freed_memory()
         classes = invert_argmax(prob, voxel_to_model, scan.shape, self.keep)
-        return self.class_ids[classes]
+        mask = self.class_ids[classes]
+        if self.config.postprocess == "auto":
+            apply_postprocessing(mask, self.card.postprocessing, scan.spacing)
+        return mask
 
     @property
     def label_names(self) -> dict[int, str]:

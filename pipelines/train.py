@@ -1,4 +1,8 @@
-"""Train a segmentation model: DiceCE, AdamW with warmup + cosine, sliding-window Dice.
+"""Train a segmentation model: DiceCE, AdamW with the recipe's schedule, sliding-window Dice.
+
+The training recipe (`medvit.pipelines.recipes`) sets augmentation, crop sampling and LR
+schedule; connected-component post-processing is chosen on every validation's predictions
+(`medvit.pipelines.postprocess`) and stored in the checkpoints' cards.
 
 One process per device; under `torchrun` (WORLD_SIZE > 1) the model is wrapped in
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs). Only rank 0 validates, logs to
@@ -16,7 +20,6 @@ exactly as they were first drawn.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import secrets
@@ -36,14 +39,17 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 import medvit
+from medvit.pipelines.augment import train_transforms
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
-from medvit.pipelines.data import DatasetSpec
+from medvit.pipelines.data import DatasetSpec, compute_fingerprint
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.inference import SliceSpec, in_plane
+from medvit.pipelines.postprocess import ValidationCase, determine_postprocessing
+from medvit.pipelines.recipes import get_recipe, lr_lambda, schedule_factor
 from medvit.pipelines.runtime import autocast, resolve_device
 from medvit.pipelines.stitch import stream_probabilities, stream_slice_probabilities
 from medvit.pipelines.train_images import overlay_slice
-from medvit.pipelines.transforms import Preprocessing, preprocess_transforms, train_transforms
+from medvit.pipelines.transforms import Preprocessing, preprocess_transforms
 from medvit.pipelines.verify import format_problems, verified_dataset
 
 STATE_FILE = "last_state.pt"
@@ -79,6 +85,7 @@ class TrainConfig:
     resume: bool = False
     seed: int = 0
     progress: bool = True
+    recipe: str = "default"
 
 
 @dataclass
@@ -92,10 +99,7 @@ class TrainResult:
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warmup to 1, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return schedule_factor("cosine", step, total, warmup)
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -136,6 +140,7 @@ class Trainer:
         np.random.seed(config.seed + self.rank)
         random.seed(config.seed + self.rank)
 
+        self.recipe = get_recipe(config.recipe)
         self.spec, warnings = verified_dataset(config.data, "nothing was trained")
         if self.is_main:
             for line in format_problems(warnings):
@@ -162,7 +167,7 @@ class Trainer:
         self.warmup = max(1, int(config.warmup_fraction * self.total_steps))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup)
+            self.optimizer, lr_lambda(self.recipe.schedule, self.total_steps, self.warmup)
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and self.device.type == "cuda")
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -184,6 +189,8 @@ class Trainer:
         modality = (self.spec.modality or "CT").upper()
         intensity = self.cfg.intensity or ("ct" if modality == "CT" else "mr" if modality in ("MR", "MRI") else "none")
         prep = Preprocessing(spacing=self.cfg.spacing, intensity=intensity)
+        if intensity == "ct-fingerprint":
+            prep = prep.with_fingerprint(compute_fingerprint(self.spec))
         return prep, prep
 
     def _build_model(self) -> nn.Module:
@@ -211,7 +218,9 @@ class Trainer:
 
     def _load_transform(self):
         remap = None if getattr(self.spec, "remapped", False) else self.class_ids
-        return preprocess_transforms(self.prep, ("image", "label"), label_ids=remap, crop_foreground=True)
+        return preprocess_transforms(
+            self.prep, ("image", "label"), label_ids=remap, crop_foreground=self.recipe.crop_to_body
+        )
 
     def _loader(self, cases: list) -> DataLoader:
         from monai.transforms import Compose
@@ -221,7 +230,12 @@ class Trainer:
         if self.slices is not None:
             axis = self.slices.axis
             crop[axis] = self.slices.slab
-        tf = Compose([self._load_transform(), train_transforms(crop, self.cfg.samples_per_volume, slice_axis=axis)])
+        aug = train_transforms(
+            self.recipe, crop, self.num_classes, self.cfg.samples_per_volume, slice_axis=axis,
+            label_names=self.spec.class_names, orientation=self.prep.orientation,
+        )
+        # flattened, so CacheDataset caches every step before the first random one
+        tf = Compose([self._load_transform(), aug]).flatten()
         ds = CacheDataset(self._items(cases), tf, progress=False, num_workers=0)
         gen = torch.Generator().manual_seed(self.cfg.seed + self.rank)
         return DataLoader(
@@ -313,17 +327,20 @@ class Trainer:
     @torch.no_grad()
     def validate(self, writer: SummaryWriter | None) -> dict[str, float]:
         self.model.eval()
-        dices, shown = [], False
+        dices, shown, cases = [], False, []
         for item in self.val_data:
             img = item["image"].as_tensor().to(self.device)
             pred = self._probabilities(img).argmax(0)[None, None]
             lab = item["label"].as_tensor()[None].long()
             onehot = lambda t: torch.nn.functional.one_hot(t[:, 0], self.num_classes).movedim(-1, 1)  # noqa: E731
             dices.append(compute_dice(onehot(pred), onehot(lab), include_background=False, ignore_empty=False)[0])
+            voxel_ml = abs(float(np.linalg.det(np.asarray(item["image"].affine)[:3, :3]))) / 1000.0
+            cases.append(ValidationCase(pred[0, 0].cpu().numpy(), lab[0, 0].numpy(), voxel_ml))
             if writer is not None and not shown:
                 writer.add_image("val/prediction", overlay_slice(img[0].cpu(), pred[0, 0], lab[0, 0]), self.step)
                 shown = True
         self.model.train()
+        self.card.postprocessing = determine_postprocessing(cases, self.card.labels)
         mean = torch.stack(dices).nanmean(0) if dices else torch.zeros(self.num_classes - 1)
         names = [self.spec.labels[i] for i in self.class_ids]
         return {n: float(d) for n, d in zip(names, mean)}

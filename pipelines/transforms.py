@@ -1,4 +1,4 @@
-"""MONAI dictionary transforms: loading, orientation, spacing, intensity, augmentation.
+"""MONAI dictionary transforms: loading, orientation, spacing, intensity (augmentation: `augment`).
 
 Spatial steps (orientation to RAS, resampling to the target spacing, foreground crop)
 are MONAI invertible transforms. Training and preprocessing use them; `segment` computes
@@ -9,7 +9,6 @@ to these transforms) and maps predictions back through that grid's affine.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,13 +21,7 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
-    RandAffined,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
     ScaleIntensityRanged,
-    SpatialPadd,
     Spacingd,
 )
 
@@ -87,6 +80,10 @@ def intensity_transform(prep: Preprocessing, key: str = "image") -> MapTransform
     if prep.intensity == "ct":
         lo, hi = prep.ct_window
         return ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    if prep.intensity == "ct-fingerprint":
+        # clip, then z-score: one linear map of the clipped range (geometry.scale_intensity)
+        lo, hi, mean, std = prep.ct_norm()
+        return ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=(lo - mean) / std, b_max=(hi - mean) / std, clip=True)
     if prep.intensity == "mr":
         return NormalizeIntensityd(key, nonzero=True, channel_wise=True)
     return None
@@ -127,20 +124,6 @@ def _body(x: torch.Tensor) -> torch.Tensor:
     return x > x.min()
 
 
-@dataclass
-class Augmentation:
-    """Training augmentation strengths (what `medvit train` applies by default)."""
-
-    pos_fraction: float = 0.67
-    flip_prob: float = 0.5
-    affine_prob: float = 0.3
-    rotate_deg: float = 15.0
-    scale: float = 0.1
-    intensity_prob: float = 0.5
-    intensity_shift: float = 0.1
-    intensity_scale: float = 0.1
-
-
 class SlabToChannelsd(MapTransform):
     """Turn a thin 3D crop into a 2D training sample.
 
@@ -162,40 +145,3 @@ class SlabToChannelsd(MapTransform):
         lab = torch.as_tensor(d[self.label_key])
         d[self.label_key] = lab.select(1 + self.axis, slab // 2).contiguous()
         return d
-
-
-def train_transforms(
-    patch_size: Sequence[int],
-    num_samples: int = 2,
-    aug: Augmentation | None = None,
-    slice_axis: int | None = None,
-) -> Compose:
-    """Random crops balanced between foreground and background, flips, affine, intensity.
-
-    With `slice_axis`, `patch_size` is the thin crop (the slab's thickness along that
-    axis), rotation and scaling stay in the slice plane, and each crop ends as a 2D sample.
-    """
-    aug = aug or Augmentation()
-    keys = ["image", "label"]
-    pos = aug.pos_fraction
-    in_plane = [1.0 if slice_axis is None or i != slice_axis else 0.0 for i in range(3)]
-    rotate = [np.deg2rad(aug.rotate_deg) * (1.0 if slice_axis in (None, i) else 0.0) for i in range(3)]
-    steps = [
-        SpatialPadd(keys, spatial_size=patch_size),
-        RandCropByPosNegLabeld(
-            keys, "label", spatial_size=patch_size, pos=pos, neg=1.0 - pos,
-            num_samples=num_samples, image_key="image", image_threshold=0.0,
-        ),
-        RandFlipd(keys, prob=aug.flip_prob, spatial_axis=0),
-        RandFlipd(keys, prob=aug.flip_prob, spatial_axis=1),
-        RandFlipd(keys, prob=aug.flip_prob, spatial_axis=2),
-        RandAffined(
-            keys, prob=aug.affine_prob, rotate_range=rotate,
-            scale_range=[aug.scale * f for f in in_plane], mode=["bilinear", "nearest"], padding_mode="border",
-        ),
-        RandScaleIntensityd("image", factors=aug.intensity_scale, prob=aug.intensity_prob),
-        RandShiftIntensityd("image", offsets=aug.intensity_shift, prob=aug.intensity_prob),
-    ]
-    if slice_axis is not None:
-        steps.append(SlabToChannelsd(slice_axis))
-    return Compose(steps)

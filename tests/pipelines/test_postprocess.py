@@ -1,0 +1,156 @@
+"""Connected-component post-processing: rules, the validation choice, the card, `medvit segment`."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from scipy import ndimage
+
+from medvit.cli.main import main
+from medvit.pipelines.checkpoint import CARD_KEY, ModelCard, load_checkpoint, read_card, save_checkpoint
+from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.postprocess import ValidationCase, apply_postprocessing, determine_postprocessing
+from medvit.pipelines.segment import SegmentConfig, Segmenter, segment
+
+from helpers import make_tiny_checkpoint
+
+LABELS = {1: {"id": 5, "name": "liver"}, 2: {"id": 2, "name": "kidney_right"}, 3: {"id": 7, "name": "pancreas"}}
+
+
+def _components(mask: np.ndarray) -> int:
+    return ndimage.label(mask, structure=np.ones((3, 3, 3)))[1]
+
+
+def test_rules_remove_only_what_they_say() -> None:
+    mask = np.zeros((30, 30, 10), np.uint8)
+    mask[2:12, 2:12, 2:8] = 5  # 600 voxels
+    mask[20:22, 20:22, 2:4] = 5  # 8 voxels, far away
+    mask[20:26, 2:8, 2:8] = 2  # another label, 216 voxels
+    spacing = (2.0, 2.0, 2.0)  # 0.008 ml a voxel
+    largest = apply_postprocessing(mask.copy(), [{"id": 5, "name": "liver", "rule": "largest"}], spacing)
+    assert (largest == 5).sum() == 600 and (largest == 2).sum() == 216 and (largest == 0).sum() == mask.size - 816
+    small = apply_postprocessing(mask.copy(), [{"id": 5, "rule": "min_ml", "min_ml": 0.1}], spacing)
+    np.testing.assert_array_equal(small, largest)  # 0.064 ml removed, 4.8 ml kept
+    kept = apply_postprocessing(mask.copy(), [{"id": 5, "rule": "min_ml", "min_ml": 0.05}], spacing)
+    np.testing.assert_array_equal(kept, mask)
+    np.testing.assert_array_equal(apply_postprocessing(mask.copy(), None, spacing), mask)
+    with pytest.raises(MedvitError, match="malformed"):
+        apply_postprocessing(mask.copy(), [{"id": 5, "rule": "min_ml"}], spacing)
+
+
+def _case(spurious: int = 0, split: bool = False) -> ValidationCase:
+    """Class 1 (liver): a 12x12x8 block (and with `split` a real 8x8x8 second piece); class 2
+    (kidney_right): 4x6x4. The prediction adds a slightly too large liver and, with
+    `spurious`, a false liver piece of spurious^3 voxels and a false kidney piece."""
+    ref = np.zeros((40, 40, 12), np.uint8)
+    ref[2:14, 2:14, 2:10] = 1
+    if split:
+        ref[25:33, 25:33, 2:10] = 1
+    ref[20:24, 4:10, 3:7] = 2
+    pred = ref.copy()
+    pred[14:16, 2:14, 2:10] = 1
+    if spurious:
+        pred[36 - spurious:36, 2:2 + spurious, 1:1 + spurious] = 1
+        pred[30:32, 12:14, 1:3] = 2
+    return ValidationCase(pred, ref, 0.027)
+
+
+def test_a_rule_that_helps_is_chosen() -> None:
+    rules = determine_postprocessing([_case(spurious=3), _case()], LABELS)
+    by_name = {r["name"]: r for r in rules}
+    # a 27-voxel false piece: dropping pieces under a quarter of the smallest real one (1152
+    # voxels) removes it as well as keeping only the largest would: the milder rule is kept
+    assert by_name["liver"] == {"id": 5, "name": "liver", "rule": "min_ml", "min_ml": round(0.25 * 1152 * 0.027, 3)}
+    assert by_name["kidney_right"]["rule"] == "min_ml" and by_name["kidney_right"]["id"] == 2
+    assert "pancreas" not in by_name  # absent everywhere: nothing shows a rule helps
+    # a 729-voxel false piece is above both volume thresholds (288, 576): only "largest" removes it
+    rules = {r["name"]: r for r in determine_postprocessing([_case(spurious=9), _case()], LABELS)}
+    assert rules["liver"] == {"id": 5, "name": "liver", "rule": "largest"}
+
+
+def test_a_rule_that_hurts_is_not_chosen() -> None:
+    cases = [_case(split=True)]
+    rules = {r["name"]: r for r in determine_postprocessing(cases, LABELS)}
+    # keeping only the largest piece would drop the real second piece of class 1; the
+    # volume rules change nothing, so the mildest one is kept
+    assert rules["liver"] == {"id": 5, "name": "liver", "rule": "min_ml", "min_ml": round(0.25 * 512 * 0.027, 3)}
+    out = apply_postprocessing(np.where(cases[0].pred == 1, 5, 0).astype(np.uint8), [rules["liver"]], (3.0, 3.0, 3.0))
+    assert _components(out == 5) == 2
+    # a rule that lowers the Dice of every case is never kept
+    only_split = [_case(split=True), _case(split=True)]
+    assert all(r["rule"] != "largest" for r in determine_postprocessing(only_split, LABELS))
+
+
+def test_old_checkpoint_card_without_rules_loads(tmp_path, tiny_checkpoint) -> None:
+    card = read_card(tiny_checkpoint)
+    d = json.loads(card.to_json())
+    del d["postprocessing"]
+    assert ModelCard.from_json(json.dumps(d)).postprocessing is None
+    old = tmp_path / "old.safetensors"
+    save_file({"w": torch.zeros(1)}, str(old), metadata={CARD_KEY: json.dumps(d)})
+    assert read_card(old).postprocessing is None and read_card(old).model_name == "unetr_tiny"
+
+
+@pytest.fixture(scope="module")
+def ruled_checkpoint(tmp_path_factory):
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("pp") / "plain.safetensors")
+    model, card = load_checkpoint(path)
+    card.postprocessing = [{"id": 1, "name": "liver", "rule": "largest"}]
+    return save_checkpoint(model, card, path.with_name("ruled.safetensors"))
+
+
+def test_segment_applies_the_cards_rule_and_none_disables_it(tmp_path, ruled_checkpoint, phantom_scan) -> None:
+    img, _ = phantom_scan
+    auto = segment([img], ruled_checkpoint, tmp_path / "auto", SegmentConfig(progress=False, precision="fp32"))[0]
+    raw = segment([img], ruled_checkpoint, tmp_path / "none",
+                  SegmentConfig(progress=False, precision="fp32", postprocess="none"))[0]
+    a = np.asarray(nib.load(auto.mask).dataobj)
+    r = np.asarray(nib.load(raw.mask).dataobj)
+    assert _components(r == 1) > 1  # random weights: a scattered liver
+    assert _components(a == 1) == 1
+    changed = a != r
+    assert changed.any() and np.all(r[changed] == 1) and np.all(a[changed] == 0)
+    assert auto.volumes_ml["liver"] < raw.volumes_ml["liver"]
+    with pytest.raises(MedvitError, match="--postprocess"):
+        Segmenter(ruled_checkpoint, SegmentConfig(postprocess="largest"))
+
+
+def test_segment_cli_postprocess_option(tmp_path, ruled_checkpoint, phantom_scan) -> None:
+    img, _ = phantom_scan
+    masks = {}
+    for mode in ("auto", "none"):
+        res = CliRunner().invoke(main, ["segment", str(img), "-m", str(ruled_checkpoint), "-o", str(tmp_path / mode),
+                                        "--postprocess", mode, "--precision", "fp32", "-q"], catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        masks[mode] = np.asarray(nib.load(tmp_path / mode / "phantom_seg.nii.gz").dataobj)
+    assert _components(masks["auto"] == 1) == 1 < _components(masks["none"] == 1)
+    res = CliRunner().invoke(main, ["segment", str(img), "-m", str(ruled_checkpoint), "-o", str(tmp_path / "x"),
+                                    "--postprocess", "some"])
+    assert res.exit_code != 0 and "--postprocess" in res.output
+
+
+def test_card_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path, tiny_checkpoint) -> None:
+    """A longer card (the rules) can make the safetensors header length's first byte 0x80,
+    the first byte of a pickle."""
+    model, card = load_checkpoint(tiny_checkpoint)
+    path = tmp_path / "c.safetensors"
+    card.extra = {"pad": ""}
+    save_checkpoint(model, card, path)
+    delta = (0x80 - path.read_bytes()[0]) % 256  # headers are padded to 8 bytes: try around it
+    for pad in range(max(0, delta - 8), delta + 9):
+        card.extra = {"pad": "x" * pad}
+        save_checkpoint(model, card, path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert read_card(path).extra["pad"] == "x" * pad
+    pickled = tmp_path / "p.pt"
+    torch.save({"w": torch.zeros(1)}, pickled, _use_new_zipfile_serialization=False)
+    with pytest.raises(MedvitError, match="pickle"):
+        read_card(pickled)
