@@ -43,6 +43,7 @@ from medvit.pipelines.stitch import (
 from medvit.pipelines.geometry import model_grid, resample_scan, scale_intensity
 from medvit.pipelines.postprocess import apply_postprocessing
 from medvit.pipelines.preprocessing import Preprocessing
+from medvit.pipelines.recipes import is_lateralised, left_right_axis
 
 
 @dataclass
@@ -57,7 +58,8 @@ class SegmentConfig:
         device: `auto`, `cpu` or `cuda`.
         precision: `auto` (fp16 on CUDA, bf16 on CPUs with native bf16, else fp32),
             `fp32` (the exact path: probabilities equal MONAI's), `bf16` or `fp16`.
-        tta: Average the predictions over the 8 flips of the three axes.
+        tta: Average the predictions over the flips of the three axes (8), or of the two that
+            keep left and right (4) when a label names a side of the body.
         labels: Keep only these label names (others become background).
         preview: Also write `<stem>_preview.png`.
         progress: Show progress bars.
@@ -207,8 +209,9 @@ class Segmenter:
     def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Model-space class probabilities `(K, X, Y, Z)` on the CPU (averaged over flips with TTA)."""
         x = image.to(self.device)
+        dims = [1 + a for a in self.tta_axes]
         flips = [()] if not self.config.tta else [
-            axes for n in range(4) for axes in itertools.combinations((1, 2, 3), n)
+            axes for n in range(len(dims) + 1) for axes in itertools.combinations(dims, n)
         ]
         total = None
         for axes in flips:
@@ -219,6 +222,16 @@ class Segmenter:
         if len(flips) > 1:
             total /= len(flips)
         return total
+
+    @property
+    def tta_axes(self) -> list[int]:
+        """Model-space axes `--tta` flips: all three, but never left-right when a label is
+        lateralised: the mirror image of a left kidney is a right kidney, so its prediction
+        flipped back would put the right kidney's label on the left one."""
+        axes = [0, 1, 2]
+        if any(is_lateralised(name) for name in self.card.label_names().values()):
+            axes.remove(left_right_axis(self.prep.orientation))
+        return axes
 
     def _stream(self, x: torch.Tensor, progress: bool) -> torch.Tensor:
         k = self.card.num_classes

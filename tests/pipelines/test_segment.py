@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 
 import medvit
-from medvit.pipelines.checkpoint import ModelCard, read_card, save_checkpoint
+from medvit.pipelines.checkpoint import ModelCard, load_checkpoint, read_card, save_checkpoint
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.io import read_scan
 from medvit.pipelines.segment import SegmentConfig, Segmenter, label_counts, segment
@@ -175,27 +175,37 @@ def test_segment_path_does_not_import_monai(tmp_path, phantom_scan) -> None:
     assert run.stdout.strip() == "[]"
 
 
-def _flip_average(model: torch.nn.Module, x: torch.Tensor, roi: tuple[int, int, int]) -> torch.Tensor:
-    """Probabilities averaged over the 8 axis flips, each from MONAI's sliding window."""
+def _flip_average(
+    model: torch.nn.Module, x: torch.Tensor, roi: tuple[int, int, int], dims: tuple[int, ...] = (1, 2, 3)
+) -> torch.Tensor:
+    """Probabilities averaged over the flips of tensor dims `dims`, each from MONAI's sliding window."""
     from monai.inferers import sliding_window_inference
 
     flips = [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)]
     probs = []
     with torch.no_grad():
         for axes in flips:
+            if not set(axes) <= set(dims):
+                continue
             logits = sliding_window_inference(torch.flip(x, axes)[None], roi, 1, model, overlap=0.5, mode="gaussian")
             # (K, X, Y, Z) has its spatial axes where the image (C, X, Y, Z) has them
             probs.append(torch.flip(torch.softmax(logits[0], 0), axes))
     return torch.stack(probs).mean(0)
 
 
-def test_tta_is_the_average_over_the_eight_flips(tmp_path) -> None:
-    """`tta=True` returns the mean of the 8 flipped predictions, each flipped back (fp32 path)."""
+@pytest.mark.parametrize("lateralised", [False, True])
+def test_tta_is_the_average_over_the_flips(tmp_path, lateralised: bool) -> None:
+    """`tta=True` returns the mean of the flipped predictions, each flipped back (fp32 path):
+    all 8 flips, or the 4 that keep left and right when a label names a side of the body."""
     from monai.inferers import sliding_window_inference
 
     from medvit.pipelines.io import Scan
 
     ckpt = make_tiny_checkpoint(tmp_path / "c.safetensors", spacing=(3.0, 3.0, 4.0), seed=1)
+    if not lateralised:  # the same model with labels that name no side
+        model, card = load_checkpoint(ckpt)
+        card.labels = {c: {"id": v["id"], "name": f"organ{c}"} for c, v in card.labels.items()}
+        ckpt = save_checkpoint(model, card, tmp_path / "unsided.safetensors")
     # the scan is already in model space (RAS, the checkpoint's spacing): no resampling
     shape = (40, 32, 32)  # two windows along x
     lo, hi = -175.0, 250.0
@@ -206,7 +216,8 @@ def test_tta_is_the_average_over_the_eight_flips(tmp_path) -> None:
     tta = Segmenter(ckpt, SegmentConfig(progress=False, precision="fp32", device="cpu", tta=True))
     plain = Segmenter(ckpt, SegmentConfig(progress=False, precision="fp32", device="cpu"))
     model = tta.model.eval()
-    expected = _flip_average(model, x, (32, 32, 32))
+    assert tta.tta_axes == ([1, 2] if lateralised else [0, 1, 2])
+    expected = _flip_average(model, x, (32, 32, 32), (2, 3) if lateralised else (1, 2, 3))
     with torch.no_grad():
         unflipped = torch.softmax(sliding_window_inference(x[None], (32, 32, 32), 1, model, 0.5, "gaussian")[0], 0)
 
