@@ -119,22 +119,58 @@ def _meta_sop_class(path: Path) -> str | None:
         if element == 0x0002:
             sop = data[pos : pos + length].rstrip(b"\0 ").decode("ascii", "replace")
         pos += length
-    return None
+    return sop if pos == len(data) and len(data) < 8192 else None
 
 
 def _looks_like_damaged_image(path: Path) -> bool:
-    """For a file GDCM could not read: is it a damaged image rather than something else?"""
+    """For a file GDCM could not read: is it a damaged image rather than something else?
+
+    Slice files carry no extension, a DICOM one, or a numeric one (``CT.1.2.840...``); a
+    file named so that cannot be read is taken for a slice cut short (even before its
+    ``DICM`` marker). Other names (``notes.txt``, ``thumb.png``) are not slices.
+    """
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError:
         return True
     if head[128:132] != b"DICM":
-        return path.name.lower().endswith(_DICOM_NAME_SUFFIXES)
+        suffix = path.suffix.lower()
+        return suffix in _DICOM_NAME_SUFFIXES or suffix == "" or suffix[1:].isdigit()
     sop = _meta_sop_class(path)
     # A meta header that cannot be parsed is a damaged file; a known non-image object
     # (report, structure set, presentation state...) is legitimately not an image.
     return sop is None or sop == "" or sop.startswith(_IMAGE_SOP_PREFIXES)
+
+
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+_SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _pixel_data_cut_short(path: Path) -> bool:
+    """Whether the file ends before its pixel data does.
+
+    GDCM needs seconds to give up on such a file; this is a byte-level look at the last
+    PixelData element: an explicit length must fit in the file, and compressed
+    (encapsulated) data must end with its sequence delimiter.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return True
+    # The first match is the dataset's own element (or an icon's, before it); a later
+    # one could be compressed bytes that happen to look like the tag.
+    at = data.find(_PIXEL_DATA_TAG, 132)
+    if at < 0:
+        return False
+    vr = data[at + 4 : at + 6]
+    if vr in (b"OB", b"OW"):
+        length, start = int.from_bytes(data[at + 8 : at + 12], "little"), at + 12
+    else:  # implicit VR
+        length, start = int.from_bytes(data[at + 4 : at + 8], "little"), at + 8
+    if length == 0xFFFFFFFF:
+        return not data.rstrip(b"\0").endswith(_SEQUENCE_END[:4])
+    return start + length > len(data)
 
 
 def _floats(text: str) -> np.ndarray | None:
@@ -149,6 +185,8 @@ def _read_slice(path: Path) -> _Slice | None:
     """Header of one file, or None when GDCM cannot read it as an image."""
     import SimpleITK as sitk
 
+    if _pixel_data_cut_short(path):
+        return None
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
