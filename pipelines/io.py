@@ -36,6 +36,7 @@ from medvit.pipelines.nifti import read_nifti
 from medvit.pipelines.scan_checks import (
     check_deflate_bound,
     check_grid,
+    check_metaimage_numbers,
     check_payload,
     check_spacing,
     check_voxel_budget,
@@ -314,6 +315,8 @@ def _check_itk_header(path: Path, kind: str) -> None:
     """Shape, voxel type, geometry and payload size of an NRRD/MetaImage file, before its voxels are read."""
     import SimpleITK as sitk
 
+    if kind == "MetaImage":
+        check_metaimage_numbers(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -340,7 +343,7 @@ def _check_itk_header(path: Path, kind: str) -> None:
     if compressed:
         check_deflate_bound(path, data_file.stat().st_size - offset, nbytes)
     else:
-        check_payload(data_file, offset, nbytes, compressed=False)
+        check_payload(data_file, offset, nbytes, compressed=False, header=path if data_file != path else None)
 
 
 def _read_itk_file(path: Path, kind: str) -> Scan:

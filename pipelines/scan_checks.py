@@ -24,6 +24,7 @@ __all__ = [
     "MAX_VOXELS",
     "check_deflate_bound",
     "check_grid",
+    "check_metaimage_numbers",
     "check_payload",
     "check_spacing",
     "check_voxel_budget",
@@ -175,8 +176,11 @@ def check_spacing(path: Path, spacing: Sequence[float], what: str = "spacing") -
         raise _error(path, f"implausible voxel {what} ({text} mm)")
 
 
-def check_payload(path: Path, offset: int, nbytes: int, compressed: bool) -> None:
+def check_payload(path: Path, offset: int, nbytes: int, compressed: bool, header: Path | None = None) -> None:
     """Refuse a file that cannot hold the `nbytes` of voxels its header declares at `offset`.
+
+    `header` is the file the user named, when the voxels are in another file (its data
+    file); messages name it.
 
     Uncompressed: a size comparison. Gzip: a claim beyond deflate's best ratio is refused
     at once; otherwise the gzip trailer's length is compared and, where it does not settle
@@ -188,9 +192,9 @@ def check_payload(path: Path, offset: int, nbytes: int, compressed: bool) -> Non
     if not compressed:
         if size < needed:
             raise _error(
-                path,
+                header or path,
                 f"truncated: the header declares {needed:,} bytes (voxels from byte {int(offset)}), "
-                f"the file holds {size:,}",
+                f"{'its data file ' + path.name if header else 'the file'} holds {size:,}",
             )
         return
     check_deflate_bound(path, size, needed)
@@ -296,3 +300,28 @@ def itk_payload(path: Path, kind: str) -> tuple[Path, int, bool] | None:
     if not data_file.is_file():
         raise _error(path, f"its data file {detached} is missing")
     return data_file, skip_bytes, compressed
+
+
+_META_GEOMETRY_KEYS = ("offset", "origin", "position", "elementspacing", "elementsize", "transformmatrix",
+                       "rotation", "orientation")  # fmt: skip
+
+
+def check_metaimage_numbers(path: Path) -> None:
+    """Refuse a MetaImage header whose geometry fields are not finite numbers.
+
+    ITK's MetaIO reads ``nan`` (and any word) in ``Offset`` as 0, which would silently
+    move the scan to the world origin.
+    """
+    parsed = _text_header(path)
+    if parsed is None:
+        return
+    for line in parsed[0]:
+        m = _META_FIELD.match(line)
+        if not m or m.group(1).lower() not in _META_GEOMETRY_KEYS:
+            continue
+        try:
+            values = [float(v) for v in m.group(2).split()]
+        except ValueError:
+            values = [float("nan")]
+        if not all(np.isfinite(values)):
+            raise _error(path, f"the header's {m.group(1)} holds NaN, infinite or non-numeric values ({m.group(2)})")
