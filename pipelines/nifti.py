@@ -201,7 +201,9 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     affine = np.array(img.affine, dtype=np.float64)
     check_grid(path, affine[:3, :3], affine[:3, 3], used)
     try:
-        array = img.get_fdata(dtype=float_type) if scaled else np.asarray(img.dataobj)
+        # A slope that overflows float32 gives inf voxels, refused below as non-finite.
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = img.get_fdata(dtype=float_type) if scaled else np.asarray(img.dataobj)
     except MemoryError:
         raise
     except Exception as exc:
