@@ -145,32 +145,38 @@ def _looks_like_damaged_image(path: Path) -> bool:
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 _SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+# Headers (with any icon image) end well within this; a longer one is left to GDCM.
+_HEADER_SCAN_BYTES = 1 << 20
 
 
 def _pixel_data_cut_short(path: Path) -> bool:
     """Whether the file ends before its pixel data does.
 
-    GDCM needs seconds to give up on such a file; this is a byte-level look at the last
+    GDCM needs seconds to give up on such a file; this is a byte-level look at the first
     PixelData element: an explicit length must fit in the file, and compressed
     (encapsulated) data must end with its sequence delimiter.
     """
     try:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(_HEADER_SCAN_BYTES)
+            fh.seek(max(0, size - 64))
+            tail = fh.read()
     except OSError:
         return True
     # The first match is the dataset's own element (or an icon's, before it); a later
     # one could be compressed bytes that happen to look like the tag.
-    at = data.find(_PIXEL_DATA_TAG, 132)
-    if at < 0:
+    at = head.find(_PIXEL_DATA_TAG, 132)
+    if at < 0 or at + 12 > len(head):
         return False
-    vr = data[at + 4 : at + 6]
+    vr = head[at + 4 : at + 6]
     if vr in (b"OB", b"OW"):
-        length, start = int.from_bytes(data[at + 8 : at + 12], "little"), at + 12
+        length, start = int.from_bytes(head[at + 8 : at + 12], "little"), at + 12
     else:  # implicit VR
-        length, start = int.from_bytes(data[at + 4 : at + 8], "little"), at + 8
+        length, start = int.from_bytes(head[at + 4 : at + 8], "little"), at + 8
     if length == 0xFFFFFFFF:
-        return not data.rstrip(b"\0").endswith(_SEQUENCE_END[:4])
-    return start + length > len(data)
+        return not tail.rstrip(b"\0").endswith(_SEQUENCE_END[:4])
+    return start + length > size
 
 
 def _floats(text: str) -> np.ndarray | None:
@@ -277,8 +283,12 @@ def _pick_series(folder: Path, slices: list[_Slice]) -> list[_Slice]:
     )
 
 
-def _check_slices(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], float]:
-    """Sort the series along its normal and check it is one regular stack; return it and the slice spacing."""
+def _check_slices(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], float, np.ndarray]:
+    """Sort the series along its normal and check it is one regular stack.
+
+    Returns:
+        The slices in stack order, the slice spacing (mm) and the first slice's position.
+    """
     multi = [s.path for s in series if s.frames > 1]
     if multi:
         raise _error(
@@ -300,14 +310,15 @@ def _check_slices(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], flo
             f"slices without a valid ImagePositionPatient/ImageOrientationPatient ({_names(unplaced)}); "
             "they cannot be placed in 3D",
         )
-    assert first.orientation is not None
-    mixed = [s.path for s in series if np.max(np.abs(s.orientation - first.orientation)) > _ORIENTATION_TOL]
+    orientations = np.stack([s.orientation for s in series])  # type: ignore[misc]
+    positions = np.stack([s.position for s in series])  # type: ignore[misc]
+    mixed = [s.path for s, o in zip(series, orientations) if np.max(np.abs(o - orientations[0])) > _ORIENTATION_TOL]
     if mixed:
         raise _error(
             folder,
             f"mixed slice orientations: {_names(mixed)} differ from {first.path.name} (ImageOrientationPatient)",
         )
-    row, col = first.orientation[:3], first.orientation[3:]
+    row, col = orientations[0, :3], orientations[0, 3:]
     if (abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(row @ col) > 1e-2):
         raise _error(folder, "invalid ImageOrientationPatient (row and column directions are not orthonormal)")
     spacings = {s.pixel_spacing for s in series}
@@ -316,8 +327,9 @@ def _check_slices(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], flo
 
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
-    ordered = sorted(series, key=lambda s: float(s.position @ normal))  # type: ignore[operator]
-    heights = np.array([float(s.position @ normal) for s in ordered])  # type: ignore[operator]
+    order = np.argsort(positions @ normal, kind="stable")
+    ordered, positions = [series[i] for i in order], positions[order]
+    heights = positions @ normal
     steps = np.diff(heights)
     same = np.flatnonzero(steps <= _SAME_POSITION_MM)
     if same.size:
@@ -336,15 +348,18 @@ def _check_slices(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], flo
         i = int(np.argmax(steps))
         if np.all(np.abs(multiples - np.round(multiples)) * smallest <= tol) and multiples.max() >= 1.5:
             missing = int(np.sum(np.round(multiples) - 1))
+            numbers = (ordered[i].instance, ordered[i + 1].instance)
+            numbered = f" (InstanceNumber {numbers[0]} and {numbers[1]})" if None not in numbers else ""
             raise _error(
                 folder,
                 f"missing slices: a gap of {steps[i]:.3g} mm between {ordered[i].path.name} and "
-                f"{ordered[i + 1].path.name} in a series spaced {smallest:.3g} mm (about {missing} slice(s) absent)",
+                f"{ordered[i + 1].path.name}{numbered} in a series spaced {smallest:.3g} mm "
+                f"(about {missing} slice(s) absent)",
             )
         raise _error(
             folder, f"uneven slice spacing ({steps.min():.3g} to {steps.max():.3g} mm); a volume needs equal spacing"
         )
-    deltas = np.diff(np.stack([s.position for s in ordered]), axis=0)  # type: ignore[arg-type]
+    deltas = np.diff(positions, axis=0)
     in_plane = deltas - np.outer(deltas @ normal, normal)
     drift = np.linalg.norm(in_plane, axis=1)
     if np.any(drift > max(_SPACING_ABS_TOL_MM, _SPACING_REL_TOL * base)):
@@ -353,7 +368,7 @@ def _check_slices(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], flo
             f"slices are not stacked along their normal (shifted {drift.max():.3g} mm sideways per slice: "
             "gantry tilt or a sheared series); correct it with dcm2niix first",
         )
-    return ordered, base
+    return ordered, base, positions[0]
 
 
 def read_dicom_series(folder: Path) -> sitk.Image:
@@ -379,7 +394,7 @@ def read_dicom_series(folder: Path) -> sitk.Image:
         raise _error(folder, f"{len(damaged)} damaged or truncated DICOM file(s): {_names(damaged)}")
     if not slices:
         raise _error(folder, "no DICOM series found in folder")
-    ordered, spacing = _check_slices(folder, _pick_series(folder, slices))
+    ordered, spacing, first = _check_slices(folder, _pick_series(folder, slices))
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(s.path) for s in ordered])
@@ -393,8 +408,6 @@ def read_dicom_series(folder: Path) -> sitk.Image:
         raise
     except Exception:
         raise _error(folder, f"DICOM series of {len(ordered)} files could not be read (damaged slices)") from None
-    first = ordered[0].position
-    assert first is not None
     # GDCM and ITK place the stack themselves: it must be the stack checked above.
     if (
         image.GetSize()[2] != len(ordered)

@@ -69,7 +69,10 @@ def _refused(folder: Path, *fragments: str) -> str:
 def test_missing_middle_slice_is_refused_naming_its_neighbours(series: Path) -> None:
     files = _files(series)
     files[7].unlink()
-    _refused(series, "missing slices", "gap of 4 mm", files[6].name, files[8].name, "about 1 slice(s) absent")
+    _refused(
+        series, "missing slices", "gap of 4 mm", files[6].name, files[8].name, "(InstanceNumber 275 and 273)",
+        "about 1 slice(s) absent",
+    )
 
 
 def test_two_missing_slices(series: Path) -> None:

@@ -274,7 +274,7 @@ def _mutated_checkpoint(header: dict[str, Any], data: bytes, mutations: list[tup
     return blob[: len(blob) - cut] if cut else blob
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(mutations=checkpoint_mutations())
 def test_fuzzed_checkpoint_loads_exactly_or_is_refused(
     checkpoint_parts: tuple[dict[str, Any], bytes], mutations: list[tuple[str, Any]]
