@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medvit.pipelines.errors import ScanError
+from medvit.pipelines.scan_checks import check_voxel_budget
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -93,6 +94,7 @@ class _Slice:
     pixel_spacing: tuple[float, ...] | None
     instance: int | None
     rescale: tuple[str, str]
+    pixel_id: int
 
 
 def _meta_sop_class(path: Path) -> str | None:
@@ -231,6 +233,7 @@ def _read_slice(path: Path) -> _Slice | None:
         pixel_spacing=tuple(spacing) if spacing is not None and spacing.size == 2 else None,
         instance=integer("0020|0013", None),
         rescale=(tag("0028|1053") or "1", tag("0028|1052") or "0"),
+        pixel_id=int(reader.GetPixelID()),
     )
 
 
@@ -398,9 +401,13 @@ def read_dicom_series(folder: Path) -> sitk.Image:
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(s.path) for s in ordered])
+    pixel_id = ordered[0].pixel_id
     if len({s.rescale for s in ordered}) > 1:
         # Per-slice rescaling (PET does this) must not be cast to the first slice's integers.
-        reader.SetOutputPixelType(sitk.sitkFloat32)
+        pixel_id = sitk.sitkFloat32
+        reader.SetOutputPixelType(pixel_id)
+    itemsize = sitk.GetArrayViewFromImage(sitk.Image([1, 1], pixel_id)).dtype.itemsize
+    check_voxel_budget(folder, (ordered[0].columns, ordered[0].rows, len(ordered)), itemsize, f"{itemsize}-byte voxels")
     try:
         with quiet_itk():
             image = reader.Execute()

@@ -192,3 +192,10 @@ def test_single_slices_and_multi_frame_files(series: Path, tmp_path: Path) -> No
     for name in ("a.dcm", "b.dcm"):
         shutil.copyfile(multi, mixed / name)
     _refused(mixed, "multi-frame DICOM files", "a.dcm")
+
+
+def test_series_larger_than_memory_is_refused_before_reading(series: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medvit.pipelines import scan_checks
+
+    monkeypatch.setattr(scan_checks, "_memory_bytes", lambda: 8 << 20)
+    _refused(series, "header declares (512, 512, 20) voxels of 2-byte voxels (10.0 MiB), more than the 8.0 MiB")

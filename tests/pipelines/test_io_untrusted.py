@@ -303,3 +303,31 @@ def test_itk_singleton_extra_dimensions_and_one_slice_are_3d(tmp_path: Path) -> 
     np.testing.assert_array_equal(scan.array, np.arange(24, dtype=np.int16).reshape(2, 3, 4).transpose(2, 1, 0))
     _metaimage(tmp_path / "slice.mha", [], dims="4 3 1")
     assert read_scan(tmp_path / "slice.mha").shape == (4, 3, 1)
+
+
+def test_permission_error_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medvit.pipelines import io as scan_io
+
+    path = tmp_path / "locked.nii.gz"
+    _nifti(path)
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(args[0]))
+
+    monkeypatch.setattr(scan_io, "open", denied, raising=False)
+    _refused(path, "cannot read (Permission denied)")
+
+
+@pytest.mark.parametrize("name", ["packed.nrrd", "packed.mha", "detached.mhd", "detached.nhdr"])
+def test_compressed_and_detached_itk_files_are_read(tmp_path: Path, name: str) -> None:
+    import SimpleITK as sitk
+
+    array = (np.arange(120) % 7).reshape(4, 5, 6).astype(np.int16)  # (k, j, i)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.5, 0.75, 2.0))
+    image.SetOrigin((10.0, -5.0, 3.0))
+    sitk.WriteImage(image, str(tmp_path / name), name.startswith("packed"))
+    scan = read_scan(tmp_path / name)
+    np.testing.assert_array_equal(scan.array, array.transpose(2, 1, 0))
+    assert scan.spacing == pytest.approx((0.5, 0.75, 2.0))
+    np.testing.assert_allclose(scan.affine[:3, 3], [-10.0, 5.0, 3.0])
