@@ -257,16 +257,18 @@ def dicom_file_problem(path: Path) -> str:
 
 
 def _candidates(folder: Path) -> list[Path]:
+    """The files that may be slices: visible, not DICOMDIR, not scans of another format."""
     from medvit.pipelines.io import SCAN_SUFFIXES
 
     try:
-        entries = sorted(folder.iterdir())
+        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     except OSError as exc:
         raise _error(folder, f"cannot list folder ({exc.strerror or exc})") from None
+    if not entries:
+        raise _error(folder, "folder is empty")
     return [
         p for p in entries
-        if not p.name.startswith(".") and p.name.upper() != "DICOMDIR" and not p.name.lower().endswith(SCAN_SUFFIXES)
-        and p.is_file()
+        if p.name.upper() != "DICOMDIR" and not p.name.lower().endswith(SCAN_SUFFIXES) and p.is_file()
     ]  # fmt: skip
 
 
@@ -383,8 +385,6 @@ def read_dicom_series(folder: Path) -> sitk.Image:
     import SimpleITK as sitk
 
     files = _candidates(folder)
-    if not files:
-        raise _error(folder, "folder is empty")
     slices, damaged = [], []
     for path in files:
         with quiet_itk():

@@ -199,3 +199,15 @@ def test_series_larger_than_memory_is_refused_before_reading(series: Path, monke
 
     monkeypatch.setattr(scan_checks, "_memory_bytes", lambda: 8 << 20)
     _refused(series, "header declares (512, 512, 20) voxels of 2-byte voxels (10.0 MiB), more than the 8.0 MiB")
+
+
+def test_mixed_pixel_spacing_is_refused(series: Path) -> None:
+    _patch(_files(series)[12], 0x0028, 0x0030, "0.8765625\\0.8765625")
+    _refused(series, "different pixel spacings (PixelSpacing)")
+
+
+def test_folder_of_other_scans_is_not_a_dicom_series(tmp_path: Path) -> None:
+    folder = tmp_path / "niftis"
+    folder.mkdir()
+    (folder / "a.nii.gz").write_bytes(b"x")
+    _refused(folder, "no DICOM series found in folder")
