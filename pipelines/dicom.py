@@ -421,5 +421,7 @@ def read_dicom_series(folder: Path) -> sitk.Image:
         or abs(image.GetSpacing()[2] - spacing) > max(_SPACING_ABS_TOL_MM, _SPACING_REL_TOL * spacing)
         or np.max(np.abs(np.array(image.GetOrigin()) - first)) > _SPACING_ABS_TOL_MM * 10
     ):
-        raise _error(folder, "the DICOM reader placed the slices differently from their positions (inconsistent headers)")
+        raise _error(
+            folder, "the DICOM reader placed the slices differently from their positions (inconsistent headers)"
+        )
     return image

@@ -126,7 +126,6 @@ def _error(path: str | Path, problem: str) -> ScanError:
     return ScanError.at(path, problem)
 
 
-_reason = short_reason
 
 
 def _has_dicom_magic(path: Path) -> bool:
@@ -222,7 +221,7 @@ def _scans_in_folder(folder: Path) -> list[Path]:
     try:
         entries = sorted(_visible(list(folder.iterdir())))
     except OSError as exc:
-        raise _error(folder, f"cannot list folder ({_reason(exc)})") from None
+        raise _error(folder, f"cannot list folder ({short_reason(exc)})") from None
     if not entries:
         raise _error(folder, "folder is empty")
     files = [p for p in entries if p.is_file() and _is_scan_file_name(p)]
@@ -270,7 +269,7 @@ def read_scan(path: str | Path) -> Scan:
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise _error(path, f"cannot read ({exc.strerror or _reason(exc)})") from None
+        raise _error(path, f"cannot read ({exc.strerror or short_reason(exc)})") from None
     if size == 0:
         raise _error(path, "file is empty")
     try:
@@ -282,7 +281,7 @@ def read_scan(path: str | Path) -> Scan:
         if suffix in ITK_FILE_SUFFIXES:
             return _read_itk_file(path, ITK_FILE_SUFFIXES[suffix])
     except OSError as exc:  # the file vanished or became unreadable while being read
-        raise _error(path, f"cannot read ({exc.strerror or _reason(exc)})") from None
+        raise _error(path, f"cannot read ({exc.strerror or short_reason(exc)})") from None
     if _has_dicom_magic(path) or lower.endswith((".dcm", ".dicom", ".ima")):
         raise _error(path, dicom_file_problem(path))
     raise _error(path, f"not a supported scan file (expected {', '.join(SCAN_SUFFIXES)}, or a DICOM series folder)")
@@ -436,7 +435,7 @@ def write_mask(mask: np.ndarray, scan: Scan, out_path: str | Path) -> Path:
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _error(out_path, f"cannot create output folder ({_reason(exc)})") from None
+        raise _error(out_path, f"cannot create output folder ({short_reason(exc)})") from None
 
     # The temp name keeps the real suffix: both writers pick the format from it.
     tmp = out_path.parent / f".tmp-{secrets.token_hex(6)}-{out_path.name}"
@@ -449,7 +448,7 @@ def write_mask(mask: np.ndarray, scan: Scan, out_path: str | Path) -> Path:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, Exception) and not isinstance(exc, ScanError):
-            raise _error(out_path, f"cannot write mask ({_reason(exc)})") from None
+            raise _error(out_path, f"cannot write mask ({short_reason(exc)})") from None
         raise
     return out_path
 

@@ -87,7 +87,9 @@ def _raw_header(path: Path) -> tuple[nib.Nifti1Header, bool]:
     magic = bytes(header["magic"]).rstrip(b"\0")
     if magic != _SINGLE_FILE_MAGIC[size]:
         if magic in (b"ni1", b"ni2"):
-            raise _error(path, f"a NIfTI header/image pair (magic {magic.decode()}): its voxels are in a separate .img file")
+            raise _error(
+                path, f"a NIfTI header/image pair (magic {magic.decode()}): its voxels are in a separate .img file"
+            )
         raise _error(path, f"not a single-file NIfTI (magic {magic!r}, expected {_SINGLE_FILE_MAGIC[size]!r})")
     return header, compressed
 

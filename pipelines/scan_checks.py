@@ -214,7 +214,8 @@ def check_payload(path: Path, offset: int, nbytes: int, compressed: bool, header
     except (EOFError, OSError, zlib.error) as exc:
         if got < needed:
             raise _error(
-                path, f"truncated or damaged gzip data before the {needed:,} bytes the header declares ({short_reason(exc)})"
+                path,
+                f"truncated or damaged gzip data before the {needed:,} bytes the header declares ({short_reason(exc)})",
             ) from None
     if got < needed:
         raise _error(path, f"truncated: the header declares {needed:,} bytes, the gzip data holds {got:,}")

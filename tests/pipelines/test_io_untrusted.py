@@ -67,7 +67,9 @@ NIFTI_REFUSED = {
     "sform_nan": ({"srow_x": [np.nan, 0, 0, 0]}, "the sform holds NaN or infinite values"),
     "sform_inf_origin": ({"srow_y": [0, 1, 0, np.inf]}, "the sform holds NaN or infinite values"),
     "sform_zero_axis": ({"srow_x": [0, 0, 0, 0], "srow_y": [0, 0, 0, 0], "srow_z": [0, 0, 0, 0]}, "the sform is singular"),
-    "sform_parallel": ({"srow_x": SINGULAR[0], "srow_y": SINGULAR[1], "srow_z": SINGULAR[2]}, "two voxel axes point the same way"),
+    "sform_parallel": (
+        {"srow_x": SINGULAR[0], "srow_y": SINGULAR[1], "srow_z": SINGULAR[2]}, "two voxel axes point the same way"
+    ),
     "sform_tiny": ({"srow_x": [1e-9, 0, 0, 0]}, "implausible voxel sizes"),
     "qform_not_rotation": ({"sform_code": 0, "quatern_b": 0.9, "quatern_c": 0.9}, "the qform quaternion is not a rotation"),
     "qform_nan": ({"sform_code": 0, "qoffset_x": np.nan}, "the qform holds NaN or infinite values"),
