@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import struct
@@ -24,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import medvit
-from medvit.pipelines.errors import CheckpointError
+from medvit.pipelines.errors import CheckpointError, short_reason
+from medvit.pipelines.preprocessing import Preprocessing
 
 CARD_KEY = "medvit"
 FORMAT_VERSION = 1
@@ -75,20 +77,134 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str, path: str | Path = "checkpoint") -> ModelCard:
+        """Parse and check a card: every field must have the type and range the pipelines rely on.
+
+        Raises:
+            CheckpointError: Not JSON, a field missing, unknown, or of the wrong type or range.
+        """
         try:
             d = json.loads(text)
-            d["labels"] = {int(k): v for k, v in d["labels"].items()}
-            d["patch_size"] = tuple(d["patch_size"])
-            return cls(**d)
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: the medvit model card is unreadable ({e})") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: the medvit model card is not JSON ({short_reason(e)})") from None
+        problem = _card_problem(d)
+        if problem:
+            raise CheckpointError(f"{path}: the medvit model card is unreadable ({problem})")
+        d["labels"] = {int(k): v for k, v in d["labels"].items()}
+        d["patch_size"] = tuple(d["patch_size"])
+        return cls(**d)
 
-    def build_model(self) -> nn.Module:
-        """Create the (untrained) model the card describes."""
+    def build_model(self, path: str | Path | None = None) -> nn.Module:
+        """Create the (untrained) model the card describes.
+
+        Args:
+            path: The checkpoint the card came from, named in errors.
+        """
         try:
             return medvit.create_model(self.model_name, **self.model_args)
-        except ValueError as e:
-            raise CheckpointError(f"model card names a model that cannot be built: {e}") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # unknown arguments, impossible sizes: whatever the constructor says
+            where = f"{path}: " if path is not None else ""
+            raise CheckpointError(f"{where}model card names a model that cannot be built: {short_reason(e)}") from None
+
+
+_CARD_REQUIRED = {"model_name", "model_args", "labels", "preprocessing", "patch_size"}
+_CARD_OPTIONAL = {"slicing", "medvit_version", "format_version", "extra", "postprocessing"}
+_AXIS_PAIRS = ("LR", "AP", "IS")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _labels_problem(labels: Any) -> str | None:
+    if not isinstance(labels, dict) or not labels:
+        return "labels must be a non-empty object"
+    try:
+        indices = sorted(int(k) for k in labels)
+    except (TypeError, ValueError):
+        return "label keys must be class indices 1..K"
+    if indices != list(range(1, len(labels) + 1)) or len(set(labels)) != len(indices):
+        return f"label keys must be the class indices 1..{len(labels)}, got {sorted(labels)[:5]}"
+    ids = []
+    for entry in labels.values():
+        if not isinstance(entry, dict) or not _is_int(entry.get("id")) or not isinstance(entry.get("name"), str):
+            return "each label must be {\"id\": integer, \"name\": string}"
+        ids.append(entry["id"])
+    if len(set(ids)) != len(ids) or min(ids) < 1 or max(ids) > 65535:
+        return "label ids must be distinct integers from 1 to 65535"
+    return None
+
+
+def _preprocessing_problem(prep: Any) -> str | None:
+    if not isinstance(prep, dict):
+        return "preprocessing must be an object"
+    spacing = prep.get("spacing")
+    if spacing is not None and not (
+        isinstance(spacing, list) and len(spacing) == 3 and all(_is_number(v) and v > 0 for v in spacing)
+    ):
+        return "preprocessing spacing must be three positive numbers or null"
+    window = prep.get("ct_window", [-175.0, 250.0])
+    if not (isinstance(window, list) and len(window) == 2 and all(_is_number(v) for v in window)
+            and window[0] < window[1]):  # fmt: skip
+        return "preprocessing ct_window must be two increasing numbers"
+    orientation = prep.get("orientation", "RAS")
+    if not (isinstance(orientation, str) and len(orientation) == 3
+            and sorted(next((i for i, pair in enumerate(_AXIS_PAIRS) if c in pair), 9) for c in orientation)
+            == [0, 1, 2]):  # fmt: skip
+        return f"preprocessing orientation must be three axis codes such as RAS, got {orientation!r}"
+    try:
+        Preprocessing.from_dict(prep)
+    except Exception as e:
+        return short_reason(e)
+    return None
+
+
+def _rule_ok(rule: Any) -> bool:
+    if not isinstance(rule, dict) or not _is_int(rule.get("id")) or rule.get("rule") not in ("largest", "min_ml"):
+        return False
+    return rule["rule"] == "largest" or (_is_number(rule.get("min_ml")) and rule["min_ml"] >= 0)
+
+
+def _card_problem(d: Any) -> str | None:
+    """What is wrong with a parsed card, or None."""
+    if not isinstance(d, dict):
+        return "not a JSON object"
+    missing, unknown = _CARD_REQUIRED - set(d), set(d) - _CARD_REQUIRED - _CARD_OPTIONAL
+    if missing:
+        return f"missing {', '.join(sorted(missing))}"
+    if unknown:
+        return f"unknown fields {', '.join(sorted(unknown))}"
+    if not isinstance(d["model_name"], str) or not d["model_name"]:
+        return "model_name must be a string"
+    if not isinstance(d["model_args"], dict):
+        return "model_args must be an object"
+    patch = d["patch_size"]
+    if not (isinstance(patch, list) and len(patch) in (2, 3) and all(_is_int(v) and 0 < v <= 4096 for v in patch)):
+        return f"patch_size must be 2 or 3 positive integers, got {patch!r}"
+    slicing = d.get("slicing")
+    if slicing is not None and not (
+        isinstance(slicing, dict) and set(slicing) == {"axis", "slab"} and slicing["axis"] in (0, 1, 2)
+        and _is_int(slicing["axis"]) and _is_int(slicing["slab"]) and slicing["slab"] >= 1 and slicing["slab"] % 2
+    ):  # fmt: skip
+        return "slicing must be null or {\"axis\": 0|1|2, \"slab\": odd integer}"
+    if not isinstance(d.get("medvit_version", ""), str):
+        return "medvit_version must be a string"
+    version = d.get("format_version", FORMAT_VERSION)
+    if not _is_int(version) or version < 1:
+        return "format_version must be a positive integer"
+    if version > FORMAT_VERSION:
+        return f"format {version} was written by a newer medvit (this one reads format {FORMAT_VERSION})"
+    if not isinstance(d.get("extra", {}), dict):
+        return "extra must be an object"
+    post = d.get("postprocessing")
+    if post is not None and not (isinstance(post, list) and all(_rule_ok(r) for r in post)):
+        return "postprocessing must be null or a list of {\"id\", \"rule\": \"largest\"|\"min_ml\", \"min_ml\"}"
+    return _labels_problem(d["labels"]) or _preprocessing_problem(d["preprocessing"])
 
 
 def _atomic_target(path: Path) -> Path:
@@ -174,18 +290,18 @@ def load_checkpoint(
     """
     path = Path(path)
     card = read_card(path)
+    index, data_start = _tensor_index(path)
     default = torch.get_default_dtype()
     try:
         if dtype is not None and dtype.is_floating_point:
             torch.set_default_dtype(dtype)  # parameters are born in the target precision
         with _skip_random_init():
-            model = card.build_model()
+            model = card.build_model(path=path)
     finally:
         torch.set_default_dtype(default)
     if dtype is not None:
         model.to(dtype)
     target = model.state_dict()
-    index, data_start = _tensor_index(path)  # read_card has validated the file
     keys = set(index)
     missing, unexpected = sorted(set(target) - keys), sorted(keys - set(target))
     if missing or unexpected:
@@ -210,13 +326,52 @@ _DTYPES = {
 }
 
 
+_ITEM_SIZES = {name: torch.empty(0, dtype=dt).element_size() for name, dt in _DTYPES.items()}
+
+
 def _tensor_index(path: Path) -> tuple[dict[str, Any], int]:
-    """The safetensors header (name -> dtype, shape, byte range) and where the data starts."""
-    with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(size))
+    """The safetensors header (name -> dtype, shape, byte range) and where the data starts.
+
+    Raises:
+        CheckpointError: A header that does not describe tensors this loader can read
+            within the file (safetensors checks most of this too; its rules differ
+            between versions, the reader here relies on these).
+    """
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > file_size - 8:
+                raise ValueError(f"header length {size} beyond the file's {file_size} bytes")
+            header = json.loads(fh.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, ValueError, struct.error) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({short_reason(e)})") from None
     header.pop("__metadata__", None)
+    data_size = file_size - 8 - size
+    for key, info in header.items():
+        problem = _entry_problem(info, data_size)
+        if problem:
+            raise CheckpointError(f"{path}: tensor {key!r} in the header is unusable ({problem})")
     return header, 8 + size
+
+
+def _entry_problem(info: Any, data_size: int) -> str | None:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        return "expected dtype, shape and data_offsets"
+    if info["dtype"] not in _DTYPES:
+        return f"unsupported dtype {info['dtype']!r}"
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+        return f"invalid shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size):  # fmt: skip
+        return f"data_offsets {offsets!r} outside the {data_size} bytes of data"
+    if offsets[1] - offsets[0] != math.prod(shape) * _ITEM_SIZES[info["dtype"]]:
+        return f"data_offsets {offsets!r} do not hold a {info['dtype']} tensor of shape {shape}"
+    return None
 
 
 def _read_tensors(path: Path, index: dict[str, Any], start: int) -> Iterator[tuple[str, torch.Tensor]]:

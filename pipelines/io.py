@@ -13,15 +13,16 @@ direction) rather than re-deriving it from the affine, so no rounding creeps in,
 it writes atomically so a failed write never leaves a partial file behind.
 
 Every problem a user can cause raises :class:`ScanError` with a one-line message that
-names the file.
+names the file. Headers are checked before voxels are read (`medvit.pipelines.scan_checks`,
+`medvit.pipelines.nifti`), and a DICOM folder must hold one complete, regular series
+(`medvit.pipelines.dicom`): a damaged input is refused, never read onto a wrong grid.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +30,20 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
-from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.dicom import dicom_file_problem, quiet_itk as _quiet_itk, read_dicom_series
+from medvit.pipelines.errors import ScanError, short_reason
+from medvit.pipelines.nifti import read_nifti
+from medvit.pipelines.scan_checks import (
+    check_deflate_bound,
+    check_grid,
+    check_metaimage_numbers,
+    check_payload,
+    check_spacing,
+    check_voxel_budget,
+    check_voxel_type,
+    itk_payload,
+    squeeze_to_3d,
+)
 
 if TYPE_CHECKING:  # imported where used: NIfTI needs no SimpleITK, whose import costs ~60 MB
     import SimpleITK as sitk
@@ -46,14 +60,6 @@ _STEM_SUFFIXES = (*SCAN_SUFFIXES, ".dcm", ".dicom", ".ima", ".gz")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Enough files to recognise a DICOM folder without opening thousands of slices.
 _DICOM_PROBE_FILES = 8
-_MAX_REASON_CHARS = 160
-
-
-class ScanError(MedvitError):
-    """A user's input problem; ``str(e)`` is one line naming the file and what is wrong.
-
-    A ``MedvitError``, hence a ``ValueError``: the CLI reports it as one line, no traceback.
-    """
 
 
 @dataclass(frozen=True)
@@ -117,28 +123,9 @@ def scan_stem(path: Path) -> str:
 
 
 def _error(path: str | Path, problem: str) -> ScanError:
-    # Library messages can span lines; a user error must stay on one line.
-    return ScanError(" ".join(f"{path}: {problem}".split()))
+    return ScanError.at(path, problem)
 
 
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if len(text) > _MAX_REASON_CHARS:
-        text = text[: _MAX_REASON_CHARS - 3] + "..."
-    return text
-
-
-@contextmanager
-def _quiet_itk() -> Iterator[None]:
-    import SimpleITK as sitk
-    # ITK prints warnings (such as GDCM's "No Series were found") straight to stderr;
-    # the ScanError raised instead is what the user should see.
-    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
 def _has_dicom_magic(path: Path) -> bool:
@@ -234,7 +221,7 @@ def _scans_in_folder(folder: Path) -> list[Path]:
     try:
         entries = sorted(_visible(list(folder.iterdir())))
     except OSError as exc:
-        raise _error(folder, f"cannot list folder ({_reason(exc)})") from None
+        raise _error(folder, f"cannot list folder ({short_reason(exc)})") from None
     if not entries:
         raise _error(folder, "folder is empty")
     files = [p for p in entries if p.is_file() and _is_scan_file_name(p)]
@@ -247,55 +234,57 @@ def _scans_in_folder(folder: Path) -> list[Path]:
 
 
 def read_scan(path: str | Path) -> Scan:
-    """Read a 3D scan from NIfTI, NRRD, MetaImage, a DICOM file or a DICOM series folder.
+    """Read a 3D scan from NIfTI, NRRD, MetaImage or a DICOM series folder.
+
+    What is accepted: one 3D volume, including ``(x, y, 1)`` (one slice) and trailing
+    singleton dimensions ``(x, y, z, 1, ...)``; integer or float voxels; a finite,
+    non-singular geometry with positive voxel sizes; and, for DICOM, a folder holding one
+    complete series of equally spaced, parallel slices.
 
     Args:
-        path: A scan file, or a folder holding one DICOM series (when it holds
-            several, the series with the most files is read).
+        path: A scan file, or a folder holding one DICOM image series (localizers and
+            single images beside it are ignored).
 
     Returns:
         The scan in file voxel order with its RAS affine.
 
     Raises:
-        ScanError: The path is missing, empty, damaged, not an image, not 3D, or has
-            NaN or infinite voxels.
+        ScanError: The path is missing, unreadable, empty, damaged, not an image, not one
+            3D volume, has a geometry that cannot be trusted, declares more voxels than
+            it holds or than memory allows, has NaN or infinite voxels, or is a DICOM
+            series with missing, duplicated, damaged or inconsistent slices.
     """
     path = Path(path)
-    if not path.exists():
-        raise _error(path, "no such file or folder")
-    if path.is_dir():
-        return _read_dicom_folder(path)
+    lower = path.name.lower()
     try:
+        if not path.exists():
+            raise _error(path, "no such file or folder")
+        if path.is_dir():
+            if lower.endswith(SCAN_SUFFIXES):
+                raise _error(path, "is a folder, not a scan file")
+            return _scan_from_itk(path, read_dicom_series(path))
+        if not path.is_file():
+            raise _error(path, "not a regular file (a device, pipe or socket)")
         size = path.stat().st_size
+        with open(path, "rb"):
+            pass
     except OSError as exc:
-        raise _error(path, f"cannot access file ({_reason(exc)})") from None
+        raise _error(path, f"cannot read ({exc.strerror or short_reason(exc)})") from None
     if size == 0:
         raise _error(path, "file is empty")
-    lower = path.name.lower()
-    if lower.endswith(NIFTI_SUFFIXES):
-        return _read_nifti(path)
-    suffix = Path(lower).suffix
-    if suffix in ITK_FILE_SUFFIXES:
-        return _read_itk_file(path, ITK_FILE_SUFFIXES[suffix])
-    if _has_dicom_magic(path):
-        # A single DICOM file can be a whole multi-frame volume.
-        return _read_itk_file(path, "DICOM")
-    raise _error(path, f"not a supported scan file (expected {', '.join(SCAN_SUFFIXES)}, DICOM, or a DICOM folder)")
-
-
-def _squeeze_to_3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
-    dims = list(shape)
-    # Trailing singleton axes (a 4D file with one time point) carry no data.
-    while len(dims) > 3 and dims[-1] == 1:
-        dims.pop()
-    if len(dims) != 3:
-        raise _error(path, f"expected a 3D image, got shape {tuple(int(d) for d in shape)}")
-    return (int(dims[0]), int(dims[1]), int(dims[2]))
-
-
-def _check_voxel_type(path: Path, dtype: np.dtype) -> None:
-    if dtype.fields is not None or dtype.kind not in "biuf":
-        raise _error(path, f"unsupported voxel type {dtype} (expected a single-channel integer or float image)")
+    try:
+        if lower.endswith(NIFTI_SUFFIXES):
+            array, affine, header = read_nifti(path)
+            _check_finite(path, array)
+            return Scan(array=array, affine=affine, path=path, _nifti_header=header)
+        suffix = Path(lower).suffix
+        if suffix in ITK_FILE_SUFFIXES:
+            return _read_itk_file(path, ITK_FILE_SUFFIXES[suffix])
+    except OSError as exc:  # the file vanished or became unreadable while being read
+        raise _error(path, f"cannot read ({exc.strerror or short_reason(exc)})") from None
+    if _has_dicom_magic(path) or lower.endswith((".dcm", ".dicom", ".ima")):
+        raise _error(path, dicom_file_problem(path))
+    raise _error(path, f"not a supported scan file (expected {', '.join(SCAN_SUFFIXES)}, or a DICOM series folder)")
 
 
 def _check_finite(path: Path, array: np.ndarray) -> None:
@@ -306,96 +295,82 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
         raise _error(path, f"contains {bad} NaN/infinite voxels")
 
 
-def _read_nifti(path: Path) -> Scan:
+def _itk_voxel_type(path: Path, reader: sitk.ImageFileReader) -> np.dtype:
+    import SimpleITK as sitk
+
+    components = reader.GetNumberOfComponents()
+    pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    if components != 1:
+        raise _error(path, f"has {components} components per voxel ({pixel}); expected a single-channel image")
+    if "complex" in pixel or "label" in pixel:
+        raise _error(path, f"unsupported voxel type {pixel} (expected a single-channel integer or float image)")
+    probe = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())
+    dtype = sitk.GetArrayViewFromImage(probe).dtype
+    check_voxel_type(path, dtype)
+    return dtype
+
+
+def _check_itk_header(path: Path, kind: str) -> None:
+    """Shape, voxel type, geometry and payload size of an NRRD/MetaImage file, before its voxels are read."""
+    import SimpleITK as sitk
+
+    if kind == "MetaImage":
+        check_metaimage_numbers(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        img = nib.load(str(path))
-    except MemoryError:
-        raise
-    except Exception as exc:
-        raise _error(path, f"not a readable NIfTI file ({_reason(exc)})") from None
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise _error(path, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
-    shape = _squeeze_to_3d(path, img.shape)
-    disk_dtype = np.dtype(img.get_data_dtype())
-    _check_voxel_type(path, disk_dtype)
-    # nibabel moves scl_slope/scl_inter from the loaded header into the data proxy
-    # (the header then reports none), so ask the proxy.
-    slope = float(getattr(img.dataobj, "slope", 1.0))
-    inter = float(getattr(img.dataobj, "inter", 0.0))
-    scaled = (slope, inter) != (1.0, 0.0)
-    try:
-        if scaled:
-            # Scaled voxels are real numbers; float32 is exact for CT-range integers.
-            float_type = np.float64 if disk_dtype == np.float64 else np.float32
-            array = img.get_fdata(dtype=float_type)
-        else:
-            array = np.asarray(img.dataobj)
-    except MemoryError:
-        raise
-    except Exception as exc:
-        raise _error(path, f"damaged or truncated NIfTI file ({_reason(exc)})") from None
-    array = array.reshape(shape)
-    if not array.dtype.isnative:
-        # torch.from_numpy refuses big-endian arrays.
-        array = array.astype(array.dtype.newbyteorder("="))
-    _check_finite(path, array)
-    return Scan(array=array, affine=np.array(img.affine, dtype=np.float64), path=path, _nifti_header=img.header)
+        with _quiet_itk():
+            reader.ReadImageInformation()
+    except Exception:
+        # ITK's messages are multi-line C++ traces; the file name and kind say enough.
+        problem = f"not a readable {kind} image (damaged, truncated, not an image, or a data file is missing)"
+        raise _error(path, problem) from None
+    dim = reader.GetDimension()
+    size = tuple(int(n) for n in reader.GetSize())
+    squeeze_to_3d(path, size)
+    dtype = _itk_voxel_type(path, reader)
+    spacing = np.array(reader.GetSpacing(), dtype=np.float64)
+    direction = np.array(reader.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    origin = np.array(reader.GetOrigin(), dtype=np.float64)[:3]
+    check_spacing(path, spacing[:3])
+    check_grid(path, direction * spacing[:3], origin, "direction", orthonormal=True)
+    nbytes = check_voxel_budget(path, size, dtype.itemsize, str(dtype))
+    where = itk_payload(path, kind)
+    if where is None:
+        return
+    data_file, offset, compressed = where
+    if compressed:
+        check_deflate_bound(path, data_file.stat().st_size - offset, nbytes)
+    else:
+        check_payload(data_file, offset, nbytes, compressed=False, header=path if data_file != path else None)
 
 
 def _read_itk_file(path: Path, kind: str) -> Scan:
     import SimpleITK as sitk
+
+    _check_itk_header(path, kind)
     try:
         with _quiet_itk():
             image = sitk.ReadImage(str(path))
     except MemoryError:
         raise
     except Exception:
-        # ITK's messages are multi-line C++ traces; the file name and kind say enough.
         problem = f"not a readable {kind} image (damaged, truncated, not an image, or a data file is missing)"
         raise _error(path, problem) from None
     return _scan_from_itk(path, image)
 
 
-def _read_dicom_folder(folder: Path) -> Scan:
-    import SimpleITK as sitk
-    try:
-        if not any(folder.iterdir()):
-            raise _error(folder, "folder is empty")
-        with _quiet_itk():
-            series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-            series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
-    except ScanError:
-        raise
-    except Exception as exc:
-        raise _error(folder, f"cannot scan folder for DICOM files ({_reason(exc)})") from None
-    series = [files for files in series if files]
-    if not series:
-        raise _error(folder, "no DICOM series found in folder")
-    # GDCM returns each series' files sorted by slice position along the normal.
-    files = max(series, key=len)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        with _quiet_itk():
-            image = reader.Execute()
-    except MemoryError:
-        raise
-    except Exception:
-        problem = f"DICOM series of {len(files)} files could not be read (damaged or inconsistent slices)"
-        raise _error(folder, problem) from None
-    return _scan_from_itk(folder, image)
-
-
 def _scan_from_itk(path: Path, image: sitk.Image) -> Scan:
     import SimpleITK as sitk
+
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
         raise _error(path, f"has {components} components per voxel; expected a single-channel image")
     dim = image.GetDimension()
     size = image.GetSize()
-    shape = _squeeze_to_3d(path, size)
+    shape = squeeze_to_3d(path, size)
     array = sitk.GetArrayFromImage(image)
-    _check_voxel_type(path, array.dtype)
+    check_voxel_type(path, array.dtype)
     # ITK arrays are (k, j, i); transposing gives nibabel's voxel order without a copy.
     array = array.reshape(shape[::-1]).transpose(2, 1, 0)
     _check_finite(path, array)
@@ -403,6 +378,8 @@ def _scan_from_itk(path: Path, image: sitk.Image) -> Scan:
     direction = np.array(image.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
     spacing = np.array(image.GetSpacing(), dtype=np.float64)[:3]
     origin = np.array(image.GetOrigin(), dtype=np.float64)[:3]
+    check_spacing(path, spacing)
+    check_grid(path, direction * spacing, origin, "direction", orthonormal=True)
     lps = np.eye(4)
     lps[:3, :3] = direction * spacing
     lps[:3, 3] = origin
@@ -458,7 +435,7 @@ def write_mask(mask: np.ndarray, scan: Scan, out_path: str | Path) -> Path:
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _error(out_path, f"cannot create output folder ({_reason(exc)})") from None
+        raise _error(out_path, f"cannot create output folder ({short_reason(exc)})") from None
 
     # The temp name keeps the real suffix: both writers pick the format from it.
     tmp = out_path.parent / f".tmp-{secrets.token_hex(6)}-{out_path.name}"
@@ -471,7 +448,7 @@ def write_mask(mask: np.ndarray, scan: Scan, out_path: str | Path) -> Path:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, Exception) and not isinstance(exc, ScanError):
-            raise _error(out_path, f"cannot write mask ({_reason(exc)})") from None
+            raise _error(out_path, f"cannot write mask ({short_reason(exc)})") from None
         raise
     return out_path
 

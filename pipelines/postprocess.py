@@ -2,11 +2,10 @@
 
 After nnU-Net's `determine_postprocessing` (Isensee et al., Nature Methods 2021): for
 every label, try removing its components under a volume, or all but its largest connected
-component, on the validation cases' predictions, and keep the rule that scores best if the
-label's mean Dice does not drop. On a tie the mildest rule wins: validation then shows no
-benefit, and keeping only the largest piece is the rule that can delete a real organ in
-favour of a larger false one elsewhere (nnU-Net itself keeps a rule only when the Dice
-rises). The chosen rules travel in the checkpoint's card (`ModelCard.postprocessing`) and
+component, on the validation cases' predictions, and keep the rule that scores best only
+if it raises the label's mean Dice, as nnU-Net does: a rule validation shows no benefit for
+is not applied (keeping only the largest piece can delete a real organ in favour of a
+larger false one elsewhere). Among equally good rules the mildest wins. The chosen rules travel in the checkpoint's card (`ModelCard.postprocessing`) and
 `medvit segment` applies them to the mask it writes.
 
 A rule is a dict: `{"id": <label id in masks>, "name": ..., "rule": "largest"}` or
@@ -30,6 +29,8 @@ RULES = ("largest", "min_ml")
 # over the validation cases: pieces well below any real piece are taken as spurious.
 MIN_ML_FRACTIONS = (0.25, 0.5)
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
+# A rule must raise the mean validation Dice by more than float noise to be kept.
+MIN_GAIN = 1e-6
 
 
 @dataclass
@@ -148,9 +149,10 @@ def candidate_rules(cases: Sequence[ValidationCase], cls: int) -> list[dict[str,
 def determine_postprocessing(
     cases: Sequence[ValidationCase], labels: Mapping[int, Mapping[str, Any]]
 ) -> list[dict[str, Any]]:
-    """The rule kept for each label: the candidate with the best mean validation Dice, if that
-    is not below the Dice without post-processing (the mildest of equals). Labels absent from every validation case
-    (prediction and reference) get no rule: nothing shows whether one helps.
+    """The rule kept for each label: the candidate with the best mean validation Dice, only
+    if that is above the Dice without post-processing (the mildest of equals). Labels absent
+    from every validation case (prediction and reference) get no rule: nothing shows whether
+    one helps.
 
     Args:
         cases: Validation predictions and references (class indices, model space).
@@ -167,7 +169,7 @@ def determine_postprocessing(
         best, best_dice = None, base
         for rule in candidate_rules(cases, cls):
             d = _mean_dice(cases, cls, rule)
-            if d >= best_dice and (best is None or d > best_dice):
+            if d > best_dice + MIN_GAIN:
                 best, best_dice = rule, d
         if best is not None:
             chosen.append({"id": int(labels[cls]["id"]), "name": str(labels[cls]["name"]), **best})

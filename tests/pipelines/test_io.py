@@ -86,7 +86,13 @@ def _write_scan(folder: Path, fmt: str, seed: int) -> tuple[Path, np.ndarray, np
 
 
 def _write_dicom_series(
-    folder: Path, array: np.ndarray, direction: np.ndarray, spacing: np.ndarray, origin: np.ndarray, series: str
+    folder: Path,
+    array: np.ndarray,
+    direction: np.ndarray,
+    spacing: np.ndarray,
+    origin: np.ndarray,
+    series: str,
+    extra_tags: dict[str, str] | None = None,
 ) -> None:
     """One extension-less file per slice, named so that name order is not slice order."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,6 +113,7 @@ def _write_dicom_series(
             "0020|0037": "\\".join(f"{v:.10f}" for v in cosines),
             "0020|0032": "\\".join(f"{v:.10f}" for v in volume.TransformIndexToPhysicalPoint((0, 0, k))),
             "0020|0013": str(k + 1),
+            **(extra_tags or {}),
         }
         for tag, value in tags.items():
             sl.SetMetaData(tag, value)
@@ -279,8 +286,9 @@ def test_synthetic_oblique_dicom_series(tmp_path: Path) -> None:
     array = rng.integers(-1000, 1000, size=SHAPE).astype(np.int16)
     folder = tmp_path / "series"
     _write_dicom_series(folder, array, direction, spacing, origin, series="1")
-    # A second, smaller series in the same folder must not be picked.
-    _write_dicom_series(folder, array[:, :, :3], direction, spacing, origin + 100.0, series="22")
+    # A localizer series beside it is not a candidate volume and is ignored.
+    localizer = {"0008|0008": "ORIGINAL\\PRIMARY\\LOCALIZER"}
+    _write_dicom_series(folder, array[:, :, :3], direction, spacing, origin + 100.0, series="22", extra_tags=localizer)
 
     assert is_dicom_folder(folder)
     scan = read_scan(folder)
@@ -293,6 +301,13 @@ def test_synthetic_oblique_dicom_series(tmp_path: Path) -> None:
     np.testing.assert_allclose(back.GetSpacing(), spacing, atol=1e-4)
     np.testing.assert_allclose(back.GetDirection(), direction.ravel(), atol=1e-5)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back).transpose(2, 1, 0), array > 0)
+
+    # A second image series is not guessed away: the folder is refused, naming both.
+    _write_dicom_series(folder, array[:, :, :3], direction, spacing, origin + 100.0, series="333")
+    with pytest.raises(ScanError) as exc:
+        read_scan(folder)
+    _check_error(exc, folder, "holds 2 DICOM image series")
+    assert "8 files" in str(exc.value) and "3 files" in str(exc.value)
 
 
 def test_real_dicom_series(tmp_path: Path) -> None:
@@ -405,15 +420,15 @@ def _bad_files(folder: Path) -> list[tuple[Path, str]]:
     data = good.read_bytes()
     cut = folder / "cut.nii.gz"
     cut.write_bytes(data[: len(data) // 2])
-    cases.append((cut, "damaged or truncated NIfTI"))
+    cases.append((cut, "truncated or damaged gzip data"))
     raw_nii = folder / "cut.nii"
     raw_nii.write_bytes(gzip.decompress(data)[:600])
-    cases.append((raw_nii, "damaged or truncated NIfTI"))
+    cases.append((raw_nii, "truncated: the header declares"))
     for fmt in ["nrrd", "mha"]:
         good, _, _ = _write_scan(folder, fmt, seed=2)
         cut = folder / f"cut.{fmt}"
         cut.write_bytes(good.read_bytes()[:-300])
-        cases.append((cut, "not a readable"))
+        cases.append((cut, "truncated: the header declares"))
 
     for name in ["text.nii.gz", "text.nii", "text.nrrd", "text.mha"]:
         (folder / name).write_text("this is not an image\n" * 20)
@@ -440,7 +455,7 @@ def _bad_files(folder: Path) -> list[tuple[Path, str]]:
 
     (folder / "missing_raw.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 12 10 8\n"
                                             "ElementType = MET_SHORT\nElementDataFile = gone.raw\n")
-    cases.append((folder / "missing_raw.mhd", "not a readable MetaImage"))
+    cases.append((folder / "missing_raw.mhd", "its data file gone.raw is missing"))
     cases.append((folder / "missing.nii.gz", "no such file or folder"))
 
     (folder / "empty_dir").mkdir()

@@ -74,17 +74,29 @@ def test_a_rule_that_helps_is_chosen() -> None:
     assert rules["liver"] == {"id": 5, "name": "liver", "rule": "largest"}
 
 
-def test_a_rule_that_hurts_is_not_chosen() -> None:
+def test_a_rule_that_hurts_or_does_not_help_is_not_chosen() -> None:
     cases = [_case(split=True)]
+    # keeping only the largest piece would drop the real second piece of class 1 (Dice
+    # falls); the volume rules change nothing (Dice equal): no rule is kept for it
     rules = {r["name"]: r for r in determine_postprocessing(cases, LABELS)}
-    # keeping only the largest piece would drop the real second piece of class 1; the
-    # volume rules change nothing, so the mildest one is kept
-    assert rules["liver"] == {"id": 5, "name": "liver", "rule": "min_ml", "min_ml": round(0.25 * 512 * 0.027, 3)}
-    out = apply_postprocessing(np.where(cases[0].pred == 1, 5, 0).astype(np.uint8), [rules["liver"]], (3.0, 3.0, 3.0))
-    assert _components(out == 5) == 2
-    # a rule that lowers the Dice of every case is never kept
+    assert "liver" not in rules
     only_split = [_case(split=True), _case(split=True)]
-    assert all(r["rule"] != "largest" for r in determine_postprocessing(only_split, LABELS))
+    assert all(r["name"] != "liver" for r in determine_postprocessing(only_split, LABELS))
+    # the rule "largest" alone would have changed the mask: it is not applied because it was not chosen
+    mask = np.where(cases[0].pred == 1, 5, 0).astype(np.uint8)
+    assert _components(apply_postprocessing(mask.copy(), [{"id": 5, "rule": "largest"}], (3.0,) * 3) == 5) == 1
+    assert _components(apply_postprocessing(mask.copy(), list(rules.values()), (3.0,) * 3) == 5) == 2
+
+
+@pytest.mark.parametrize("bad", [[{"id": 1, "rule": "biggest"}], [{"id": "1", "rule": "largest"}],
+                                 [{"id": 1, "rule": "min_ml"}], {"id": 1}])
+def test_a_card_with_malformed_rules_is_refused(tmp_path, tiny_checkpoint, bad) -> None:
+    d = json.loads(read_card(tiny_checkpoint).to_json())
+    d["postprocessing"] = bad
+    path = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path), metadata={CARD_KEY: json.dumps(d)})
+    with pytest.raises(MedvitError, match="postprocessing must be"):
+        read_card(path)
 
 
 def test_old_checkpoint_card_without_rules_loads(tmp_path, tiny_checkpoint) -> None:
