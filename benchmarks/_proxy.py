@@ -70,7 +70,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _json_atomic(payload: dict, path: Path) -> None:
+def json_atomic(payload: dict, path: Path) -> None:
     tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
     try:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
@@ -211,7 +211,7 @@ def _training_json(out: Path, image: sitk.Image, label: sitk.Image, labels: dict
         "labels": {"0": "background", **{str(k): v for k, v in sorted(labels.items())}},
         "training": [{"image": "image.nii.gz", "label": "label.nii.gz"}],
     }
-    _json_atomic(ds, out / "dataset.json")
+    json_atomic(ds, out / "dataset.json")
     return out / "dataset.json"
 
 
@@ -297,5 +297,5 @@ def build_proxy_set(
         _copy_atomic(patient3 / "ct.nii.gz", out / "images" / "patient3.nii.gz")
         cases["patient3"] = {"kind": "patient3", "seen": False, "scored": ["aorta", "vertebrae_T12"],
                              "description": "another patient (chest, LPS, 1.5 mm); only aorta and T12 are labelled"}
-    _json_atomic(manifest, out / "proxy.json")
+    json_atomic(manifest, out / "proxy.json")
     return manifest
