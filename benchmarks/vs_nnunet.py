@@ -211,7 +211,8 @@ def main() -> None:
         ckpt = newest_checkpoint(folder)
         runs[name] = {"train_s": seconds, "stopped_at_budget": stopped, "checkpoint": str(ckpt) if ckpt else None}
         if ckpt is None:
-            print(f"{name}: no checkpoint within the budget (no epoch finished); not scored")
+            print(f"{name}: no checkpoint within the budget (no epoch of 250 iterations finished); not scored. "
+                  "A longer --budget-min or the 2d configuration gets one.")
             continue
         masks = out / "masks" / f"nnunet_{config}"
         predict = [str(bin_ / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(masks), "-d", str(args.dataset_id),
