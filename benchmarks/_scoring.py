@@ -94,16 +94,20 @@ def _outside_slab(pred: np.ndarray, ref: np.ndarray, slab: tuple[int, int], spac
         cut = bool((a == 0 and (ref[:, :, a] == lid).any()) or (b == ref.shape[2] and (ref[:, :, b - 1] == lid).any()))
         ks = np.flatnonzero(outside)[hit.any((0, 1))]
         reach = float(max(a - ks.min(), ks.max() - (b - 1), 0) * spacing_k) if ks.size else 0.0
+        # The reference reaching the slab's edge next to unlabelled slices: the organ goes on there.
+        continues = bool((a > 0 and (ref[:, :, a] == lid).any()) or (b < ref.shape[2] and (ref[:, :, b - 1] == lid).any()))
         total = ref_ml + out_ml
         lo, hi = PLAUSIBLE_ML[name]
         if total > hi:
             verdict = "above the plausible range: hallucinated or leaked"
+        elif continues and out_ml == 0:
+            verdict = "none predicted where the reference shows the organ going on: missed"
         elif total < lo:
             verdict = "below the range, organ cut by the scan: not judged" if cut else "below the range: missed"
         else:
             verdict = "within the range"
         out[name] = {"predicted_outside_ml": round(out_ml, 1), "reference_on_slab_ml": round(ref_ml, 1),
-                     "total_ml": round(total, 1), "plausible_ml": [lo, hi], "cut_by_scan": cut,
+                     "total_ml": round(total, 1), "plausible_ml": [lo, hi], "cut_by_scan": cut, "continues_off_slab": continues,
                      "reaches_mm_off_slab": reach, "verdict": verdict}
     return out
 

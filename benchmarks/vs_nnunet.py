@@ -238,7 +238,7 @@ def main() -> None:
     report["runs"], report["scores"] = runs, results
     (out / "vs_nnunet.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nnnU-Net {report['nnunet_env']['nnunetv2']} (torch {report['nnunet_env']['torch']}), "
-          f"plan and preprocess {report['nnunet_plan_and_preprocess_s']} s; training budget {budget:.0f} s per tool")
+          f"plan and preprocess {report['nnunet_plan_and_preprocess_s'] or 'reused'} s; training budget {budget:.0f} s per tool")
     for name, run in runs.items():
         trained = "reused" if run["train_s"] is None else f"trained {run['train_s']:.1f} s"
         print(f"  {name:18s} {trained}{' (stopped at the budget)' if run['stopped_at_budget'] else ''}, "

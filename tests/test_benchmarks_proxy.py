@@ -184,6 +184,8 @@ def test_scoring_is_the_same_for_either_tool(proxy: Path, tmp_path: Path) -> Non
     assert set(medvit["cases"]["heldout_slab"]["labels"]) == {"spleen", "kidney_right", "kidney_left", "liver"}
     outside = medvit["full_ct_outside_slab"]["kidney_right"]
     assert outside["predicted_outside_ml"] == 0.0  # labels only: nothing predicted off the slab
+    assert outside["continues_off_slab"] and outside["verdict"].endswith("missed")  # the kidney reaches the slab's edge
+    assert not medvit["full_ct_outside_slab"]["spleen"]["continues_off_slab"]
     assert outside["reference_on_slab_ml"] == pytest.approx(6 * 7 * 6 * 12 / 1000, abs=0.05)
 
 
