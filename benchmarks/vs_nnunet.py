@@ -111,6 +111,32 @@ def ensure_nnunet(python: Path, log: Path) -> dict:
     return info
 
 
+_SHORT_TRAINER = """\
+# Written by medvit's benchmarks/vs_nnunet.py: nnU-Net's own trainer on a shorter schedule.
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class {name}(nnUNetTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_epochs = {epochs}
+        self.num_iterations_per_epoch = {iterations}
+        self.num_val_iterations_per_epoch = {val_iterations}
+"""
+
+
+def short_schedule_trainer(python: Path, epochs: int, iterations: int, val_iterations: int) -> str:
+    """The name of nnU-Net's trainer with only its schedule shortened (`epochs` x `iterations`),
+    written into nnU-Net's own environment, where `nnUNetv2_train -tr` finds trainers by name.
+    Nothing of nnU-Net's changes but these three numbers (the poly LR decays over `epochs`)."""
+    name = f"nnUNetTrainer_{epochs}x{iterations}v{val_iterations}"
+    where = subprocess.run([str(python), "-c", "import nnunetv2, os; print(os.path.dirname(nnunetv2.__file__))"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    path = Path(where) / "training" / "nnUNetTrainer" / "variants" / "training_length" / f"{name}.py"
+    path.write_text(_SHORT_TRAINER.format(name=name, epochs=epochs, iterations=iterations, val_iterations=val_iterations))
+    return name
+
+
 def write_raw_dataset(root: Path, dataset_id: int, manifest: dict, slab: bool) -> tuple[Path, dict[int, str]]:
     """The training scan as an nnU-Net v2 raw dataset with contiguous labels; returns (dataset.json, id -> name)."""
     source = Path(manifest["train_slab" if slab else "train_full"]).parent
@@ -164,6 +190,9 @@ def main() -> None:
     p.add_argument("--nnunet-python", type=Path, default=DEFAULT_NNUNET_PYTHON)
     p.add_argument("--nnunet-trainer", default="nnUNetTrainer",
                    help="a stock trainer, e.g. nnUNetTrainer_5epochs (default: nnU-Net's own, stopped at the budget)")
+    p.add_argument("--nnunet-schedule", type=int, nargs=3, metavar=("EPOCHS", "ITERATIONS", "VAL_ITERATIONS"),
+                   help="nnU-Net's trainer with a shorter schedule (e.g. 30 50 10: 30 epochs of 50 iterations, 10 "
+                        "validation iterations each), written into its environment; overrides --nnunet-trainer")
     p.add_argument("--nnunet-disable-tta", action="store_true", help="no mirroring at prediction (nnU-Net's default is on)")
     p.add_argument("--medvit-arg", action="append", default=[], help="extra `medvit train` argument (repeat); none: its defaults")
     p.add_argument("--segment-arg", action="append", default=[], help="extra `medvit segment` argument (repeat)")
@@ -181,6 +210,9 @@ def main() -> None:
     t0 = time.perf_counter()
     report["nnunet_env"] = ensure_nnunet(args.nnunet_python, logs / "nnunet_install.log")
     report["nnunet_env"]["check_seconds"] = round(time.perf_counter() - t0, 1)
+    if args.nnunet_schedule:
+        args.nnunet_trainer = short_schedule_trainer(args.nnunet_python, *args.nnunet_schedule)
+        report["nnunet_trainer"] = args.nnunet_trainer
     proxy = args.proxy.resolve() if args.proxy else out / "proxy"
     manifest = json.loads((proxy / "proxy.json").read_text()) if (proxy / "proxy.json").exists() else build(
         proxy, 10, ORGANS)
