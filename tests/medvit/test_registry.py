@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -66,8 +68,7 @@ def test_bad_arguments_raise_value_error() -> None:
         medvit.create_model("unetr_base", img_size=(96, 96, 40))
 
 
-def test_parameter_counts_match_timm() -> None:
-    timm = pytest.importorskip("timm")
+def test_parameter_counts_match_timm(timm: ModuleType) -> None:
     names = [n for n in medvit.list_models("vit_*") if n in timm.list_models()]
     assert len(names) >= 15
     for name in names:
