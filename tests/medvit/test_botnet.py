@@ -94,7 +94,11 @@ def test_classifier_reset_and_pooled_features() -> None:
     model.reset_classifier(7)
     assert model(x).shape == (2, 7) and model.num_classes == 7
     model.reset_classifier(0, global_pool="")
-    assert model(x).shape == (2, 128, 2, 2)
+    fmap = model(x)
+    assert fmap.shape == (2, 128, 2, 2)
+    # the pooled features are the spatial mean of that map
+    model.reset_classifier(0, global_pool="avg")
+    torch.testing.assert_close(model(x), fmap.mean((2, 3)))
 
 
 def test_bad_arguments() -> None:

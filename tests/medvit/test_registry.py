@@ -43,6 +43,12 @@ def test_tiny_forward_backward(name: str) -> None:
     out.float().square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # in eval mode a model is deterministic and each sample's output depends on that sample only
+    model.eval()
+    with torch.no_grad():
+        full = model(x)
+        torch.testing.assert_close(model(x), full, atol=0, rtol=0)
+        torch.testing.assert_close(model(x[:1]), full[:1], atol=1e-4, rtol=1e-4)
 
 
 def test_list_models_pattern() -> None:

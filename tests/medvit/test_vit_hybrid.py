@@ -74,6 +74,9 @@ def test_max_pool_same_never_picks_the_padding() -> None:
     x = -torch.rand(1, 1, 5, 5) - 1.0  # all negative: a zero pad would win
     y = MaxPool2dSame(3, 2)(x)
     assert y.shape == (1, 1, 3, 3) and (y < -1.0).all()
+    # TensorFlow's SAME: one pixel each side for 5 -> 3 at stride 2, padded with -inf
+    ref = F.max_pool2d(F.pad(x, (1, 1, 1, 1), value=float("-inf")), 3, 2)
+    torch.testing.assert_close(y, ref)
 
 
 # -- the ResNet backbone (shared with TransUNet) ---------------------------------------------
