@@ -64,6 +64,9 @@ def test_timm_parity_small(name, timm_kw) -> None:
     torch.testing.assert_close(final, ref_final, atol=1e-4, rtol=0)
     for a, b in zip(feats, ref_feats, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    # fully convolutional: the same at a size it was not built for (not square, not 56)
+    other = torch.randn(1, 3, 70, 42)
+    torch.testing.assert_close(ours(other), ref(other), atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
