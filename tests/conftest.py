@@ -1,13 +1,19 @@
-"""Shared fixtures: seeded RNG, the shared real-data folder."""
+"""Shared fixtures: seeded RNG, the shared real-data folder, the parity tests' reference libraries.
+
+Only the parity tests need timm or MONAI's networks: they take the `timm` / `monai_nets`
+fixtures, which skip the test when the library is missing (fail it under
+MEDVIT_TEST_STRICT=1), so every other test still runs without them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
-from helpers import make_tiny_checkpoint
+from helpers import make_tiny_checkpoint, require
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -16,6 +22,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def timm() -> ModuleType:
+    return require("timm")
+
+
+@pytest.fixture(scope="session")
+def monai_nets() -> ModuleType:
+    return require("monai.networks.nets")
 
 
 @pytest.fixture(scope="session")

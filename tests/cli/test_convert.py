@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from types import ModuleType
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from click.testing import CliRunner
 
 from medvit.cli.main import main
 from medvit.pipelines.checkpoint import load_checkpoint, read_card
+
+from helpers import require
 
 SMALL = dict(hidden_size=96, mlp_dim=192, num_heads=4, feature_size=8)
 
@@ -21,7 +24,7 @@ def run(*args):
 
 @pytest.fixture()
 def monai_unetr(tmp_path):
-    nets = pytest.importorskip("monai.networks.nets")
+    nets = require("monai.networks.nets")
     torch.manual_seed(0)
     ref = nets.UNETR(1, 3, (32, 32, 32), **SMALL).eval()
     path = tmp_path / "monai_unetr.pt"
@@ -48,8 +51,7 @@ def test_convert_monai_unetr_then_same_logits(tmp_path, monai_unetr) -> None:
         torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=0)
 
 
-def test_convert_timm_vit(tmp_path) -> None:
-    timm = pytest.importorskip("timm")
+def test_convert_timm_vit(tmp_path, timm: ModuleType) -> None:
     ref = timm.create_model("vit_small_patch16_224", depth=2, img_size=64, num_classes=4).eval()
     path = tmp_path / "timm.safetensors"
     from safetensors.torch import save_file

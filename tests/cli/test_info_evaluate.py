@@ -228,6 +228,7 @@ def test_evaluate_real_segmentation_against_itself(tmp_path: Path) -> None:
     result = _invoke("evaluate", seg, seg, "--labels", names, "--csv", out)
     assert result.exit_code == 0, result.output
     present = {int(v) for v in np.unique(np.asarray(nib.load(str(seg)).dataobj)) if v > 0}
+    assert len(present) >= 2, present
     rows = [r for r in _read_csv(out) if r["case"] != "mean"]
     assert {int(r["label_id"]) for r in rows} >= present
     assert all(float(r["dice"]) == 1.0 and float(r["hd95_mm"]) == 0.0 for r in rows)

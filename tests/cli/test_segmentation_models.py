@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 import medvit
 from medvit.cli.main import main
-from medvit.pipelines.checkpoint import read_card
+from medvit.pipelines.checkpoint import load_checkpoint, read_card
 from medvit.pipelines.phantom import write_phantom_dataset
 from medvit.registry import tiny_overrides
 
@@ -56,7 +57,9 @@ def test_train_then_segment(tmp_path, dataset, phantom_scan, name: str) -> None:
     out = _cli(["train", dataset, "-o", run_dir, *opts, *slab, "--spacing", 4, 4, 4, "--max-steps", 2,
                 "--batch-size", 2, "--val-fraction", 0, "-q"])
     assert "trained 2 steps" in out
-    card = read_card(run_dir / "last.safetensors")
+    model, card = load_checkpoint(run_dir / "last.safetensors")  # strict: every weight fits
+    assert card.model_name == name and model.spatial_dims == dims
+    assert all(torch.isfinite(p).all() for p in model.parameters())
     if dims == 2:
         assert card.slicing == {"axis": 2, "slab": 3} and len(card.patch_size) == 2
     else:
@@ -67,6 +70,10 @@ def test_train_then_segment(tmp_path, dataset, phantom_scan, name: str) -> None:
     source = nib.load(img)
     assert mask.shape == source.shape
     assert (mask.affine == source.affine).all()
+    # a label map: integers, only background and the checkpoint's own labels
+    values = np.asarray(mask.dataobj)
+    assert np.issubdtype(values.dtype, np.integer)
+    assert set(np.unique(values).tolist()) <= {0, *card.labels}
 
 
 def test_2d_unetr_on_coronal_slices(tmp_path, dataset, phantom_scan) -> None:

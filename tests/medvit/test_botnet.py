@@ -9,6 +9,8 @@ import medvit
 from medvit.layers.rel_pos_attention import RelPosSelfAttention2d
 from medvit.registry import tiny_overrides
 
+from helpers import require
+
 
 def _perturbed(module: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
@@ -19,7 +21,7 @@ def _perturbed(module: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_mhsa_matches_timm_bottleneck_attn(stride: int) -> None:
-    timm_attn = pytest.importorskip("timm.layers.bottleneck_attn")
+    timm_attn = require("timm.layers.bottleneck_attn")
     torch.manual_seed(0)
     ref = _perturbed(timm_attn.BottleneckAttn(32, 48, feat_size=(6, 4), stride=stride, num_heads=4))
     ours = RelPosSelfAttention2d(32, 48, feat_size=(6, 4), stride=stride, num_heads=4).eval()
@@ -32,7 +34,7 @@ def test_mhsa_matches_timm_bottleneck_attn(stride: int) -> None:
 
 
 def test_bot_block_attention_inside_model_matches_timm() -> None:
-    timm_attn = pytest.importorskip("timm.layers.bottleneck_attn")
+    timm_attn = require("timm.layers.bottleneck_attn")
     torch.manual_seed(0)
     model = medvit.create_model("botnet50", **tiny_overrides("botnet50")).eval()
     first_bot = model.stages[3][0].conv2  # 4x4 map at 64 px, strided
@@ -92,7 +94,11 @@ def test_classifier_reset_and_pooled_features() -> None:
     model.reset_classifier(7)
     assert model(x).shape == (2, 7) and model.num_classes == 7
     model.reset_classifier(0, global_pool="")
-    assert model(x).shape == (2, 128, 2, 2)
+    fmap = model(x)
+    assert fmap.shape == (2, 128, 2, 2)
+    # the pooled features are the spatial mean of that map
+    model.reset_classifier(0, global_pool="avg")
+    torch.testing.assert_close(model(x), fmap.mean((2, 3)))
 
 
 def test_bad_arguments() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -10,8 +12,8 @@ from medvit.convert import load_timm
 from medvit.layers.attention_variants import TalkingHeadAttn
 from medvit.layers.class_attention import ClassAttentionBlock, ClassAttn
 
-timm = pytest.importorskip("timm")
-timm_cait = pytest.importorskip("timm.models.cait")
+from helpers import require
+
 
 NAMES = medvit.list_models("cait_*")
 SMALL = dict(img_size=32, embed_dim=32, depth=3, num_heads=2, num_classes=5)
@@ -28,7 +30,7 @@ def perturb(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def test_registered_names_and_parameter_counts_match_timm() -> None:
+def test_registered_names_and_parameter_counts_match_timm(timm: ModuleType) -> None:
     assert NAMES == ["cait_s24_224", "cait_xs24_384", "cait_xxs24_224"]
     for name in NAMES:
         with torch.device("meta"):
@@ -39,6 +41,7 @@ def test_registered_names_and_parameter_counts_match_timm() -> None:
 
 @torch.no_grad()
 def test_layers_match_timm() -> None:
+    timm_cait = require("timm.models.cait")
     x = torch.randn(2, 9, 32)
     ref = perturb(timm_cait.TalkingHeadAttn(32, num_heads=4, qkv_bias=True))
     ours = TalkingHeadAttn(32, num_heads=4, qkv_bias=True).eval()
@@ -68,7 +71,7 @@ def test_class_attention_block_updates_only_the_class_token() -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("extra", [{}, dict(global_pool="avg", qkv_bias=False, init_values=0.1)])
-def test_timm_parity_small(extra: dict) -> None:
+def test_timm_parity_small(extra: dict, timm: ModuleType) -> None:
     kw = dict(img_size=64, embed_dim=64, depth=2, num_heads=4, num_classes=7, **extra)
     ref = perturb(timm.create_model("cait_xxs24_224", **kw))
     ours = load_timm(medvit.create_model("cait_xxs24_224", **kw), ref.state_dict()).eval()
@@ -83,7 +86,7 @@ def test_timm_parity_small(extra: dict) -> None:
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_timm_parity_full_size_xxs24() -> None:
+def test_timm_parity_full_size_xxs24(timm: ModuleType) -> None:
     ref = perturb(timm.create_model("cait_xxs24_224"))
     ours = load_timm(medvit.create_model("cait_xxs24_224"), ref.state_dict()).eval()
     x = torch.randn(1, 3, 224, 224)
@@ -91,7 +94,7 @@ def test_timm_parity_full_size_xxs24() -> None:
 
 
 @torch.no_grad()
-def test_timm_checkpoint_at_another_resolution_is_resampled() -> None:
+def test_timm_checkpoint_at_another_resolution_is_resampled(timm: ModuleType) -> None:
     kw = dict(embed_dim=32, depth=1, num_heads=2, num_classes=3)
     ref = perturb(timm.create_model("cait_xxs24_224", img_size=64, **kw))
     ours = load_timm(medvit.create_model("cait_xxs24_224", img_size=96, **kw), ref.state_dict()).eval()

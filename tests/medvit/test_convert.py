@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
 import medvit
 from medvit.convert import load_monai, load_timm
 
-monai_nets = pytest.importorskip("monai.networks.nets")
-
 
 @torch.no_grad()
-def test_monai_unetr_parity_paper_configuration() -> None:
+def test_monai_unetr_parity_paper_configuration(monai_nets: ModuleType) -> None:
     ref = monai_nets.UNETR(1, 14, (96, 96, 96)).eval()
     ours = load_monai(medvit.create_model("unetr_base", num_classes=14), ref.state_dict()).eval()
     x = torch.randn(1, 1, 96, 96, 96)
@@ -28,7 +28,7 @@ def test_monai_unetr_parity_paper_configuration() -> None:
         dict(spatial_dims=3, img_size=32, feature_size=8, res_block=False, conv_block=False),
     ],
 )
-def test_monai_unetr_parity_variants(kwargs) -> None:
+def test_monai_unetr_parity_variants(kwargs, monai_nets: ModuleType) -> None:
     mk = dict(in_channels=1, out_channels=3, hidden_size=96, mlp_dim=192, num_heads=4, feature_size=8)
     mk.update(kwargs)
     ref = monai_nets.UNETR(**mk).eval()
@@ -54,7 +54,7 @@ def test_monai_unetr_parity_variants(kwargs) -> None:
 
 
 @torch.no_grad()
-def test_monai_vit_parity_with_hidden_states() -> None:
+def test_monai_vit_parity_with_hidden_states(monai_nets: ModuleType) -> None:
     ref = monai_nets.ViT(1, (32, 32, 32), 8, hidden_size=64, mlp_dim=128, num_layers=3, num_heads=4).eval()
     ours = medvit.create_model(
         "vit_base_patch16_96_3d", img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4,
@@ -70,7 +70,7 @@ def test_monai_vit_parity_with_hidden_states() -> None:
 
 
 @torch.no_grad()
-def test_monai_vit_classification_and_perceptron_embedding() -> None:
+def test_monai_vit_classification_and_perceptron_embedding(monai_nets: ModuleType) -> None:
     ref = monai_nets.ViT(
         1, (16, 16, 16), 8, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2,
         classification=True, num_classes=5, post_activation=None, proj_type="perceptron",
@@ -84,7 +84,7 @@ def test_monai_vit_classification_and_perceptron_embedding() -> None:
     torch.testing.assert_close(ours(x), ref(x)[0], atol=1e-4, rtol=0)
 
 
-def test_monai_weights_that_do_not_fit_are_refused() -> None:
+def test_monai_weights_that_do_not_fit_are_refused(monai_nets: ModuleType) -> None:
     ref = monai_nets.UNETR(1, 3, 32, feature_size=8, hidden_size=96, mlp_dim=192, num_heads=4)
     ours = medvit.create_model("unetr_base", num_classes=4, img_size=32, feature_size=8,
                                encoder_args=dict(embed_dim=96, num_heads=4, mlp_ratio=2.0))
@@ -95,8 +95,7 @@ def test_monai_weights_that_do_not_fit_are_refused() -> None:
 
 
 @torch.no_grad()
-def test_timm_vit_parity_base() -> None:
-    timm = pytest.importorskip("timm")
+def test_timm_vit_parity_base(timm: ModuleType) -> None:
     ref = timm.create_model("vit_base_patch16_224").eval()
     ours = load_timm(medvit.create_model("vit_base_patch16_224"), ref.state_dict()).eval()
     x = torch.randn(2, 3, 224, 224)
@@ -113,8 +112,7 @@ def test_timm_vit_parity_base() -> None:
         dict(no_embed_class=True, pre_norm=True),
     ],
 )
-def test_timm_vit_parity_options(kwargs) -> None:
-    timm = pytest.importorskip("timm")
+def test_timm_vit_parity_options(kwargs, timm: ModuleType) -> None:
     small = dict(img_size=64, embed_dim=64, depth=2, num_heads=4, num_classes=7)
     ref = timm.create_model("vit_small_patch16_224", **small, **kwargs).eval()
     for p in ref.parameters():  # timm zero-initialises some tensors; make every one count
@@ -125,8 +123,7 @@ def test_timm_vit_parity_options(kwargs) -> None:
 
 
 @torch.no_grad()
-def test_timm_checkpoint_at_another_resolution_is_resampled() -> None:
-    timm = pytest.importorskip("timm")
+def test_timm_checkpoint_at_another_resolution_is_resampled(timm: ModuleType) -> None:
     small = dict(embed_dim=64, depth=2, num_heads=4)
     ref = timm.create_model("vit_small_patch16_224", **small).eval()
     ours = load_timm(medvit.create_model("vit_small_patch16_384", **small), ref.state_dict()).eval()
@@ -138,8 +135,7 @@ def test_timm_checkpoint_at_another_resolution_is_resampled() -> None:
     torch.testing.assert_close(ours(x), ref_384(x), atol=1e-4, rtol=0)
 
 
-def test_timm_ignore_head_for_fine_tuning() -> None:
-    timm = pytest.importorskip("timm")
+def test_timm_ignore_head_for_fine_tuning(timm: ModuleType) -> None:
     small = dict(embed_dim=64, depth=2, num_heads=4, img_size=32)
     ref = timm.create_model("vit_small_patch16_224", **small)
     ours = medvit.create_model("vit_small_patch16_224", num_classes=3, **small)

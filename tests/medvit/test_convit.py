@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import medvit
 from medvit.convert import load_timm
 from medvit.layers.gpsa import GPSA, relative_positions_2d
 
-timm = pytest.importorskip("timm")
+from helpers import require
+
 
 # timm's embed_dim is per head; ours is the token width
 SMALL = dict(img_size=64, depth=4, num_heads=4, local_up_to_layer=2, num_classes=7)
@@ -20,6 +22,7 @@ REF = dict(SMALL, embed_dim=16)
 
 
 def _perturbed(name: str, **kwargs) -> torch.nn.Module:
+    timm = require("timm")
     ref = timm.create_model(name, **kwargs).eval()
     with torch.no_grad():
         for p in ref.parameters():  # timm zero-initialises some tensors; make every one count
@@ -61,7 +64,7 @@ def test_timm_parity_full_size_tiny() -> None:
     torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
 
 
-def test_parameter_counts_match_timm() -> None:
+def test_parameter_counts_match_timm(timm: ModuleType) -> None:
     names = medvit.list_models("convit_*")
     assert names == ["convit_base", "convit_small", "convit_tiny"]
     for name in names:
@@ -80,7 +83,7 @@ def test_paper_configuration() -> None:
     assert m.pos_embed.shape == (1, 196, 432)  # patch tokens only
 
 
-def test_locality_initialisation_matches_timm() -> None:
+def test_locality_initialisation_matches_timm(timm: ModuleType) -> None:
     ref = timm.create_model("convit_tiny", **{**REF, "num_heads": 9, "embed_dim": 8}, locality_strength=1.5)
     ours = convit(num_heads=9, embed_dim=72, locality_strength=1.5)
     ref_attn, attn = ref.blocks[0].attn, ours.blocks[0].attn

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
 import medvit
 from medvit.convert import load_timm
 
-timm = pytest.importorskip("timm")
-from timm.models.convmixer import ConvMixer as TimmConvMixer  # noqa: E402
+from helpers import require
+
 
 SMALL = dict(embed_dim=64, depth=3, num_classes=7, img_size=56)
 
@@ -27,7 +29,7 @@ def _trained_reference(ref: torch.nn.Module, size: int) -> torch.nn.Module:
     return ref.eval()
 
 
-def test_parameter_counts_match_timm_and_paper() -> None:
+def test_parameter_counts_match_timm_and_paper(timm: ModuleType) -> None:
     names = medvit.list_models("convmixer_*")
     assert names == ["convmixer_1024_20_ks9_p14", "convmixer_1536_20", "convmixer_768_32"]
     counts = {}
@@ -52,6 +54,7 @@ def test_parameter_counts_match_timm_and_paper() -> None:
     ],
 )
 def test_timm_parity_small(name, timm_kw) -> None:
+    TimmConvMixer = require("timm.models.convmixer").ConvMixer
     ref = _trained_reference(TimmConvMixer(dim=64, depth=3, num_classes=7, **timm_kw), 56)
     ours = load_timm(convmixer(name), ref.state_dict()).eval()
     x = torch.randn(2, 3, 56, 56)
@@ -61,10 +64,13 @@ def test_timm_parity_small(name, timm_kw) -> None:
     torch.testing.assert_close(final, ref_final, atol=1e-4, rtol=0)
     for a, b in zip(feats, ref_feats, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    # fully convolutional: the same at a size it was not built for (not square, not 56)
+    other = torch.randn(1, 3, 70, 42)
+    torch.testing.assert_close(ours(other), ref(other), atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
-def test_timm_parity_full_size_1024_20() -> None:
+def test_timm_parity_full_size_1024_20(timm: ModuleType) -> None:
     # the registered ConvMixer-1024/20 weights; the network is convolutional, so a
     # 112 x 112 input exercises every layer at a quarter of the cost
     ref = _trained_reference(timm.create_model("convmixer_1024_20_ks9_p14"), 56)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -9,13 +11,15 @@ import medvit
 from medvit.convert import load_timm
 from medvit.layers.cross_attention import CrossAttentionBlock
 
-timm = pytest.importorskip("timm")
+from helpers import require
+
 
 # 120 px keeps the real 224/240 scale: 10 x 10 tokens of 12 px, 112 px resized -> 7 x 7 of 16 px
 SMALL = dict(img_size=120, embed_dim=(24, 48), num_heads=(2, 4), depth=((1, 2, 0), (1, 1, 0)), num_classes=7)
 
 
 def _perturbed(name: str, **kwargs) -> torch.nn.Module:
+    timm = require("timm")
     ref = timm.create_model(name, **kwargs).eval()
     with torch.no_grad():
         for p in ref.parameters():  # timm zero-initialises some tensors; make every one count
@@ -57,7 +61,7 @@ def test_timm_parity_full_size_tiny() -> None:
     torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
 
 
-def test_parameter_counts_match_timm() -> None:
+def test_parameter_counts_match_timm(timm: ModuleType) -> None:
     names = medvit.list_models("crossvit_*")
     assert {"crossvit_tiny_240", "crossvit_small_240", "crossvit_base_240"} <= set(names)
     for name in names:

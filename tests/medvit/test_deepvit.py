@@ -38,13 +38,22 @@ def _official_count(dim: int, depth: int, reattn_depth: int, heads: int = 12, cl
 
 
 def test_parameter_counts_are_the_official_configurations() -> None:
+    # The hand counts equal the official deepvit_S / deepvit_L (zhoudaquan/dvit_repo,
+    # models/deep_vision_transformer.py) instantiated: 27,312,632 and 58,883,708.
     small, large = _count("deepvit_small"), _count("deepvit_large")
     assert small == _official_count(396, 16, 5) == 27_312_632
     assert large == _official_count(420, 32, 12) == 58_883_708
-    # The paper reports DeepViT-S at 27M: within 2% (its figures are rounded to 1M).
-    assert abs(small - 27e6) / 27e6 < 0.02
-    # The paper's 55M for DeepViT-L cannot come from the official deepvit_L definition
-    # (width 420, 32 blocks): that one has 58.9M, which is what is registered.
+
+
+def test_parameter_counts_match_the_published_table() -> None:
+    # The paper's comparison with other models (Zhou et al., arXiv:2103.11886; the same figures
+    # are quoted in CoAtNet's ImageNet-1K table): DeepViT-S 27M, DeepViT-L 55M, given to 1M.
+    assert abs(_count("deepvit_small") / 1e6 - 27) <= 0.5
+    # The paper's 55M for DeepViT-L cannot come from the official deepvit_L (width 420, 32
+    # blocks, MLP ratio 3, conv stem): that one has 58.9M and is what is registered, checked
+    # exactly above. Dropping any part of it (stem, head) does not reach 55M either.
+    large = _count("deepvit_large")
+    assert abs(large / 1e6 - 55) > 0.5 and abs(large / 1e6 - 58.9) <= 0.05
 
 
 def test_re_attention_sits_in_the_top_blocks() -> None:
@@ -150,12 +159,3 @@ def test_bad_arguments() -> None:
         deepvit(patch_size=15, img_size=30)
     with pytest.raises(ValueError, match="does not match"):
         deepvit()(torch.randn(1, 3, 48, 48))
-
-
-def test_parameter_counts_equal_timm_where_timm_has_the_model() -> None:
-    timm = pytest.importorskip("timm")
-    for name in (n for n in medvit.list_models("deepvit_*") if n in timm.list_models()):
-        with torch.device("meta"):
-            ref = sum(p.numel() for p in timm.create_model(name, num_classes=1000).parameters())
-            ours = sum(p.numel() for p in medvit.create_model(name, num_classes=1000).parameters())
-        assert ours == ref, name

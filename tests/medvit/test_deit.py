@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -10,7 +12,8 @@ from medvit.convert import load_timm
 from medvit.models.image.deit import VisionTransformerDistilled
 from medvit.models.image.vit import VisionTransformer
 
-timm = pytest.importorskip("timm")
+from helpers import require
+
 
 NAMES = medvit.list_models("deit_*")
 SMALL = dict(img_size=32, embed_dim=32, depth=2, num_heads=2, num_classes=5)
@@ -21,6 +24,7 @@ def distilled(**kw) -> VisionTransformerDistilled:
 
 
 def perturbed(name: str, **kw) -> torch.nn.Module:
+    timm = require("timm")
     ref = timm.create_model(name, **kw).eval()
     with torch.no_grad():  # timm zero-initialises some tensors; make every one count
         for p in ref.parameters():
@@ -37,7 +41,7 @@ def test_registered_names_and_classes() -> None:
         assert isinstance(medvit.create_model("deit_tiny_distilled_patch16_224"), VisionTransformerDistilled)
 
 
-def test_parameter_counts_match_timm() -> None:
+def test_parameter_counts_match_timm(timm: ModuleType) -> None:
     for name in NAMES:
         with torch.device("meta"):
             ref = sum(p.numel() for p in timm.create_model(name, num_classes=1000).parameters())

@@ -9,6 +9,8 @@ import medvit
 from medvit.layers.halo_attention import HaloAttention
 from medvit.registry import tiny_overrides
 
+from helpers import require
+
 
 def _perturbed(module: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
@@ -19,7 +21,7 @@ def _perturbed(module: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize(("stride", "block", "halo"), [(1, 4, 1), (2, 4, 1), (1, 8, 3), (2, 8, 3)])
 def test_halo_attention_matches_timm(stride: int, block: int, halo: int) -> None:
-    timm_attn = pytest.importorskip("timm.layers.halo_attn")
+    timm_attn = require("timm.layers.halo_attn")
     torch.manual_seed(0)
     ref = _perturbed(timm_attn.HaloAttn(32, 48, stride=stride, num_heads=4, block_size=block, halo_size=halo))
     ours = HaloAttention(32, 48, stride=stride, num_heads=4, block_size=block, halo_size=halo).eval()

@@ -7,6 +7,8 @@ timm's blocks and the stage position tables).
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,6 @@ import torch.nn.functional as F
 import medvit
 from medvit.layers.token_pool import TokenMaxPool1d
 
-timm = pytest.importorskip("timm")
 
 SMALL = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=5)
 
@@ -36,7 +37,7 @@ def _timm_reference(ref: torch.nn.Module, ours: torch.nn.Module, x: torch.Tensor
 
 @torch.no_grad()
 @pytest.mark.parametrize("stages", [1, 2, 4])
-def test_parity_with_timm_vit_blocks(stages: int) -> None:
+def test_parity_with_timm_vit_blocks(stages: int, timm: ModuleType) -> None:
     torch.manual_seed(0)
     ref = timm.create_model(
         "vit_tiny_patch16_224", class_token=False, global_pool="avg", num_classes=5,
@@ -52,7 +53,7 @@ def test_parity_with_timm_vit_blocks(stages: int) -> None:
 
 
 @torch.no_grad()
-def test_full_size_parity_hvt_ti_1() -> None:
+def test_full_size_parity_hvt_ti_1(timm: ModuleType) -> None:
     torch.manual_seed(0)
     ref = timm.create_model(
         "deit_tiny_patch16_224", class_token=False, global_pool="avg", num_classes=10
@@ -64,7 +65,7 @@ def test_full_size_parity_hvt_ti_1() -> None:
     torch.testing.assert_close(ours(x), _timm_reference(ref, ours, x), atol=1e-4, rtol=0)
 
 
-def test_parameter_counts() -> None:
+def test_parameter_counts(timm: ModuleType) -> None:
     for name, base, d in (
         ("hvt_ti_1", "deit_tiny_patch16_224", 192),
         ("hvt_s_1", "deit_small_patch16_224", 384),

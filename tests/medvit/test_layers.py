@@ -21,6 +21,8 @@ from medvit.layers import (
     sincos_pos_embed,
 )
 
+from helpers import require
+
 
 @pytest.mark.parametrize(
     "spatial_dims,size,patch,grid",
@@ -112,7 +114,7 @@ def test_sincos_tables() -> None:
 
 
 def test_resample_pos_embed_matches_timm_in_2d() -> None:
-    timm_pe = pytest.importorskip("timm.layers")
+    timm_pe = require("timm.layers")
     pe = torch.randn(1, 1 + 14 * 14, 64)
     ours = resample_pos_embed(pe, (24, 24), (14, 14), num_prefix_tokens=1)
     ref = timm_pe.resample_abs_pos_embed(pe, (24, 24), (14, 14), num_prefix_tokens=1)

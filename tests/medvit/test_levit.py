@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -9,7 +11,6 @@ import medvit
 from medvit.convert import load_timm
 from medvit.layers.attention_bias import AttentionBias, AttentionSubsample
 
-timm = pytest.importorskip("timm")
 
 NAMES = medvit.list_models("levit_*")
 SMALL = dict(img_size=64, embed_dim=(32, 48, 64), key_dim=8, depth=(1, 2, 1), num_heads=(2, 3, 4))
@@ -24,7 +25,7 @@ def perturb(module: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     return module.eval()
 
 
-def test_registered_names_and_parameter_counts_match_timm() -> None:
+def test_registered_names_and_parameter_counts_match_timm(timm: ModuleType) -> None:
     assert NAMES == ["levit_128", "levit_128s", "levit_192", "levit_256", "levit_384"]
     for name in NAMES:
         with torch.device("meta"):
@@ -35,7 +36,7 @@ def test_registered_names_and_parameter_counts_match_timm() -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("distilled", [True, False])
-def test_timm_parity_small(distilled: bool) -> None:
+def test_timm_parity_small(distilled: bool, timm: ModuleType) -> None:
     x = torch.randn(4, 3, 64, 64)
     ref = perturb(timm.create_model("levit_128s", num_classes=7, distilled=distilled, **SMALL), x)
     ours = medvit.create_model("levit_128s", num_classes=7, distilled=distilled, **SMALL)
@@ -52,14 +53,14 @@ def test_timm_parity_small(distilled: bool) -> None:
 
 
 @torch.no_grad()
-def test_timm_parity_full_size_levit_128s() -> None:
+def test_timm_parity_full_size_levit_128s(timm: ModuleType) -> None:
     ref = perturb(timm.create_model("levit_128s"), torch.randn(2, 3, 224, 224))
     ours = load_timm(medvit.create_model("levit_128s"), ref.state_dict()).eval()
     x = torch.randn(1, 3, 224, 224)
     torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
 
 
-def test_load_timm_rejects_conv_mode_weights() -> None:
+def test_load_timm_rejects_conv_mode_weights(timm: ModuleType) -> None:
     kw = dict(SMALL, num_classes=7)
     ref = timm.create_model("levit_conv_128s", **kw)
     with pytest.raises(ValueError, match="conv-mode"):

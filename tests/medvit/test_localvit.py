@@ -19,12 +19,44 @@ def localvit(**kw):
     return medvit.create_model("localvit_tiny", **{**TINY, **kw}).eval()
 
 
-def test_parameter_counts_match_the_paper() -> None:
-    # Table of the paper: LocalViT-T 5.9M, LocalViT-S 22.4M, rounded to 0.1M: within 1%.
-    for name, paper in (("localvit_tiny", 5.9e6), ("localvit_small", 22.4e6)):
+def _official_count(dim: int, classes: int = 1000) -> int:
+    """Parameters of the official LocalViT-T/S (DeiT with the locality feed-forward), by hand.
+
+    12 blocks, expansion 4, h-swish + SE whose reduction equals the width (4 hidden channels).
+    """
+    hidden, se = 4 * dim, 4
+    attn = 2 * dim + (dim * 3 * dim + 3 * dim) + (dim * dim + dim)  # norm + q/k/v (bias) + proj
+    ffn = dim * hidden + 2 * hidden + 9 * hidden + 2 * hidden  # 1x1 + BN, 3x3 depthwise + BN
+    ffn += (hidden * se + se) + (se * hidden + hidden) + hidden * dim + 2 * dim  # SE, 1x1 + BN
+    tokens = dim + 197 * dim
+    return (3 * 16 * 16 * dim + dim) + tokens + 12 * (attn + ffn) + 2 * dim + dim * classes + classes
+
+
+# (name, width, #params published with the paper)
+LOCALVIT_VARIANTS = (("localvit_tiny", 192, 5.9), ("localvit_small", 384, 22.4))
+
+
+def test_parameter_counts_are_the_official_configurations() -> None:
+    # The official blocks (ofsoundof/LocalViT, models/localvit.py, Block of
+    # localvit_tiny_mlp4_act3_r192 / localvit_small_mlp4_act3_r384) have 460,804 / 1,806,340
+    # parameters when instantiated; the rest is DeiT's embedding, norm and head.
+    assert [_official_count(d) for d in (192, 384)] == [5_908_696, 22_433_176]
+    for name, width, _ in LOCALVIT_VARIANTS:
         with torch.device("meta"):
-            n = sum(p.numel() for p in medvit.create_model(name).parameters())
-        assert abs(n - paper) / paper < 0.01, (name, n)
+            m = medvit.create_model(name, num_classes=1000)
+        assert sum(p.numel() for p in m.parameters()) == _official_count(width), name
+    assert sum(p.numel() for p in m.blocks[0].parameters()) == 1_806_340
+
+
+def test_parameter_counts_match_the_published_table() -> None:
+    # Li et al. (arXiv:2104.05707), LocalViT-T 5.9M (74.8%, as quoted in DHVT's ImageNet-1K
+    # comparison) and LocalViT-S 22.4M (the official README), given to 0.1M. The README lists
+    # LocalViT-T at 5.7M, which is DeiT-Ti's size (5.72M), not what its own
+    # localvit_tiny_mlp4_act3_r192 builds (5.91M).
+    for name, _, published in LOCALVIT_VARIANTS:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in medvit.create_model(name, num_classes=1000).parameters())
+        assert abs(n / 1e6 - published) <= 0.05, (name, n)
 
 
 def test_feed_forward_is_the_papers_inverted_residual() -> None:
@@ -89,12 +121,3 @@ def test_bad_arguments() -> None:
         localvit(dynamic_img_size=True)
     with pytest.raises(ValueError, match="does not divide"):
         localvit(img_size=40)
-
-
-def test_parameter_counts_equal_timm_where_timm_has_the_model() -> None:
-    timm = pytest.importorskip("timm")
-    for name in (n for n in medvit.list_models("localvit_*") if n in timm.list_models()):
-        with torch.device("meta"):
-            ref = sum(p.numel() for p in timm.create_model(name, num_classes=1000).parameters())
-            ours = sum(p.numel() for p in medvit.create_model(name, num_classes=1000).parameters())
-        assert ours == ref, name

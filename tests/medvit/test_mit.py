@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
 import medvit
 from medvit.convert import load_timm
 
-timm = pytest.importorskip("timm")
 
 SMALL = dict(img_size=64, depth=(1, 2, 1, 1), embed_dim=(16, 32, 48, 64), num_heads=(1, 2, 3, 4))
 
@@ -41,7 +42,7 @@ def test_mit_is_pvt_v2_with_4x_mix_ffn() -> None:
         assert medvit.create_model("mit_b1").stages[3].blocks[0].mlp.dwconv.groups == 4 * 512
 
 
-def test_parity_with_timm_pvt_v2_as_mit() -> None:
+def test_parity_with_timm_pvt_v2_as_mit(timm: ModuleType) -> None:
     ref = timm.create_model(
         "pvt_v2_b1", depths=SMALL["depth"], embed_dims=SMALL["embed_dim"],
         num_heads=SMALL["num_heads"], mlp_ratios=(4, 4, 4, 4), num_classes=6,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
 import medvit
 from medvit.convert import load_timm
 
-timm = pytest.importorskip("timm")
-from timm.models.mlp_mixer import MlpMixer as TimmMixer  # noqa: E402
+from helpers import require
+
 
 SMALL = dict(img_size=64, embed_dim=64, depth=2, num_classes=7)
 
@@ -25,7 +27,7 @@ def _perturbed(ref: torch.nn.Module) -> torch.nn.Module:
     return ref.eval()
 
 
-def test_parameter_counts_match_timm_and_paper() -> None:
+def test_parameter_counts_match_timm_and_paper(timm: ModuleType) -> None:
     names = [n for n in medvit.list_models("mixer_*") if n in timm.list_models()]
     assert {"mixer_s16_224", "mixer_b16_224", "mixer_l16_224"} <= set(names)
     counts = {}
@@ -48,6 +50,7 @@ def test_parameter_counts_match_timm_and_paper() -> None:
 @torch.no_grad()
 @pytest.mark.parametrize("kwargs", [dict(), dict(mlp_ratio=(1.0, 2.0), patch_size=8), dict(global_pool="")])
 def test_timm_parity_small(kwargs) -> None:
+    TimmMixer = require("timm.models.mlp_mixer").MlpMixer
     timm_kw = {("num_blocks" if k == "depth" else k): v for k, v in {**SMALL, **kwargs}.items()}
     ref = _perturbed(TimmMixer(**timm_kw))
     ours = load_timm(mixer(**kwargs), ref.state_dict()).eval()
@@ -61,7 +64,7 @@ def test_timm_parity_small(kwargs) -> None:
 
 
 @torch.no_grad()
-def test_timm_parity_full_size_s16() -> None:
+def test_timm_parity_full_size_s16(timm: ModuleType) -> None:
     # the registered S/16 configuration (width, depth, MLP widths) on a 112 x 112 input
     ref = _perturbed(timm.create_model("mixer_s16_224", img_size=112))
     ours = load_timm(medvit.create_model("mixer_s16_224", img_size=112), ref.state_dict()).eval()
@@ -70,6 +73,7 @@ def test_timm_parity_full_size_s16() -> None:
 
 
 def test_checkpoint_at_another_resolution_is_refused() -> None:
+    TimmMixer = require("timm.models.mlp_mixer").MlpMixer
     ref = TimmMixer(img_size=32, embed_dim=64, num_blocks=2, num_classes=7)
     with pytest.raises(ValueError, match=r"shape mismatch.*mlp_tokens"):
         load_timm(mixer(), ref.state_dict())

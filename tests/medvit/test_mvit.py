@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import medvit
 from medvit.layers.pooling_attention_v1 import PoolingAttentionV1
 
+from helpers import require
+
 
 def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -245,7 +247,7 @@ def _tv_rows(full: bool, kq: list[int]) -> list[tuple]:
 @torch.no_grad()
 @pytest.mark.parametrize("spatial_dims,full", [(2, False), (3, False), (2, True)])
 def test_parity_with_torchvision_mvit_v1(spatial_dims: int, full: bool, b16_32px: torch.nn.Module) -> None:
-    tv = pytest.importorskip("torchvision.models.video.mvit")
+    tv = require("torchvision.models.video.mvit")
     torch.manual_seed(0)
     # images are torchvision's space-time model on one frame with 1 x k x k kernels
     t_k, frames = (3, 8) if spatial_dims == 3 else (1, 1)

@@ -9,7 +9,7 @@ import medvit
 from medvit.convert.torchvision_mvit import load_torchvision_mvit
 from medvit.models.video.mvit_video import MViTVideo
 
-tv_video = pytest.importorskip("torchvision.models.video")
+from helpers import require
 
 
 def _perturb(model: torch.nn.Module) -> None:
@@ -19,6 +19,7 @@ def _perturb(model: torch.nn.Module) -> None:
 
 
 def test_parameter_count_matches_torchvision() -> None:
+    tv_video = require("torchvision.models.video")
     with torch.device("meta"):
         ours = medvit.create_model("mvit_base_16x4", num_classes=400)
         ref = tv_video.mvit_v1_b(num_classes=400)
@@ -26,6 +27,7 @@ def test_parameter_count_matches_torchvision() -> None:
 
 
 def test_parity_with_torchvision_small_clip() -> None:
+    tv_video = require("torchvision.models.video")
     torch.manual_seed(0)
     # torchvision's MViT-B 16x4 architecture on a smaller clip (4 x 64 x 64)
     ref = tv_video.mvit_v1_b(num_classes=7)
@@ -71,6 +73,7 @@ def test_bad_arguments() -> None:
 
 
 def test_parity_with_torchvision_full_size() -> None:
+    tv_video = require("torchvision.models.video")
     torch.manual_seed(0)
     ref = tv_video.mvit_v1_b()
     _perturb(ref)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
 import medvit
 from medvit.convert import load_timm
 
-timm = pytest.importorskip("timm")
-from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg  # noqa: E402
+from helpers import require
 
 
 def _perturbed(ref: torch.nn.Module) -> torch.nn.Module:
@@ -22,6 +23,8 @@ def _perturbed(ref: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 @pytest.mark.parametrize("depths,embed_dim,heads,img", [((1, 1, 1, 1), 16, 1, 64), ((1, 2, 2, 1), 16, 2, 64)])
 def test_timm_parity_small(depths, embed_dim, heads, img) -> None:
+    MultiScaleVit = require("timm.models.mvitv2").MultiScaleVit
+    MultiScaleVitCfg = require("timm.models.mvitv2").MultiScaleVitCfg
     ref = _perturbed(MultiScaleVit(MultiScaleVitCfg(depths=depths, embed_dim=embed_dim, num_heads=heads),
                                    img_size=img, num_classes=5))
     ours = medvit.create_model("mvitv2_tiny", depth=depths, embed_dim=embed_dim, num_heads=heads,
@@ -33,7 +36,7 @@ def test_timm_parity_small(depths, embed_dim, heads, img) -> None:
 
 
 @torch.no_grad()
-def test_timm_parity_mvitv2_tiny_full_size() -> None:
+def test_timm_parity_mvitv2_tiny_full_size(timm: ModuleType) -> None:
     # full width and depth; a 64-pixel input keeps the shared CPU time low
     torch.manual_seed(0)
     ref = _perturbed(timm.create_model("mvitv2_tiny", img_size=64))
@@ -42,7 +45,7 @@ def test_timm_parity_mvitv2_tiny_full_size() -> None:
     torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
 
 
-def test_parameter_counts_match_timm() -> None:
+def test_parameter_counts_match_timm(timm: ModuleType) -> None:
     names = [n for n in medvit.list_models("mvitv2*") if n in timm.list_models()]
     assert {"mvitv2_tiny", "mvitv2_small", "mvitv2_base"} <= set(names)
     for name in names:

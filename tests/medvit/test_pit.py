@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
 import medvit
 from medvit.convert import load_timm
 
-timm = pytest.importorskip("timm")
 
 NAMES = medvit.list_models("pit_*")
 SMALL = dict(img_size=64, patch_size=8, stride=4, embed_dim=(32, 64, 128), depth=(1, 2, 1), num_heads=(2, 4, 8))
@@ -22,7 +23,7 @@ def perturb(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def test_registered_names_and_parameter_counts_match_timm() -> None:
+def test_registered_names_and_parameter_counts_match_timm(timm: ModuleType) -> None:
     assert NAMES == ["pit_b_224", "pit_s_224", "pit_ti_224", "pit_xs_224"]
     for name in NAMES:
         with torch.device("meta"):
@@ -33,7 +34,7 @@ def test_registered_names_and_parameter_counts_match_timm() -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("distilled", [False, True])
-def test_timm_parity_small(distilled: bool) -> None:
+def test_timm_parity_small(distilled: bool, timm: ModuleType) -> None:
     ref = perturb(timm.create_model("pit_ti_224", num_classes=7, distilled=distilled, **TIMM_SMALL))
     ours = medvit.create_model("pit_ti_224", num_classes=7, distilled=distilled, **SMALL)
     load_timm(ours, ref.state_dict()).eval()
@@ -48,7 +49,7 @@ def test_timm_parity_small(distilled: bool) -> None:
 
 
 @torch.no_grad()
-def test_timm_parity_full_size_pit_ti() -> None:
+def test_timm_parity_full_size_pit_ti(timm: ModuleType) -> None:
     ref = perturb(timm.create_model("pit_ti_224"))
     ours = load_timm(medvit.create_model("pit_ti_224"), ref.state_dict()).eval()
     x = torch.randn(1, 3, 224, 224)

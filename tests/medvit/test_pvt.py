@@ -8,6 +8,8 @@ import torch
 import medvit
 from medvit.layers.sra import SpatialReductionAttention
 
+from helpers import require
+
 SMALL = dict(img_size=64, depth=(1, 2, 1, 1), embed_dim=(16, 32, 48, 64), num_heads=(1, 2, 3, 4))
 
 
@@ -24,7 +26,7 @@ def test_parameter_counts_match_the_paper() -> None:
 
 @pytest.mark.parametrize("sr_ratio", [1, 4])
 def test_sra_matches_timm_attention(sr_ratio: int) -> None:
-    timm_pvt = pytest.importorskip("timm.models.pvt_v2")
+    timm_pvt = require("timm.models.pvt_v2")
     ref = timm_pvt.Attention(32, num_heads=4, sr_ratio=sr_ratio).eval()
     with torch.no_grad():
         for p in ref.parameters():

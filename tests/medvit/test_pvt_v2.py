@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
 import medvit
 from medvit.convert import load_timm
 
-timm = pytest.importorskip("timm")
+from helpers import require
+
 
 NAMES = medvit.list_models("pvt_v2_*")
 SMALL = dict(img_size=64, depth=(1, 2, 1, 1), embed_dim=(16, 32, 48, 64), num_heads=(1, 2, 3, 4))
 
 
 def perturbed(name: str, **kw) -> torch.nn.Module:
+    timm = require("timm")
     ref = timm.create_model(name, **kw).eval()
     with torch.no_grad():  # zero biases and unit norms must count too
         for p in ref.parameters():
@@ -29,13 +33,16 @@ def _timm_small(name: str, num_classes: int = 7) -> torch.nn.Module:
     )
 
 
-def test_registered_names_and_parameter_counts_match_timm() -> None:
+def test_registered_names_and_parameter_counts_match_timm(timm: ModuleType) -> None:
     assert NAMES == [
         "pvt_v2_b0", "pvt_v2_b0_3d", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b2_li", "pvt_v2_b3",
         "pvt_v2_b4", "pvt_v2_b5",
     ]
     expected = {"pvt_v2_b0": 3_666_760, "pvt_v2_b2": 25_362_856, "pvt_v2_b5": 81_956_008}
-    for name in (n for n in NAMES if n in timm.list_models()):
+    names = [n for n in NAMES if n in timm.list_models()]
+    # every 2D variant has a timm twin; only the volumetric one is ours alone
+    assert names == [n for n in NAMES if not n.endswith("_3d")]
+    for name in names:
         with torch.device("meta"):
             ref = sum(p.numel() for p in timm.create_model(name, num_classes=1000).parameters())
             ours = sum(p.numel() for p in medvit.create_model(name, num_classes=1000).parameters())
@@ -206,7 +213,7 @@ def test_other_input_size_matches_timm() -> None:
         torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
 
 
-def test_grid_aware_layers() -> None:
+def test_grid_aware_layers(timm: ModuleType) -> None:
     from medvit.layers.conv_mlp import DWConvMlp
     from medvit.layers.overlap_embed import OverlapPatchEmbed
     from medvit.layers.sra import SpatialReductionAttention

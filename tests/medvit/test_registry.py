@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -41,6 +43,12 @@ def test_tiny_forward_backward(name: str) -> None:
     out.float().square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # in eval mode a model is deterministic and each sample's output depends on that sample only
+    model.eval()
+    with torch.no_grad():
+        full = model(x)
+        torch.testing.assert_close(model(x), full, atol=0, rtol=0)
+        torch.testing.assert_close(model(x[:1]), full[:1], atol=1e-4, rtol=1e-4)
 
 
 def test_list_models_pattern() -> None:
@@ -66,8 +74,7 @@ def test_bad_arguments_raise_value_error() -> None:
         medvit.create_model("unetr_base", img_size=(96, 96, 40))
 
 
-def test_parameter_counts_match_timm() -> None:
-    timm = pytest.importorskip("timm")
+def test_parameter_counts_match_timm(timm: ModuleType) -> None:
     names = [n for n in medvit.list_models("vit_*") if n in timm.list_models()]
     assert len(names) >= 15
     for name in names:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,9 +91,8 @@ def test_decoder_matches_official_computation(spatial_dims: int) -> None:
     assert out.shape == (2, 5, *sizes[0][:spatial_dims])
 
 
-def test_end_to_end_parity_with_timm_encoder() -> None:
+def test_end_to_end_parity_with_timm_encoder(timm: ModuleType) -> None:
     """timm's PVT v2 (MiT configuration) + the written-out official head vs our SegFormer."""
-    timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     ref = timm.create_model(
         "pvt_v2_b1", depths=ENC["depth"], embed_dims=ENC["embed_dim"], num_heads=ENC["num_heads"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -9,8 +11,7 @@ import medvit
 from medvit.convert import inflate_image_to_video
 from medvit.models.image.vit import VisionTransformer
 
-timm = pytest.importorskip("timm")
-from timm.models.vision_transformer import Block as TimmBlock  # noqa: E402
+from helpers import require
 
 
 def _tiny(**kw: object) -> torch.nn.Module:
@@ -18,7 +19,8 @@ def _tiny(**kw: object) -> torch.nn.Module:
                                **{**medvit.registry.tiny_overrides("stam_base_patch16_224_16f"), **kw})
 
 
-def test_parity_with_timm_vit_and_blocks() -> None:
+def test_parity_with_timm_vit_and_blocks(timm: ModuleType) -> None:
+    TimmBlock = require("timm.models.vision_transformer").Block
     torch.manual_seed(0)
     model = _tiny(embed_dim=48, depth=2, num_heads=3, temporal_heads=4).eval()
     with torch.no_grad():
@@ -43,7 +45,8 @@ def test_parity_with_timm_vit_and_blocks() -> None:
         torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=0)
 
 
-def test_parameter_count_is_vit_b_plus_six_blocks() -> None:
+def test_parameter_count_is_vit_b_plus_six_blocks(timm: ModuleType) -> None:
+    TimmBlock = require("timm.models.vision_transformer").Block
     with torch.device("meta"):
         model = medvit.create_model("stam_base_patch16_224_16f", num_classes=400)
         vit = timm.create_model("vit_base_patch16_224", num_classes=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -15,7 +17,8 @@ from medvit.layers.window_attention import (
     window_reverse,
 )
 
-timm = pytest.importorskip("timm")
+from helpers import require
+
 
 NAMES_2D = [
     "swin_tiny_patch4_window7_224",
@@ -31,7 +34,7 @@ def _perturbed(ref: torch.nn.Module) -> torch.nn.Module:
     return ref.eval()
 
 
-def test_parameter_counts_match_timm() -> None:
+def test_parameter_counts_match_timm(timm: ModuleType) -> None:
     for name in NAMES_2D:
         with torch.device("meta"):
             ours = medvit.create_model(name, num_classes=1000)
@@ -49,7 +52,7 @@ def test_parameter_counts_match_timm() -> None:
         dict(img_size=(64, 128), window_size=4),
     ],
 )
-def test_timm_parity_small(cfg: dict) -> None:
+def test_timm_parity_small(cfg: dict, timm: ModuleType) -> None:
     torch.manual_seed(0)
     small = dict(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), num_classes=7, **cfg)
     ref = _perturbed(timm.create_model("swin_tiny_patch4_window7_224", **small))
@@ -68,7 +71,7 @@ def test_timm_parity_small(cfg: dict) -> None:
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_timm_parity_full_size_tiny() -> None:
+def test_timm_parity_full_size_tiny(timm: ModuleType) -> None:
     torch.manual_seed(0)
     name = "swin_tiny_patch4_window7_224"
     ref = _perturbed(timm.create_model(name))
@@ -77,7 +80,7 @@ def test_timm_parity_full_size_tiny() -> None:
     torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
 
 
-def test_load_timm_ignore_head_and_strictness() -> None:
+def test_load_timm_ignore_head_and_strictness(timm: ModuleType) -> None:
     small = dict(img_size=56, embed_dim=24, num_heads=(1, 2, 2, 4))
     ref = timm.create_model("swin_tiny_patch4_window7_224", depths=(1, 1, 1, 1), num_classes=5, **small)
     ours = medvit.create_model("swin_tiny_patch4_window7_224", depth=(1, 1, 1, 1), num_classes=3, **small)
@@ -247,7 +250,7 @@ def _from_monai_swin(sd: dict[str, torch.Tensor], num_stages: int) -> dict[str, 
 
 @torch.no_grad()
 def test_3d_parity_with_monai_swin_transformer() -> None:
-    swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr")
+    swin_unetr = require("monai.networks.nets.swin_unetr")
     torch.manual_seed(0)
     ref = swin_unetr.SwinTransformer(
         in_chans=1, embed_dim=12, window_size=(3, 3, 3), patch_size=(2, 2, 2), depths=(2, 2, 2, 2),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -9,7 +11,8 @@ import medvit
 from medvit.convert import load_monai
 from medvit.models.volume.swin_unetr import SwinUNETR
 
-monai_nets = pytest.importorskip("monai.networks.nets")
+from helpers import require
+
 
 # MONAI SwinUNETR(in_channels=1, out_channels=14, feature_size=48 / 24), counted once; the
 # paper reports 61.98M for feature size 48 (0.3% fewer: the source of the gap is unknown,
@@ -18,6 +21,7 @@ MONAI_PARAMS = {"swin_unetr_base": 62_187_296, "swin_unetr_small": 15_703_304}
 
 
 def _monai(**kw: object) -> torch.nn.Module:
+    monai_nets = require("monai.networks.nets")
     ref = monai_nets.SwinUNETR(**{"in_channels": 1, "out_channels": 3, **kw})
     with torch.no_grad():
         for p in ref.parameters():  # zero-initialised biases and tables count too
@@ -83,7 +87,7 @@ def test_monai_parity_full_size_96() -> None:
     torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
 
 
-def test_load_monai_rejects_other_layouts() -> None:
+def test_load_monai_rejects_other_layouts(monai_nets: ModuleType) -> None:
     ref = monai_nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, use_v2=True)
     ours = medvit.create_model("swin_unetr_base", feature_size=12, num_classes=2, img_size=64)
     with pytest.raises(ValueError, match="use_v2"):

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
 import medvit
 from medvit.convert import load_timm
 
-timm = pytest.importorskip("timm")
+from helpers import require
+
 
 SMALL = dict(img_size=64, embed_dim=48, inner_dim=8, depth=3, num_classes=7)
 
 
 def _perturbed(name: str, **kwargs) -> torch.nn.Module:
+    timm = require("timm")
     ref = timm.create_model(name, **kwargs).eval()
     with torch.no_grad():
         for p in ref.parameters():  # timm zero-initialises some tensors; make every one count
@@ -52,7 +56,7 @@ def test_timm_parity_full_width_small() -> None:
     torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
 
 
-def test_parameter_counts_match_timm() -> None:
+def test_parameter_counts_match_timm(timm: ModuleType) -> None:
     names = medvit.list_models("tnt_*")
     assert names == ["tnt_b_patch16_224", "tnt_s_patch16_224"]
     for name in names:
@@ -83,7 +87,7 @@ def test_pixel_embedding_sees_one_patch_at_a_time() -> None:
     assert changed.tolist() == [True] + [False] * 15
 
 
-def test_legacy_layout_is_refused() -> None:
+def test_legacy_layout_is_refused(timm: ModuleType) -> None:
     ref = timm.create_model("tnt_s_legacy_patch16_224", **SMALL, num_heads_outer=4)
     with pytest.raises(ValueError, match="legacy TNT layout"):
         load_timm(tnt(), ref.state_dict())

@@ -12,11 +12,8 @@ import medvit
 from medvit.convert import load_timm
 from medvit.models.volume.transunet import TransUNet
 
-timm = pytest.importorskip("timm")
-from timm.layers import HybridEmbed as TimmHybridEmbed  # noqa: E402
-from timm.layers import StdConv2dSame as TimmStdConv2dSame  # noqa: E402
-from timm.models.resnetv2 import ResNetV2 as TimmResNetV2  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
+from helpers import require
+
 
 SMALL_ENCODER = dict(embed_dim=64, depth=2, num_heads=4, backbone_depths=(1, 1, 1))
 SMALL = dict(head_channels=16, decoder_channels=(16, 8, 8, 4), encoder_args=SMALL_ENCODER)
@@ -34,6 +31,10 @@ def small_3d(**kw) -> TransUNet:
 
 def timm_hybrid(depths, **kw) -> torch.nn.Module:
     """timm's R50+ViT hybrid as `vit_base_r50_s16_224` builds it, without class token: TransUNet's encoder."""
+    TimmHybridEmbed = require("timm.layers").HybridEmbed
+    TimmResNetV2 = require("timm.models.resnetv2").ResNetV2
+    TimmStdConv2dSame = require("timm.layers").StdConv2dSame
+    TimmViT = require("timm.models.vision_transformer").VisionTransformer
     backbone = TimmResNetV2(
         layers=depths, num_classes=0, global_pool="", preact=False, stem_type="same",
         conv_layer=partial(TimmStdConv2dSame, eps=1e-8),

@@ -15,6 +15,8 @@ from medvit.models.image.swin import SwinTransformer
 from medvit.models.volume.unetr import UNETR
 from medvit.registry import tiny_overrides
 
+from helpers import require
+
 NEW = ["unetr_swin_tiny", "unetr_pvt_v2_b1", "unetr_mit_b0"]
 TINY_SWIN = dict(embed_dim=16, depth=(2, 2, 1, 1), num_heads=(1, 2, 2, 2), window_size=4)
 TINY_PYRAMID = dict(depth=(1, 1, 1, 1), embed_dim=(8, 16, 24, 32), num_heads=(1, 2, 3, 4))
@@ -194,7 +196,7 @@ def _load_from_monai(ours: nn.Module, ref: nn.Module) -> None:
 @torch.no_grad()
 def test_decoder_parity_with_monai_blocks() -> None:
     """The decoder equals MONAI's UNETR blocks wired as documented, on the same encoder maps."""
-    blocks = pytest.importorskip("monai.networks.blocks")
+    blocks = require("monai.networks.blocks")
     fs, model = 6, medvit.create_model(
         "unetr_swin_tiny", img_size=32, feature_size=6, in_chans=2, num_classes=3, encoder_args=TINY_SWIN
     ).eval()

@@ -82,10 +82,26 @@ def test_dynamic_img_size_resamples_position_embedding() -> None:
         strict(torch.randn(1, 3, 48, 48))
 
 
+@torch.no_grad()
 def test_attention_maps() -> None:
     m = vit()
-    maps = m.attention_maps(torch.randn(1, 3, 32, 32))
+    x = torch.randn(1, 3, 32, 32)
+    maps = m.attention_maps(x)
     assert len(maps) == 4 and maps[0].shape == (1, 2, 17, 17)
+    # each row is a softmax over the keys
+    for a in maps:
+        assert (a >= 0).all()
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
+    # the first map is softmax(q k^T / sqrt(d)) of the embedded tokens, computed by hand
+    tokens, _ = m.embed(x)
+    blk = m.blocks[0]
+    q, k, _ = blk.attn.qkv(blk.norm1(tokens)).reshape(1, 17, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(maps[0], (q @ k.transpose(-2, -1) / 4.0).softmax(-1), atol=1e-5, rtol=0)
+    # the explicit softmax that yields the maps computes what the fused attention of forward does
+    y = tokens
+    for b in m.blocks:
+        y, _ = b(y, return_attn=True)
+    torch.testing.assert_close(m.norm(y), m.forward_features(x), atol=1e-5, rtol=0)
 
 
 def test_3d_vit_on_volumes() -> None:

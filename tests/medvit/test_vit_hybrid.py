@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from types import ModuleType
 
 import pytest
 import torch
@@ -14,11 +15,8 @@ from medvit.layers.hybrid_embed import HybridEmbed
 from medvit.layers.std_conv import MaxPool2dSame, StdConv2d
 from medvit.models.image.resnetv2 import ResNetV2
 
-timm = pytest.importorskip("timm")
-from timm.layers import HybridEmbed as TimmHybridEmbed  # noqa: E402
-from timm.layers import StdConv2dSame as TimmStdConv2dSame  # noqa: E402
-from timm.models.resnetv2 import ResNetV2 as TimmResNetV2  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
+from helpers import require
+
 
 SMALL = dict(img_size=64, embed_dim=64, depth=2, num_heads=4, num_classes=7)
 
@@ -32,6 +30,8 @@ def _perturbed(ref: torch.nn.Module) -> torch.nn.Module:
 
 def timm_backbone(depths=(1, 1, 1)) -> torch.nn.Module:
     """timm's ViT-hybrid ResNet (as `vit_base_r50_s16_224` builds it)."""
+    TimmResNetV2 = require("timm.models.resnetv2").ResNetV2
+    TimmStdConv2dSame = require("timm.layers").StdConv2dSame
     return TimmResNetV2(
         layers=depths, num_classes=0, global_pool="", preact=False, stem_type="same",
         conv_layer=partial(TimmStdConv2dSame, eps=1e-8),
@@ -39,6 +39,8 @@ def timm_backbone(depths=(1, 1, 1)) -> torch.nn.Module:
 
 
 def timm_hybrid(depths=(1, 1, 1), **kw) -> torch.nn.Module:
+    TimmHybridEmbed = require("timm.layers").HybridEmbed
+    TimmViT = require("timm.models.vision_transformer").VisionTransformer
     embed = partial(TimmHybridEmbed, backbone=timm_backbone(depths))
     return TimmViT(patch_size=1, embed_layer=embed, **kw)
 
@@ -49,6 +51,7 @@ def hybrid(**kw):
 
 # -- layers ------------------------------------------------------------------------------
 def test_std_conv_standardises_filters_and_pads_like_tensorflow() -> None:
+    TimmStdConv2dSame = require("timm.layers").StdConv2dSame
     conv = StdConv2d(3, 8, 3, stride=2, padding="same", eps=1e-8)
     w = conv.weight
     var = w.var((1, 2, 3), unbiased=False, keepdim=True)
@@ -71,6 +74,9 @@ def test_max_pool_same_never_picks_the_padding() -> None:
     x = -torch.rand(1, 1, 5, 5) - 1.0  # all negative: a zero pad would win
     y = MaxPool2dSame(3, 2)(x)
     assert y.shape == (1, 1, 3, 3) and (y < -1.0).all()
+    # TensorFlow's SAME: one pixel each side for 5 -> 3 at stride 2, padded with -inf
+    ref = F.max_pool2d(F.pad(x, (1, 1, 1, 1), value=float("-inf")), 3, 2)
+    torch.testing.assert_close(y, ref)
 
 
 # -- the ResNet backbone (shared with TransUNet) ---------------------------------------------
@@ -118,7 +124,7 @@ def test_resnetv2_interface_and_bad_arguments() -> None:
 
 
 # -- the hybrid ViT ------------------------------------------------------------------------
-def test_parameter_counts_match_timm() -> None:
+def test_parameter_counts_match_timm(timm: ModuleType) -> None:
     for name in ("vit_base_r50_s16_224", "vit_base_r50_s16_384"):
         with torch.device("meta"):
             ref = sum(p.numel() for p in timm.create_model(name, num_classes=1000).parameters())
@@ -149,7 +155,7 @@ def test_timm_parity_small(kwargs) -> None:
 
 
 @torch.no_grad()
-def test_timm_checkpoint_at_another_resolution_is_resampled() -> None:
+def test_timm_checkpoint_at_another_resolution_is_resampled(timm: ModuleType) -> None:
     ref = _perturbed(timm_hybrid(**{**SMALL, "img_size": 32}))
     ours = load_timm(hybrid(img_size=96), ref.state_dict()).eval()
     sd = ref.state_dict()
@@ -217,7 +223,7 @@ def test_hybrid_embed_checks_the_backbone_stride() -> None:
 
 
 # -- ViT-g/14 with the MAP head ----------------------------------------------------------------
-def test_vit_giant_is_the_paper_configuration() -> None:
+def test_vit_giant_is_the_paper_configuration(timm: ModuleType) -> None:
     with torch.device("meta"):
         m = medvit.create_model("vit_giant_patch14_224", num_classes=1000)
     assert (m.embed_dim, len(m.blocks), m.blocks[0].attn.num_heads) == (1408, 40, 16)
@@ -235,6 +241,7 @@ def test_vit_giant_is_the_paper_configuration() -> None:
 
 @torch.no_grad()
 def test_vit_giant_map_head_parity_and_frozen_patch_embed() -> None:
+    TimmViT = require("timm.models.vision_transformer").VisionTransformer
     small = dict(img_size=28, embed_dim=64, depth=2, num_heads=4, num_classes=7)
     ref = _perturbed(TimmViT(**small, patch_size=14, mlp_ratio=48 / 11, global_pool="map", class_token=False))
     ours = load_timm(medvit.create_model("vit_giant_patch14_224", **small), ref.state_dict()).eval()

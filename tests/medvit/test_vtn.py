@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -10,7 +12,6 @@ from medvit.convert import load_timm
 from medvit.layers.attention import Attention
 from medvit.layers.longformer_1d import LongformerAttention1d, longformer_mask_1d
 
-timm = pytest.importorskip("timm")
 
 _VIT = dict(backbone="vit_base_patch16_224",
             backbone_args=dict(embed_dim=32, depth=1, num_heads=2, img_size=32))
@@ -59,7 +60,7 @@ def test_backbones_from_registry(backbone: dict) -> None:
     torch.testing.assert_close(frames[:, 2], ref, atol=1e-5, rtol=0)
 
 
-def test_frame_features_match_timm_backbone() -> None:
+def test_frame_features_match_timm_backbone(timm: ModuleType) -> None:
     torch.manual_seed(0)
     ref = timm.create_model("vit_base_patch16_224", img_size=32, embed_dim=32, depth=1, num_heads=2,
                             num_classes=0).eval()

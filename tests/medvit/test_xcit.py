@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -9,7 +11,8 @@ import medvit
 from medvit.convert import load_timm
 from medvit.layers.attention_variants import XCA
 
-timm = pytest.importorskip("timm")
+from helpers import require
+
 
 NAMES = medvit.list_models("xcit_*")
 SMALL = dict(img_size=32, embed_dim=32, depth=3, num_heads=2, num_classes=5)
@@ -20,6 +23,7 @@ def xcit(**kw):
 
 
 def perturbed(name: str, **kw) -> torch.nn.Module:
+    timm = require("timm")
     ref = timm.create_model(name, **kw).eval()
     with torch.no_grad():  # zero biases, unit temperatures and BN statistics must count too
         for p in ref.parameters():
@@ -31,7 +35,7 @@ def perturbed(name: str, **kw) -> torch.nn.Module:
     return ref
 
 
-def test_registered_names_and_parameter_counts_match_timm() -> None:
+def test_registered_names_and_parameter_counts_match_timm(timm: ModuleType) -> None:
     assert NAMES == ["xcit_small_12_p16_224", "xcit_tiny_12_p16_224"]
     for name in NAMES:
         with torch.device("meta"):

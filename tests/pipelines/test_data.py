@@ -61,7 +61,9 @@ def _absolute_training(msd: Path, resolve: bool = False) -> list[dict[str, str]]
 
 def _nnunet_from_msd(msd: Path, root: Path, labels: dict | None = None, channels: dict | None = None) -> Path:
     """An nnU-Net v2 copy of the phantom dataset: case_XXX_0000.nii.gz + labelsTr/case_XXX.nii.gz."""
-    for src in sorted((msd.parent / "imagesTr").glob("case_*.nii.gz")):
+    sources = sorted((msd.parent / "imagesTr").glob("case_*.nii.gz"))
+    assert sources, f"no phantom cases under {msd.parent / 'imagesTr'}"
+    for src in sources:
         name = src.name[: -len(".nii.gz")]
         (root / "imagesTr").mkdir(parents=True, exist_ok=True)
         (root / "labelsTr").mkdir(parents=True, exist_ok=True)

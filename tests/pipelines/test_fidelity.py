@@ -10,7 +10,8 @@ from medvit.pipelines.export import ConvertConfig, convert
 from medvit.pipelines.io import read_scan
 from medvit.pipelines.segment import SegmentConfig, Segmenter
 
-nets = pytest.importorskip("monai.networks.nets")
+from helpers import require
+
 SPACING = (4.0, 4.0, 5.0)
 SMALL = dict(hidden_size=96, mlp_dim=192, num_heads=4, feature_size=8)
 
@@ -38,6 +39,7 @@ def monai_reference(model, scan_path) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
+    nets = require("monai.networks.nets")
     torch.manual_seed(1)
     ref = nets.UNETR(1, 3, (32, 32, 32), **SMALL).eval()
     folder = tmp_path_factory.mktemp("fid")
