@@ -205,7 +205,11 @@ def _slab_offset(full: Path, part: Path) -> int:
 
 def _training_json(out: Path, image: sitk.Image, label: sitk.Image, labels: dict[int, str], what: str) -> Path:
     write_atomic(image, out / "image.nii.gz")
-    write_atomic(label, out / "label.nii.gz")
+    # only the declared labels: a training dataset's label map holds no undeclared values
+    keep = np.isin(sitk.GetArrayViewFromImage(label), list(labels))
+    declared = sitk.GetImageFromArray(np.where(keep, sitk.GetArrayViewFromImage(label), 0).astype(np.uint8))
+    declared.CopyInformation(label)
+    write_atomic(declared, out / "label.nii.gz")
     ds = {
         "name": what, "modality": {"0": "CT"},
         "labels": {"0": "background", **{str(k): v for k, v in sorted(labels.items())}},

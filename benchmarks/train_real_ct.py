@@ -63,10 +63,14 @@ def main() -> None:
         raise SystemExit(f"shared data not found at {DATA}")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    # the reference map has 42 structures; the dataset declares the organs, so its label map holds only those
+    seg = nib.load(DATA / "ct" / "example_seg.nii.gz")
+    organs = np.where(np.isin(np.asarray(seg.dataobj), list(LABELS)), np.asarray(seg.dataobj), 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(organs, seg.affine, seg.header), out / "organs_seg.nii.gz")
     ds = {
         "name": "example_ct_sm", "modality": {"0": "CT"},
         "labels": {"0": "background", **{str(k): v for k, v in LABELS.items()}},
-        "training": [{"image": str(DATA / "ct" / "example_ct_sm.nii.gz"), "label": str(DATA / "ct" / "example_seg.nii.gz")}],
+        "training": [{"image": str(DATA / "ct" / "example_ct_sm.nii.gz"), "label": str(out / "organs_seg.nii.gz")}],
     }
     (out / "dataset.json").write_text(json.dumps(ds, indent=2))
 
