@@ -113,12 +113,14 @@ def ensure_nnunet(python: Path, log: Path) -> dict:
 
 _SHORT_TRAINER = """\
 # Written by medvit's benchmarks/vs_nnunet.py: nnU-Net's own trainer on a shorter schedule.
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 
 class {name}(nnUNetTrainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = {epochs}
         self.num_iterations_per_epoch = {iterations}
         self.num_val_iterations_per_epoch = {val_iterations}
