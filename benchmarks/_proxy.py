@@ -24,8 +24,6 @@ copy's own grid, nothing resampled.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from medvit.pipelines import atomic
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ORGANS = ("spleen", "kidney_right", "kidney_left", "liver")
@@ -49,34 +49,16 @@ def label_names(data: Path = DATA) -> dict[int, str]:
 
 
 def write_atomic(image: sitk.Image, path: Path) -> Path:
-    """Write with SimpleITK under a hidden temporary name, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")  # keeps the suffix: it picks the format
-    try:
-        sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """Write with SimpleITK (compressed) under a hidden temporary name, then rename into place."""
+    return atomic.write_atomic(path, lambda tmp: sitk.WriteImage(image, str(tmp), True))
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".tmp-{secrets.token_hex(4)}-{dst.name}")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def json_atomic(payload: dict, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_json(path, payload)
 
 
 # -- the shifts -------------------------------------------------------------------------------

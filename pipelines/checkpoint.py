@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import secrets
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import medvit
+from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.errors import CheckpointError, short_reason
 from medvit.pipelines.preprocessing import Preprocessing
 
@@ -207,23 +206,12 @@ def _card_problem(d: Any) -> str | None:
     return _labels_problem(d["labels"]) or _preprocessing_problem(d["preprocessing"])
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
-
-
 def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path:
     """Write weights and card to `path` atomically (temporary file, then rename)."""
     path = Path(path)
-    tmp = _atomic_target(path)
     model = getattr(model, "module", model)  # DDP wrapper
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    try:
-        save_file(tensors, str(tmp), metadata={CARD_KEY: card.to_json()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={CARD_KEY: card.to_json()}))
 
 
 def read_card(path: str | Path) -> ModelCard:

@@ -24,8 +24,6 @@ which is what :mod:`medvit.pipelines.verify` builds on.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from medvit.pipelines.atomic import write_atomic, write_json
 from medvit.pipelines.errors import DatasetError, Problem
 from medvit.pipelines.io import SCAN_SUFFIXES, Scan, ScanError, read_scan
 
@@ -677,27 +676,13 @@ def _intensity_for(modality: str) -> str:
     return {"CT": "ct", "MR": "mr"}.get(modality.upper(), "none")
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    # The temp name keeps the real suffix: nibabel picks the format from it.
-    tmp = path.parent / f".tmp-{secrets.token_hex(6)}-{path.name}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
-
-
 def _write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     image = nib.Nifti1Image(array, affine)
     image.set_data_dtype(array.dtype)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units(xyz="mm")
-    _write_atomic(path, lambda tmp: nib.save(image, str(tmp)))
+    write_atomic(path, lambda tmp: nib.save(image, str(tmp)))
 
 
 def _source_files(spec: DatasetSpec) -> Iterable[Path]:
@@ -807,8 +792,8 @@ def preprocess_dataset(
         "source": str(spec.root.resolve()),
     }
     try:
-        _write_json(out / FINGERPRINT_JSON, fingerprint)
-        _write_json(out / PREPROCESSED_JSON, manifest)
+        write_json(out / FINGERPRINT_JSON, fingerprint)
+        write_json(out / PREPROCESSED_JSON, manifest)
     except OSError as exc:
         raise _error(out, f"cannot write dataset files ({_one_line(str(exc))})") from None
     return out

@@ -11,9 +11,7 @@ field of view with air all round.
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,8 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
+
+from medvit.pipelines.atomic import write_atomic, write_json
 
 __all__ = ["LABELS", "Phantom", "make_phantom", "save_phantom", "write_phantom_dataset"]
 
@@ -311,15 +311,7 @@ def _save_nifti(data: np.ndarray, affine: np.ndarray, dtype: type, path: Path) -
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units(xyz="mm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A temporary name keeps the suffix nibabel picks the format from; the rename means
-    # a crash never leaves a half-written scan under the real name.
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: nib.save(img, tmp))
 
 
 def save_phantom(phantom: Phantom, image_path: str | os.PathLike, label_path: str | os.PathLike) -> None:
@@ -392,8 +384,4 @@ def write_phantom_dataset(
         "training": training,
         "test": [],
     }
-    json_path = out / "dataset.json"
-    tmp = json_path.with_name(f".tmp-{uuid.uuid4().hex}-dataset.json")
-    tmp.write_text(json.dumps(dataset, indent=2) + "\n")
-    os.replace(tmp, json_path)
-    return json_path
+    return write_json(out / "dataset.json", dataset)

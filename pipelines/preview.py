@@ -16,8 +16,6 @@ the PNG as the text chunk `medvit:legend` (JSON), so programs can read it back.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,6 +25,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
+
+from medvit.pipelines.atomic import write_atomic
 
 __all__ = ["LEGEND_KEY", "LegendEntry", "Preview", "label_colour", "render_preview", "write_preview"]
 
@@ -252,12 +252,4 @@ def write_preview(
         {"label": e.label, "name": e.name, "colour": "#{:02x}{:02x}{:02x}".format(*e.colour), "found": e.found}
         for e in preview.legend
     ]))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".tmp-{secrets.token_hex(4)}-{out_path.name}")
-    try:
-        Image.fromarray(preview.pixels).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+    return write_atomic(out_path, lambda tmp: Image.fromarray(preview.pixels).save(tmp, format="PNG", pnginfo=info))

@@ -18,7 +18,6 @@ import glob
 import itertools
 import json
 import os
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from medvit.pipelines.atomic import write_json
 from medvit.pipelines.checkpoint import ModelCard, load_checkpoint
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.inference import SliceSpec
@@ -290,7 +290,7 @@ class Segmenter:
             preview = write_preview(
                 scan.array, mask, scan.affine, out_dir / f"{scan.stem}_preview.png", self.label_names
             )
-        vol_path = _write_json(vol_target, vols)
+        vol_path = write_json(vol_target, vols)
         return SegmentResult(Path(path), mask_path, vol_path, vols, preview)
 
 
@@ -305,17 +305,6 @@ def slice_spec(card: ModelCard, model: torch.nn.Module) -> SliceSpec | None:
     if spec.slab != getattr(model, "in_chans", spec.slab):
         raise MedvitError(f"{card.model_name}: slab of {spec.slab} slices but the model takes {model.in_chans} channels")
     return spec
-
-
-def _write_json(path: Path, payload: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def segment(
