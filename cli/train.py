@@ -17,8 +17,10 @@ from medvit.pipelines.recipes import recipe_names
               help="Run folder: checkpoints, TensorBoard logs (tb/), config.json.")
 @click.option("--model", "-m", default="unetr_base", show_default=True, help="Registered model name.")
 @model_arg_option()
-@click.option("--epochs", default=100, show_default=True)
-@click.option("--max-steps", type=int, default=None, help="Stop after this many optimiser steps.")
+@click.option("--epochs", type=int, default=None,
+              help="Passes over the training cases [default: 100, or as many as --max-steps takes].")
+@click.option("--max-steps", type=int, default=None,
+              help="Train this many optimiser steps (with --epochs: whichever ends first).")
 @click.option("--patch-size", nargs=3, type=int, default=(96, 96, 96), show_default=True,
               help="Window size in voxels (x y z); for a 2D model the entry along --slice-axis is ignored.")
 @click.option("--slice-axis", type=click.Choice(["axial", "coronal", "sagittal"]), default="axial",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import secrets
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 import medvit
+from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.augment import train_transforms
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
 from medvit.pipelines.data import DatasetSpec, compute_fingerprint
@@ -56,6 +56,8 @@ STATE_FILE = "last_state.pt"
 # Files a run folder gets; a temporary one of these left by a killed run is removed at start.
 _RUN_FILES = ("last.safetensors", "best.safetensors", STATE_FILE, "config.json")
 
+DEFAULT_EPOCHS = 100
+
 
 @dataclass
 class TrainConfig:
@@ -65,7 +67,7 @@ class TrainConfig:
     out_dir: str | Path
     model: str = "unetr_base"
     model_args: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 100
+    epochs: int | None = None
     max_steps: int | None = None
     patch_size: tuple[int, int, int] = (96, 96, 96)
     slice_axis: int = 2
@@ -134,7 +136,7 @@ class Trainer:
         self.out = Path(config.out_dir)
         if config.max_steps is not None and config.max_steps < 1:
             raise MedvitError(f"--max-steps must be >= 1, got {config.max_steps}")
-        if config.epochs < 1 or config.batch_size < 1:
+        if (config.epochs is not None and config.epochs < 1) or config.batch_size < 1:
             raise MedvitError("--epochs and --batch-size must be >= 1")
         torch.manual_seed(config.seed + self.rank)
         np.random.seed(config.seed + self.rank)
@@ -162,7 +164,10 @@ class Trainer:
         self.train_loader = self._loader(train_cases)
         self.val_data = self._val_data(val_cases) if self.is_main else []
         steps_per_epoch = len(self.train_loader)
-        total = config.epochs * steps_per_epoch
+        # --max-steps alone sets the length (an epoch of a one-case dataset is one step);
+        # --epochs alone, or both (whichever ends first); neither: DEFAULT_EPOCHS
+        epochs = config.epochs if config.epochs is not None or config.max_steps else DEFAULT_EPOCHS
+        total = epochs * steps_per_epoch if epochs is not None else config.max_steps
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.warmup = max(1, int(config.warmup_fraction * self.total_steps))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -265,7 +270,7 @@ class Trainer:
                 "best": self.best,
                 "last_dice": dict(self.last_dice),
             }
-            _write_atomic(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
+            write_atomic(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
     def _resume(self) -> None:
         state_path = self.out / STATE_FILE
@@ -354,7 +359,7 @@ class Trainer:
                     stale.unlink(missing_ok=True)
             run_info = {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps}
             text = json.dumps(run_info, default=str, indent=2)
-            _write_atomic(self.out / "config.json", lambda tmp: tmp.write_text(text))
+            write_atomic(self.out / "config.json", lambda tmp: tmp.write_text(text))
             # Events after the resumed step were logged by the lost part of the run; drop them.
             writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.cfg.resume else None)
         self.model.train()
@@ -395,15 +400,6 @@ class Trainer:
             self.best = mean
             self._save("best")
         self._save("last")
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".tmp-{secrets.token_hex(4)}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -46,6 +46,12 @@ def test_lr_schedule_warmup_then_cosine() -> None:
     assert lr_factor(100, 100, 10) == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("epochs, max_steps, total", [(None, 5, 5), (2, None, 2), (2, 5, 2), (9, 5, 5), (None, None, 100)])
+def test_training_length_from_epochs_and_max_steps(dataset, tmp_path, epochs, max_steps, total) -> None:
+    # 2 training cases, batch 2: one step an epoch; --max-steps alone is the whole length
+    assert Trainer(config(dataset, tmp_path, epochs=epochs, max_steps=max_steps)).total_steps == total
+
+
 def test_train_writes_checkpoints_card_and_tensorboard(dataset, tmp_path) -> None:
     result = train(config(dataset, tmp_path, epochs=2))
     assert result.steps == 2 and result.epochs == 2  # 2 training cases, batch 2: 1 step an epoch
