@@ -25,9 +25,12 @@ from scipy import ndimage
 from medvit.pipelines.errors import MedvitError
 
 RULES = ("largest", "min_ml")
-# Sizes tried for `min_ml`, as fractions of the smallest reference component of the label
-# over the validation cases: pieces well below any real piece are taken as spurious.
-MIN_ML_FRACTIONS = (0.25, 0.5)
+# Sizes tried for `min_ml`: small fractions of the smallest reference component of the label
+# over the validation cases, and never above MIN_ML_CAP. A scan that shows only part of an
+# organ (a short series, a field of view that cuts the liver) has a piece far smaller than
+# the whole organ validation saw: a threshold near the organ's size deletes the organ there.
+MIN_ML_FRACTIONS = (0.05, 0.1)
+MIN_ML_CAP = 25.0
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
 # A rule must raise the mean validation Dice by more than float noise to be kept.
 MIN_GAIN = 1e-6
@@ -142,7 +145,8 @@ def candidate_rules(cases: Sequence[ValidationCase], cls: int) -> list[dict[str,
     rules: list[dict[str, Any]] = []
     smallest = _smallest_reference_ml(cases, cls)
     if smallest is not None:
-        rules += [{"rule": "min_ml", "min_ml": round(smallest * f, 3)} for f in MIN_ML_FRACTIONS]
+        sizes = sorted({round(min(smallest * f, MIN_ML_CAP), 3) for f in MIN_ML_FRACTIONS})
+        rules += [{"rule": "min_ml", "min_ml": ml} for ml in sizes]
     return rules + [{"rule": "largest"}]
 
 

@@ -15,7 +15,12 @@ from scipy import ndimage
 from medvit.cli.main import main
 from medvit.pipelines.checkpoint import CARD_KEY, ModelCard, load_checkpoint, read_card, save_checkpoint
 from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.postprocess import ValidationCase, apply_postprocessing, determine_postprocessing
+from medvit.pipelines.postprocess import (
+    ValidationCase,
+    apply_postprocessing,
+    candidate_rules,
+    determine_postprocessing,
+)
 from medvit.pipelines.segment import SegmentConfig, Segmenter, segment
 
 from helpers import make_tiny_checkpoint
@@ -64,14 +69,24 @@ def _case(spurious: int = 0, split: bool = False) -> ValidationCase:
 def test_a_rule_that_helps_is_chosen() -> None:
     rules = determine_postprocessing([_case(spurious=3), _case()], LABELS)
     by_name = {r["name"]: r for r in rules}
-    # a 27-voxel false piece: dropping pieces under a quarter of the smallest real one (1152
+    # a 27-voxel false piece: dropping pieces under 5 % of the smallest real one (1152
     # voxels) removes it as well as keeping only the largest would: the milder rule is kept
-    assert by_name["liver"] == {"id": 5, "name": "liver", "rule": "min_ml", "min_ml": round(0.25 * 1152 * 0.027, 3)}
+    assert by_name["liver"] == {"id": 5, "name": "liver", "rule": "min_ml", "min_ml": round(0.05 * 1152 * 0.027, 3)}
     assert by_name["kidney_right"]["rule"] == "min_ml" and by_name["kidney_right"]["id"] == 2
     assert "pancreas" not in by_name  # absent everywhere: nothing shows a rule helps
-    # a 729-voxel false piece is above both volume thresholds (288, 576): only "largest" removes it
+    # a 729-voxel false piece is above both volume thresholds (58, 115 voxels): only "largest" removes it
     rules = {r["name"]: r for r in determine_postprocessing([_case(spurious=9), _case()], LABELS)}
     assert rules["liver"] == {"id": 5, "name": "liver", "rule": "largest"}
+
+
+def test_volume_thresholds_stay_far_below_the_organ_and_capped() -> None:
+    # one validation case whose liver is one 1152-voxel piece of 3 mm voxels (31 ml): 1.6 and 3.1 ml
+    rules = candidate_rules([_case()], 1)
+    assert rules == [{"rule": "min_ml", "min_ml": round(0.05 * 1152 * 0.027, 3)},
+                     {"rule": "min_ml", "min_ml": round(0.10 * 1152 * 0.027, 3)}, {"rule": "largest"}]
+    # a 1 l organ: 50 and 100 ml would delete a scan's 40 ml part of it; both are capped at 25 ml
+    big = [ValidationCase(_case().pred, _case().ref, 1.0)]
+    assert candidate_rules(big, 1) == [{"rule": "min_ml", "min_ml": 25.0}, {"rule": "largest"}]
 
 
 def test_a_rule_that_hurts_or_does_not_help_is_not_chosen() -> None:
