@@ -41,7 +41,7 @@ from medvit.pipelines.io import read_scan, write_mask
 
 from _proxy import DATA, ORGANS, json_atomic, label_names
 from _scoring import dice_table, score_masks, volume_table
-from generalisation import build, medvit_labels, nnunet_labels
+from generalisation import build, medvit_labels
 
 DEFAULT_NNUNET_PYTHON = Path("/work/venv-nnunet/bin/python")
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
@@ -252,7 +252,9 @@ def main() -> None:
         predict = [str(bin_ / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(masks), "-d", str(args.dataset_id),
                    "-c", config, "-f", "all", "-tr", args.nnunet_trainer, "-chk", ckpt.name, "-device", "cpu"]
         predict += ["--disable_tta"] if args.nnunet_disable_tta else []
-        runs[name]["predict_s"] = step(predict, logs / f"nnunet_predict_{config}.log", env)[0]
+        predicted = masks.is_dir() and len(list(masks.glob("*.nii.gz"))) == len(list(inputs.glob("*.nii.gz")))
+        runs[name]["predict_s"] = step(predict, logs / f"nnunet_predict_{config}.log", env, None,
+                                       args.reuse and predicted)[0]
         results[name] = score_masks(proxy, masks, nn_labels)
 
     medvit = out / "medvit_run"
