@@ -24,6 +24,7 @@ from __future__ import annotations
 import gzip
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -39,7 +40,7 @@ from medvit.pipelines.scan_checks import (
     squeeze_to_3d,
 )
 
-__all__ = ["read_nifti"]
+__all__ = ["NiftiHeader", "check_nifti", "read_nifti"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _SINGLE_FILE_MAGIC = {348: b"n+1", 540: b"n+2"}
@@ -155,23 +156,44 @@ def _scaling(path: Path, header: nib.Nifti1Header) -> bool:
     return (slope, inter) != (1.0, 0.0)
 
 
-def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
-    """Read a single-file NIfTI scan after checking its header.
+@dataclass(frozen=True)
+class NiftiHeader:
+    """A single-file NIfTI scan whose header passed every check; no voxel read yet.
 
-    Returns:
-        The voxels (i, j, k) in native byte order (float32, or float64 for float64 files,
-        when the header scales intensities), the RAS affine nibabel derives, and the header.
+    Attributes:
+        image: nibabel's image (its voxels are a lazy proxy).
+        shape: Dimensions as the header declares them (extra singleton ones included).
+        affine: The RAS affine nibabel derives.
+        dtype: Voxel type on disk.
+        scaled: Whether `scl_slope` / `scl_inter` change the stored values.
+    """
+
+    image: nib.Nifti1Image
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    dtype: np.dtype
+    scaled: bool
+
+
+def check_nifti(path: Path, one_volume: bool = True) -> NiftiHeader:
+    """Every check of a single-file NIfTI scan that needs no voxel: header fields, geometry,
+    memory, and that the file holds the bytes its header declares.
+
+    Args:
+        path: The file.
+        one_volume: Refuse shapes that are not one 3D volume (`squeeze_to_3d`) first; with
+            False the caller judges channels and dimensions from `NiftiHeader.shape`.
 
     Raises:
-        ScanError: The header cannot be trusted, the file is too short for it, or the
-            voxels are not one 3D scalar volume.
+        ScanError: The header cannot be trusted or the file is too short for it.
     """
     raw, compressed = _raw_header(path)
     ndim = int(raw["dim"][0])
     if not 1 <= ndim <= 7:
         raise _error(path, f"invalid dim[0] = {ndim} (number of dimensions must be 1 to 7)")
     full_shape = tuple(int(d) for d in raw["dim"][1 : ndim + 1])
-    shape = squeeze_to_3d(path, full_shape)
+    if one_volume or any(d <= 0 for d in full_shape):
+        squeeze_to_3d(path, full_shape)
     disk_dtype = _check_dtype(path, raw)
     _check_intent_and_units(path, raw)
     check_spacing(path, np.asarray(raw["pixdim"][1:4], dtype=np.float64), "size (pixdim)")
@@ -202,10 +224,27 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
         raise _error(path, f"not a NIfTI image nibabel agrees on (read as {type(img).__name__} {img.shape})")
     affine = np.array(img.affine, dtype=np.float64)
     check_grid(path, affine[:3, :3], affine[:3, 3], used)
+    return NiftiHeader(img, full_shape, affine, disk_dtype, scaled)
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """Read a single-file NIfTI scan after checking its header (`check_nifti`).
+
+    Returns:
+        The voxels (i, j, k) in native byte order (float32, or float64 for float64 files,
+        when the header scales intensities), the RAS affine nibabel derives, and the header.
+
+    Raises:
+        ScanError: The header cannot be trusted, the file is too short for it, or the
+            voxels are not one 3D scalar volume.
+    """
+    info = check_nifti(path)
+    shape = squeeze_to_3d(path, info.shape)
+    float_type = np.dtype(np.float64 if info.dtype == np.float64 else np.float32)
     try:
         # A slope that overflows float32 gives inf voxels, refused below as non-finite.
         with np.errstate(over="ignore", invalid="ignore"):
-            array = img.get_fdata(dtype=float_type) if scaled else np.asarray(img.dataobj)
+            array = info.image.get_fdata(dtype=float_type) if info.scaled else np.asarray(info.image.dataobj)
     except MemoryError:
         raise
     except Exception as exc:
@@ -214,4 +253,4 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     if not array.dtype.isnative:
         # torch.from_numpy refuses big-endian arrays.
         array = array.astype(array.dtype.newbyteorder("="))
-    return array, affine, img.header
+    return array, info.affine, info.image.header

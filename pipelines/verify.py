@@ -17,27 +17,25 @@ and more, for MSD and nnU-Net v2 ``dataset.json`` files and ``medvit preprocess`
   file that belongs to no case, a ``numTraining`` that disagrees with the cases found.
 
 Labels are read whole (their values must be looked at). Images are read whole only when
-their voxels can be non-finite (floating point, or scaled integers) or they are not
-NIfTI; an integer NIfTI image is judged by its header and by the size its data must
-have (the file size for ``.nii``, the gzip trailer's length for ``.nii.gz``, with a
-full read when the trailer disagrees, as it does for multi-member gzip files).
+their voxels can be non-finite (floating point) or they are not NIfTI; an integer NIfTI
+image gets every check `medvit.pipelines.nifti.check_nifti` makes without reading voxels
+(header, geometry, and that the file holds the bytes its header declares).
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from medvit.pipelines.data import DatasetSpec, load_dataset
-from medvit.pipelines.errors import DatasetError, MedvitError, Problem
+from medvit.pipelines.errors import DatasetError, MedvitError, Problem, short_reason
 from medvit.pipelines.io import NIFTI_SUFFIXES, read_scan
+from medvit.pipelines.nifti import check_nifti
 
 __all__ = [
     "AFFINE_TOLERANCE_MM", "DatasetProblems", "Problem", "format_problems", "verified_dataset", "verify_dataset",
@@ -183,65 +181,40 @@ def _digest(path: Path) -> str:
 
 
 def _check_image(path: Path, problems: list[Problem]) -> _ImageInfo | None:
-    """Channels, readability and finiteness of an image; its grid when it is usable."""
+    """Channels, readability and finiteness of an image; its grid when it is usable.
+
+    An integer NIfTI image is judged by `check_nifti` (every header and size check, no
+    voxel read): its voxels are finite whatever they hold. Others are read whole.
+    """
     if path.name.lower().endswith(NIFTI_SUFFIXES):
-        header = _nifti_header(path, problems)
-        if header is None:
+        try:
+            info = check_nifti(path, one_volume=False)
+        except MedvitError as exc:
+            problems.append(_problem(path, exc))
             return None
-        img, shape = header
-        spatial, channels = shape[:3], int(np.prod(shape[3:], dtype=np.int64)) if len(shape) > 3 else 1
-        if len(spatial) < 3:
+        except OSError as exc:
+            problems.append(Problem(path, f"cannot read ({exc.strerror or short_reason(exc)})"))
+            return None
+        shape = info.shape
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        if len(shape) < 3:
             problems.append(Problem(path, f"expected a 3D image, got shape {shape}"))
             return None
+        channels = int(np.prod(shape[3:], dtype=np.int64))
         if channels != 1:
             problems.append(Problem(
                 path, f"has {channels} channels (shape {shape}); the dataset declares 1 (single-channel images only)"
             ))  # fmt: skip
             return None
-        dtype = np.dtype(img.get_data_dtype())
-        slope, inter = (float(getattr(img.dataobj, a, d)) for a, d in (("slope", 1.0), ("inter", 0.0)))
-        if dtype.kind in "biu" and np.isfinite([slope, inter]).all() and _nifti_complete(path, img):
-            return _ImageInfo(spatial, np.asarray(img.affine, dtype=np.float64))
+        if info.dtype.kind in "biu":
+            return _ImageInfo(shape, info.affine)
     try:
         scan = read_scan(path)
     except MedvitError as exc:
         problems.append(_problem(path, exc))
         return None
     return _ImageInfo(scan.shape, scan.affine)
-
-
-def _nifti_header(path: Path, problems: list[Problem]) -> tuple[nib.Nifti1Image, tuple[int, ...]] | None:
-    try:
-        if path.stat().st_size == 0:
-            problems.append(Problem(path, "file is empty"))
-            return None
-        img = nib.load(str(path))
-    except MemoryError:
-        raise
-    except Exception as exc:
-        problems.append(Problem(path, f"not a readable NIfTI file ({' '.join(str(exc).split())[:160]})"))
-        return None
-    shape = tuple(int(d) for d in img.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    return img, shape
-
-
-def _nifti_complete(path: Path, img: nib.Nifti1Image) -> bool:
-    """Whether the file holds all its voxel bytes, told without decompressing them."""
-    # The loaded header's vox_offset can read 0; the data proxy knows where data starts.
-    offset = int(getattr(img.dataobj, "offset", img.header["vox_offset"]))
-    expected = offset + int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize
-    if not path.name.lower().endswith(".gz"):
-        return path.stat().st_size >= expected
-    # A gzip member ends with the length of its data modulo 2**32.
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(-4, 2)
-            (length,) = struct.unpack("<I", fh.read(4))
-    except OSError:
-        return False
-    return length == expected % 2**32
 
 
 def _check_label(path: Path, image: _ImageInfo | None, expected: set[int], problems: list[Problem]) -> None:
