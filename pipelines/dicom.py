@@ -59,10 +59,6 @@ _ORIENTATION_TOL = 1e-3
 _SHOWN_FILES = 3
 
 
-def _error(path: Path, problem: str) -> ScanError:
-    return ScanError.at(path, problem)
-
-
 @contextmanager
 def quiet_itk() -> Iterator[None]:
     """Silence ITK's own warnings (GDCM's "No Series were found", ITK's spacing notes).
@@ -263,9 +259,9 @@ def _candidates(folder: Path) -> list[Path]:
     try:
         entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     except OSError as exc:
-        raise _error(folder, f"cannot list folder ({exc.strerror or exc})") from None
+        raise ScanError.at(folder, f"cannot list folder ({exc.strerror or exc})") from None
     if not entries:
-        raise _error(folder, "folder is empty")
+        raise ScanError.at(folder, "folder is empty")
     return [
         p for p in entries
         if p.name.upper() != "DICOMDIR" and not p.name.lower().endswith(SCAN_SUFFIXES) and p.is_file()
@@ -283,7 +279,7 @@ def _pick_series(folder: Path, slices: list[_Slice]) -> list[_Slice]:
         return volumes[0]
     listed = volumes or list(groups.values())
     described = "; ".join(f"{g[0].series_label}: {len(g)} files" for g in sorted(listed, key=len, reverse=True))
-    raise _error(
+    raise ScanError.at(
         folder, f"holds {len(listed)} DICOM image series ({described}); put each series in a folder of its own"
     )
 
@@ -296,21 +292,21 @@ def _check_slices(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], flo
     """
     multi = [s.path for s in series if s.frames > 1]
     if multi:
-        raise _error(
+        raise ScanError.at(
             folder, f"holds multi-frame DICOM files ({_names(multi)}); convert them to NIfTI (dcm2niix) first"
         )
     if len(series) < 2:
-        raise _error(folder, f"a single DICOM slice ({series[0].path.name}); a 3D scan needs at least 2")
+        raise ScanError.at(folder, f"a single DICOM slice ({series[0].path.name}); a 3D scan needs at least 2")
     colour = [s.path for s in series if s.samples != 1]
     if colour:
-        raise _error(folder, f"colour (RGB) DICOM images ({_names(colour)}); expected single-channel slices")
+        raise ScanError.at(folder, f"colour (RGB) DICOM images ({_names(colour)}); expected single-channel slices")
     first = series[0]
     sizes = {(s.rows, s.columns) for s in series}
     if len(sizes) > 1:
-        raise _error(folder, f"slices of different sizes {sorted(sizes)} in one series")
+        raise ScanError.at(folder, f"slices of different sizes {sorted(sizes)} in one series")
     unplaced = [s.path for s in series if s.orientation is None or s.position is None]
     if unplaced:
-        raise _error(
+        raise ScanError.at(
             folder,
             f"slices without a valid ImagePositionPatient/ImageOrientationPatient ({_names(unplaced)}); "
             "they cannot be placed in 3D",
@@ -319,16 +315,16 @@ def _check_slices(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], flo
     positions = np.stack([s.position for s in series])  # type: ignore[misc]
     mixed = [s.path for s, o in zip(series, orientations) if np.max(np.abs(o - orientations[0])) > _ORIENTATION_TOL]
     if mixed:
-        raise _error(
+        raise ScanError.at(
             folder,
             f"mixed slice orientations: {_names(mixed)} differ from {first.path.name} (ImageOrientationPatient)",
         )
     row, col = orientations[0, :3], orientations[0, 3:]
     if (abs(np.linalg.norm(row) - 1) > 1e-2 or abs(np.linalg.norm(col) - 1) > 1e-2 or abs(row @ col) > 1e-2):
-        raise _error(folder, "invalid ImageOrientationPatient (row and column directions are not orthonormal)")
+        raise ScanError.at(folder, "invalid ImageOrientationPatient (row and column directions are not orthonormal)")
     spacings = {s.pixel_spacing for s in series}
     if len(spacings) > 1:
-        raise _error(folder, "slices with different pixel spacings (PixelSpacing) in one series")
+        raise ScanError.at(folder, "slices with different pixel spacings (PixelSpacing) in one series")
 
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
@@ -339,7 +335,7 @@ def _check_slices(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], flo
     same = np.flatnonzero(steps <= _SAME_POSITION_MM)
     if same.size:
         i = int(same[0])
-        raise _error(
+        raise ScanError.at(
             folder,
             f"{same.size} duplicated slice position(s): {ordered[i].path.name} and {ordered[i + 1].path.name} are both "
             f"at {heights[i]:.2f} mm (copied files, or several images per position: echoes, phases, time points)",
@@ -355,20 +351,20 @@ def _check_slices(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], flo
             missing = int(np.sum(np.round(multiples) - 1))
             numbers = (ordered[i].instance, ordered[i + 1].instance)
             numbered = f" (InstanceNumber {numbers[0]} and {numbers[1]})" if None not in numbers else ""
-            raise _error(
+            raise ScanError.at(
                 folder,
                 f"missing slices: a gap of {steps[i]:.3g} mm between {ordered[i].path.name} and "
                 f"{ordered[i + 1].path.name}{numbered} in a series spaced {smallest:.3g} mm "
                 f"(about {missing} slice(s) absent)",
             )
-        raise _error(
+        raise ScanError.at(
             folder, f"uneven slice spacing ({steps.min():.3g} to {steps.max():.3g} mm); a volume needs equal spacing"
         )
     deltas = np.diff(positions, axis=0)
     in_plane = deltas - np.outer(deltas @ normal, normal)
     drift = np.linalg.norm(in_plane, axis=1)
     if np.any(drift > max(_SPACING_ABS_TOL_MM, _SPACING_REL_TOL * base)):
-        raise _error(
+        raise ScanError.at(
             folder,
             f"slices are not stacked along their normal (shifted {drift.max():.3g} mm sideways per slice: "
             "gantry tilt or a sheared series); correct it with dcm2niix first",
@@ -394,9 +390,9 @@ def read_dicom_series(folder: Path) -> sitk.Image:
         elif _looks_like_damaged_image(path):
             damaged.append(path)
     if damaged:
-        raise _error(folder, f"{len(damaged)} damaged or truncated DICOM file(s): {_names(damaged)}")
+        raise ScanError.at(folder, f"{len(damaged)} damaged or truncated DICOM file(s): {_names(damaged)}")
     if not slices:
-        raise _error(folder, "no DICOM series found in folder")
+        raise ScanError.at(folder, "no DICOM series found in folder")
     ordered, spacing, first = _check_slices(folder, _pick_series(folder, slices))
 
     reader = sitk.ImageSeriesReader()
@@ -414,14 +410,14 @@ def read_dicom_series(folder: Path) -> sitk.Image:
     except MemoryError:
         raise
     except Exception:
-        raise _error(folder, f"DICOM series of {len(ordered)} files could not be read (damaged slices)") from None
+        raise ScanError.at(folder, f"DICOM series of {len(ordered)} files could not be read (damaged slices)") from None
     # GDCM and ITK place the stack themselves: it must be the stack checked above.
     if (
         image.GetSize()[2] != len(ordered)
         or abs(image.GetSpacing()[2] - spacing) > max(_SPACING_ABS_TOL_MM, _SPACING_REL_TOL * spacing)
         or np.max(np.abs(np.array(image.GetOrigin()) - first)) > _SPACING_ABS_TOL_MM * 10
     ):
-        raise _error(
+        raise ScanError.at(
             folder, "the DICOM reader placed the slices differently from their positions (inconsistent headers)"
         )
     return image

@@ -122,10 +122,6 @@ def scan_stem(path: Path) -> str:
     return name
 
 
-def _error(path: str | Path, problem: str) -> ScanError:
-    return ScanError.at(path, problem)
-
-
 
 
 def _has_dicom_magic(path: Path) -> bool:
@@ -198,10 +194,10 @@ def find_scans(paths: Sequence[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if not path.exists():
-            raise _error(path, "no such file or folder")
+            raise ScanError.at(path, "no such file or folder")
         if path.is_file():
             if not (_is_scan_file_name(path) or _has_dicom_magic(path)):
-                raise _error(path, f"not a supported scan file (expected {', '.join(SCAN_SUFFIXES)} or DICOM)")
+                raise ScanError.at(path, f"not a supported scan file (expected {', '.join(SCAN_SUFFIXES)} or DICOM)")
             found.append(path)
         elif is_dicom_folder(path):
             found.append(path)
@@ -221,13 +217,13 @@ def _scans_in_folder(folder: Path) -> list[Path]:
     try:
         entries = sorted(_visible(list(folder.iterdir())))
     except OSError as exc:
-        raise _error(folder, f"cannot list folder ({short_reason(exc)})") from None
+        raise ScanError.at(folder, f"cannot list folder ({short_reason(exc)})") from None
     if not entries:
-        raise _error(folder, "folder is empty")
+        raise ScanError.at(folder, "folder is empty")
     files = [p for p in entries if p.is_file() and _is_scan_file_name(p)]
     series = [p for p in entries if p.is_dir() and is_dicom_folder(p)]
     if not files and not series:
-        raise _error(
+        raise ScanError.at(
             folder, f"no scans found in folder (looked for {', '.join(SCAN_SUFFIXES)} files and DICOM series folders)"
         )
     return files + series
@@ -258,20 +254,20 @@ def read_scan(path: str | Path) -> Scan:
     lower = path.name.lower()
     try:
         if not path.exists():
-            raise _error(path, "no such file or folder")
+            raise ScanError.at(path, "no such file or folder")
         if path.is_dir():
             if lower.endswith(SCAN_SUFFIXES):
-                raise _error(path, "is a folder, not a scan file")
+                raise ScanError.at(path, "is a folder, not a scan file")
             return _scan_from_itk(path, read_dicom_series(path))
         if not path.is_file():
-            raise _error(path, "not a regular file (a device, pipe or socket)")
+            raise ScanError.at(path, "not a regular file (a device, pipe or socket)")
         size = path.stat().st_size
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise _error(path, f"cannot read ({exc.strerror or short_reason(exc)})") from None
+        raise ScanError.at(path, f"cannot read ({exc.strerror or short_reason(exc)})") from None
     if size == 0:
-        raise _error(path, "file is empty")
+        raise ScanError.at(path, "file is empty")
     try:
         if lower.endswith(NIFTI_SUFFIXES):
             array, affine, header = read_nifti(path)
@@ -281,10 +277,10 @@ def read_scan(path: str | Path) -> Scan:
         if suffix in ITK_FILE_SUFFIXES:
             return _read_itk_file(path, ITK_FILE_SUFFIXES[suffix])
     except OSError as exc:  # the file vanished or became unreadable while being read
-        raise _error(path, f"cannot read ({exc.strerror or short_reason(exc)})") from None
+        raise ScanError.at(path, f"cannot read ({exc.strerror or short_reason(exc)})") from None
     if _has_dicom_magic(path) or lower.endswith((".dcm", ".dicom", ".ima")):
-        raise _error(path, dicom_file_problem(path))
-    raise _error(path, f"not a supported scan file (expected {', '.join(SCAN_SUFFIXES)}, or a DICOM series folder)")
+        raise ScanError.at(path, dicom_file_problem(path))
+    raise ScanError.at(path, f"not a supported scan file (expected {', '.join(SCAN_SUFFIXES)}, or a DICOM series folder)")
 
 
 def _check_finite(path: Path, array: np.ndarray) -> None:
@@ -292,7 +288,7 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
         return
     bad = array.size - int(np.count_nonzero(np.isfinite(array)))
     if bad:
-        raise _error(path, f"contains {bad} NaN/infinite voxels")
+        raise ScanError.at(path, f"contains {bad} NaN/infinite voxels")
 
 
 def _itk_voxel_type(path: Path, reader: sitk.ImageFileReader) -> np.dtype:
@@ -301,9 +297,9 @@ def _itk_voxel_type(path: Path, reader: sitk.ImageFileReader) -> np.dtype:
     components = reader.GetNumberOfComponents()
     pixel = sitk.GetPixelIDValueAsString(reader.GetPixelID())
     if components != 1:
-        raise _error(path, f"has {components} components per voxel ({pixel}); expected a single-channel image")
+        raise ScanError.at(path, f"has {components} components per voxel ({pixel}); expected a single-channel image")
     if "complex" in pixel or "label" in pixel:
-        raise _error(path, f"unsupported voxel type {pixel} (expected a single-channel integer or float image)")
+        raise ScanError.at(path, f"unsupported voxel type {pixel} (expected a single-channel integer or float image)")
     probe = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())
     dtype = sitk.GetArrayViewFromImage(probe).dtype
     check_voxel_type(path, dtype)
@@ -324,7 +320,7 @@ def _check_itk_header(path: Path, kind: str) -> None:
     except Exception:
         # ITK's messages are multi-line C++ traces; the file name and kind say enough.
         problem = f"not a readable {kind} image (damaged, truncated, not an image, or a data file is missing)"
-        raise _error(path, problem) from None
+        raise ScanError.at(path, problem) from None
     dim = reader.GetDimension()
     size = tuple(int(n) for n in reader.GetSize())
     squeeze_to_3d(path, size)
@@ -356,7 +352,7 @@ def _read_itk_file(path: Path, kind: str) -> Scan:
         raise
     except Exception:
         problem = f"not a readable {kind} image (damaged, truncated, not an image, or a data file is missing)"
-        raise _error(path, problem) from None
+        raise ScanError.at(path, problem) from None
     return _scan_from_itk(path, image)
 
 
@@ -365,7 +361,7 @@ def _scan_from_itk(path: Path, image: sitk.Image) -> Scan:
 
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
-        raise _error(path, f"has {components} components per voxel; expected a single-channel image")
+        raise ScanError.at(path, f"has {components} components per voxel; expected a single-channel image")
     dim = image.GetDimension()
     size = image.GetSize()
     shape = squeeze_to_3d(path, size)
@@ -393,14 +389,14 @@ def _scan_from_itk(path: Path, image: sitk.Image) -> Scan:
 
 def _mask_dtype(out_path: Path, mask: np.ndarray) -> np.dtype:
     if mask.dtype.kind not in "biu":
-        raise _error(out_path, f"mask must hold integer labels, got dtype {mask.dtype}")
+        raise ScanError.at(out_path, f"mask must hold integer labels, got dtype {mask.dtype}")
     if mask.size == 0:
         return np.dtype(np.uint8)
     low, high = int(mask.min()), int(mask.max())
     if low < 0:
-        raise _error(out_path, f"mask has negative label {low}")
+        raise ScanError.at(out_path, f"mask has negative label {low}")
     if high > np.iinfo(np.uint16).max:
-        raise _error(out_path, f"mask label {high} does not fit in uint16")
+        raise ScanError.at(out_path, f"mask label {high} does not fit in uint16")
     return np.dtype(np.uint8 if high <= np.iinfo(np.uint8).max else np.uint16)
 
 
@@ -425,17 +421,17 @@ def write_mask(mask: np.ndarray, scan: Scan, out_path: str | Path) -> Path:
     """
     out_path = Path(out_path)
     if not out_path.name.lower().endswith(NIFTI_SUFFIXES) or out_path.name.lower() in NIFTI_SUFFIXES:
-        raise _error(out_path, "masks are written as NIfTI; the output name must end in .nii.gz")
+        raise ScanError.at(out_path, "masks are written as NIfTI; the output name must end in .nii.gz")
     mask = np.asarray(mask)
     if mask.shape != scan.shape:
-        raise _error(out_path, f"mask shape {mask.shape} does not match the shape {scan.shape} of scan {scan.path}")
+        raise ScanError.at(out_path, f"mask shape {mask.shape} does not match the shape {scan.shape} of scan {scan.path}")
     mask = mask.astype(_mask_dtype(out_path, mask), copy=False)
     if out_path.is_dir():
-        raise _error(out_path, "output path is a folder")
+        raise ScanError.at(out_path, "output path is a folder")
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _error(out_path, f"cannot create output folder ({short_reason(exc)})") from None
+        raise ScanError.at(out_path, f"cannot create output folder ({short_reason(exc)})") from None
 
     # The temp name keeps the real suffix: both writers pick the format from it.
     tmp = out_path.parent / f".tmp-{secrets.token_hex(6)}-{out_path.name}"
@@ -448,7 +444,7 @@ def write_mask(mask: np.ndarray, scan: Scan, out_path: str | Path) -> Path:
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, Exception) and not isinstance(exc, ScanError):
-            raise _error(out_path, f"cannot write mask ({short_reason(exc)})") from None
+            raise ScanError.at(out_path, f"cannot write mask ({short_reason(exc)})") from None
         raise
     return out_path
 

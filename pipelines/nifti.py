@@ -54,10 +54,6 @@ _CIFTI_INTENTS = range(3000, 3100)
 _QUATERNION_SLACK = 3 * float(np.finfo(np.float32).eps)
 
 
-def _error(path: Path, problem: str) -> ScanError:
-    return ScanError.at(path, problem)
-
-
 def _raw_header(path: Path) -> tuple[nib.Nifti1Header, bool]:
     """The header as stored (no repairs), and whether the file is gzip-compressed."""
     with open(path, "rb") as fh:
@@ -66,32 +62,32 @@ def _raw_header(path: Path) -> tuple[nib.Nifti1Header, bool]:
         with (gzip.open(path, "rb") if compressed else open(path, "rb")) as fh:
             head = fh.read(540)
     except (OSError, EOFError, zlib.error) as exc:
-        raise _error(path, f"not a readable NIfTI file (damaged gzip data: {short_reason(exc)})") from None
+        raise ScanError.at(path, f"not a readable NIfTI file (damaged gzip data: {short_reason(exc)})") from None
     for endian in ("<", ">"):
         size = struct.unpack(f"{endian}i", head[:4])[0] if len(head) >= 4 else 0
         if size in _SINGLE_FILE_MAGIC:
             break
     else:
-        raise _error(path, "not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header at its start)")
+        raise ScanError.at(path, "not a readable NIfTI file (no NIfTI-1 or NIfTI-2 header at its start)")
     if len(head) < size:
-        raise _error(path, f"not a readable NIfTI file (truncated header: {len(head)} of {size} bytes)")
+        raise ScanError.at(path, f"not a readable NIfTI file (truncated header: {len(head)} of {size} bytes)")
     gz_name = path.name.lower().endswith(".gz")
     if gz_name and not compressed:
-        raise _error(path, "named .nii.gz but not gzip-compressed (rename it to .nii)")
+        raise ScanError.at(path, "named .nii.gz but not gzip-compressed (rename it to .nii)")
     if compressed and not gz_name:
-        raise _error(path, "gzip-compressed but named .nii (rename it to .nii.gz)")
+        raise ScanError.at(path, "gzip-compressed but named .nii (rename it to .nii.gz)")
     klass = nib.Nifti1Header if size == 348 else nib.Nifti2Header
     try:
         header = klass(head[:size], endianness=endian, check=False)
     except Exception as exc:
-        raise _error(path, f"not a readable NIfTI header ({short_reason(exc)})") from None
+        raise ScanError.at(path, f"not a readable NIfTI header ({short_reason(exc)})") from None
     magic = bytes(header["magic"]).rstrip(b"\0")
     if magic != _SINGLE_FILE_MAGIC[size]:
         if magic in (b"ni1", b"ni2"):
-            raise _error(
+            raise ScanError.at(
                 path, f"a NIfTI header/image pair (magic {magic.decode()}): its voxels are in a separate .img file"
             )
-        raise _error(path, f"not a single-file NIfTI (magic {magic!r}, expected {_SINGLE_FILE_MAGIC[size]!r})")
+        raise ScanError.at(path, f"not a single-file NIfTI (magic {magic!r}, expected {_SINGLE_FILE_MAGIC[size]!r})")
     return header, compressed
 
 
@@ -100,7 +96,7 @@ def _check_dtype(path: Path, header: nib.Nifti1Header) -> np.dtype:
     try:
         dtype = np.dtype(header.get_data_dtype())
     except Exception:
-        raise _error(path, f"unsupported voxel type code {code} (datatype)") from None
+        raise ScanError.at(path, f"unsupported voxel type code {code} (datatype)") from None
     label = nib.nifti1.data_type_codes.label.get(code, str(dtype))
     check_voxel_type(path, dtype, described=f"{label} (datatype {code})")
     return dtype
@@ -110,10 +106,10 @@ def _check_intent_and_units(path: Path, header: nib.Nifti1Header) -> None:
     intent = int(header["intent_code"])
     if intent in _NON_SCALAR_INTENTS or intent in _CIFTI_INTENTS:
         label = nib.nifti1.intent_codes.label.get(intent, "non-scalar")
-        raise _error(path, f"holds {label} data (intent_code {intent}), not a scalar image")
+        raise ScanError.at(path, f"holds {label} data (intent_code {intent}), not a scalar image")
     unit = _UNITS.get(int(header["xyzt_units"]) & 0x07)
     if unit is not None:
-        raise _error(path, f"spatial unit is {unit} (xyzt_units); medvit reads voxel sizes in millimetres")
+        raise ScanError.at(path, f"spatial unit is {unit} (xyzt_units); medvit reads voxel sizes in millimetres")
 
 
 def _check_orientation(path: Path, header: nib.Nifti1Header) -> str:
@@ -121,9 +117,9 @@ def _check_orientation(path: Path, header: nib.Nifti1Header) -> str:
     qcode, scode = int(header["qform_code"]), int(header["sform_code"])
     for name, code in (("qform_code", qcode), ("sform_code", scode)):
         if code not in _VALID_XFORM_CODES:
-            raise _error(path, f"invalid {name} {code} (expected 0 to 5)")
+            raise ScanError.at(path, f"invalid {name} {code} (expected 0 to 5)")
     if qcode == 0 and scode == 0:
-        raise _error(
+        raise ScanError.at(
             path, "no patient orientation (qform_code and sform_code are both 0), so left and right are unknown"
         )
     if scode > 0:
@@ -134,15 +130,15 @@ def _check_orientation(path: Path, header: nib.Nifti1Header) -> str:
         offset = np.array([header["qoffset_x"], header["qoffset_y"], header["qoffset_z"]], dtype=np.float64)
         qfac = float(header["pixdim"][0])
         if not (np.all(np.isfinite(bcd)) and np.all(np.isfinite(offset))):
-            raise _error(path, "the qform holds NaN or infinite values")
+            raise ScanError.at(path, "the qform holds NaN or infinite values")
         if float(bcd @ bcd) > 1.0 + _QUATERNION_SLACK:
-            raise _error(path, f"the qform quaternion is not a rotation (b^2 + c^2 + d^2 = {float(bcd @ bcd):.4g} > 1)")
+            raise ScanError.at(path, f"the qform quaternion is not a rotation (b^2 + c^2 + d^2 = {float(bcd @ bcd):.4g} > 1)")
         if qfac not in (-1.0, 0.0, 1.0):
-            raise _error(path, f"invalid qfac pixdim[0] = {qfac:g} (expected 1 or -1)")
+            raise ScanError.at(path, f"invalid qfac pixdim[0] = {qfac:g} (expected 1 or -1)")
         try:
             qform = header.get_qform()
         except Exception as exc:
-            raise _error(path, f"the qform cannot be computed ({short_reason(exc)})") from None
+            raise ScanError.at(path, f"the qform cannot be computed ({short_reason(exc)})") from None
         check_grid(path, qform[:3, :3], qform[:3, 3], "qform")
     return "sform" if scode > 0 else "qform"
 
@@ -152,7 +148,7 @@ def _scaling(path: Path, header: nib.Nifti1Header) -> bool:
     if not np.isfinite(slope) or slope == 0.0:
         return False  # the NIfTI standard's "no scaling"
     if not np.isfinite(inter):
-        raise _error(path, f"invalid intensity scaling (scl_slope {slope:g} with scl_inter {inter})")
+        raise ScanError.at(path, f"invalid intensity scaling (scl_slope {slope:g} with scl_inter {inter})")
     return (slope, inter) != (1.0, 0.0)
 
 
@@ -190,7 +186,7 @@ def check_nifti(path: Path, one_volume: bool = True) -> NiftiHeader:
     raw, compressed = _raw_header(path)
     ndim = int(raw["dim"][0])
     if not 1 <= ndim <= 7:
-        raise _error(path, f"invalid dim[0] = {ndim} (number of dimensions must be 1 to 7)")
+        raise ScanError.at(path, f"invalid dim[0] = {ndim} (number of dimensions must be 1 to 7)")
     full_shape = tuple(int(d) for d in raw["dim"][1 : ndim + 1])
     if one_volume or any(d <= 0 for d in full_shape):
         squeeze_to_3d(path, full_shape)
@@ -204,14 +200,14 @@ def check_nifti(path: Path, one_volume: bool = True) -> NiftiHeader:
     offset = float(raw["vox_offset"])
     minimum = raw.single_vox_offset if hasattr(raw, "single_vox_offset") else len(raw.binaryblock) + 4
     if not np.isfinite(offset) or offset < minimum:
-        raise _error(path, f"invalid voxel data offset (vox_offset = {offset:g}; at least {minimum} in a .nii file)")
+        raise ScanError.at(path, f"invalid voxel data offset (vox_offset = {offset:g}; at least {minimum} in a .nii file)")
     per_voxel = disk_dtype.itemsize + (float_type.itemsize if scaled else 0)
     check_voxel_budget(path, full_shape, per_voxel, str(disk_dtype))
     nbytes = int(np.prod(full_shape, dtype=object)) * disk_dtype.itemsize
     try:
         check_payload(path, int(offset), nbytes, compressed)
     except OSError as exc:
-        raise _error(path, f"cannot read file ({short_reason(exc)})") from None
+        raise ScanError.at(path, f"cannot read file ({short_reason(exc)})") from None
 
     try:
         with nib.imageglobals.LoggingOutputSuppressor():
@@ -219,9 +215,9 @@ def check_nifti(path: Path, one_volume: bool = True) -> NiftiHeader:
     except MemoryError:
         raise
     except Exception as exc:
-        raise _error(path, f"not a readable NIfTI file ({short_reason(exc)})") from None
+        raise ScanError.at(path, f"not a readable NIfTI file ({short_reason(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or tuple(img.shape) != full_shape:
-        raise _error(path, f"not a NIfTI image nibabel agrees on (read as {type(img).__name__} {img.shape})")
+        raise ScanError.at(path, f"not a NIfTI image nibabel agrees on (read as {type(img).__name__} {img.shape})")
     affine = np.array(img.affine, dtype=np.float64)
     check_grid(path, affine[:3, :3], affine[:3, 3], used)
     return NiftiHeader(img, full_shape, affine, disk_dtype, scaled)
@@ -248,7 +244,7 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
     except MemoryError:
         raise
     except Exception as exc:
-        raise _error(path, f"damaged or truncated NIfTI file ({short_reason(exc)})") from None
+        raise ScanError.at(path, f"damaged or truncated NIfTI file ({short_reason(exc)})") from None
     array = array.reshape(shape)
     if not array.dtype.isnative:
         # torch.from_numpy refuses big-endian arrays.

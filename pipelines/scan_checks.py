@@ -53,10 +53,6 @@ _SUPPORTED_VOXEL_TYPES = tuple(
 )  # fmt: skip
 
 
-def _error(path: str | Path, problem: str) -> ScanError:
-    return ScanError.at(path, problem)
-
-
 def _human_bytes(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
@@ -81,13 +77,13 @@ def squeeze_to_3d(path: Path, shape: Sequence[int]) -> tuple[int, int, int]:
     """
     dims = [int(d) for d in shape]
     if any(d <= 0 for d in dims):
-        raise _error(path, f"has no voxels (shape {_shape_text(dims)})")
+        raise ScanError.at(path, f"has no voxels (shape {_shape_text(dims)})")
     if len(dims) < 3:
-        raise _error(path, f"expected a 3D image, got shape {_shape_text(dims)} (a 2D image)")
+        raise ScanError.at(path, f"expected a 3D image, got shape {_shape_text(dims)} (a 2D image)")
     extra = dims[3:]
     if any(d != 1 for d in extra):
         volumes = int(np.prod(extra, dtype=np.float64))
-        raise _error(
+        raise ScanError.at(
             path, f"expected a 3D image, got shape {_shape_text(dims)} ({volumes} volumes or components per voxel)"
         )
     return (dims[0], dims[1], dims[2])
@@ -99,7 +95,7 @@ def check_voxel_type(path: Path, dtype: np.dtype, described: str | None = None) 
     if dtype.fields is None and dtype.newbyteorder("=") in _SUPPORTED_VOXEL_TYPES:
         return
     name = described or ("RGB/structured " + str(dtype) if dtype.fields else str(dtype))
-    raise _error(path, f"unsupported voxel type {name} (expected a single-channel integer or float image)")
+    raise ScanError.at(path, f"unsupported voxel type {name} (expected a single-channel integer or float image)")
 
 
 def _memory_bytes() -> int:
@@ -126,12 +122,12 @@ def check_voxel_budget(path: Path, shape: Sequence[int], bytes_per_voxel: int, d
     voxels = int(np.prod([int(d) for d in shape], dtype=object))
     needed = voxels * int(bytes_per_voxel)
     if voxels > MAX_VOXELS:
-        raise _error(
+        raise ScanError.at(
             path, f"header declares an implausible size {_shape_text(shape)} ({voxels:,} voxels; at most {MAX_VOXELS:,})"
         )
     memory = _memory_bytes()
     if needed > memory:
-        raise _error(
+        raise ScanError.at(
             path,
             f"header declares {_shape_text(shape)} voxels of {dtype_name} ({_human_bytes(needed)}), "
             f"more than the {_human_bytes(memory)} of memory on this machine",
@@ -152,18 +148,18 @@ def check_grid(path: Path, matrix: np.ndarray, origin: np.ndarray, what: str, or
     matrix = np.asarray(matrix, dtype=np.float64)
     origin = np.asarray(origin, dtype=np.float64)
     if not (np.all(np.isfinite(matrix)) and np.all(np.isfinite(origin))):
-        raise _error(path, f"the {what} holds NaN or infinite values")
+        raise ScanError.at(path, f"the {what} holds NaN or infinite values")
     norms = np.linalg.norm(matrix, axis=0)
     if np.any(norms == 0):
-        raise _error(path, f"the {what} is singular (voxel axis {int(np.argmin(norms))} has zero length)")
+        raise ScanError.at(path, f"the {what} is singular (voxel axis {int(np.argmin(norms))} has zero length)")
     if np.any(norms < _MIN_SPACING) or np.any(norms > _MAX_SPACING):
         sizes = ", ".join(f"{n:.3g}" for n in norms)
-        raise _error(path, f"the {what} gives implausible voxel sizes ({sizes} mm)")
+        raise ScanError.at(path, f"the {what} gives implausible voxel sizes ({sizes} mm)")
     unit = matrix / norms
     if abs(float(np.linalg.det(unit))) < _MIN_AXIS_INDEPENDENCE:
-        raise _error(path, f"the {what} is singular (two voxel axes point the same way)")
+        raise ScanError.at(path, f"the {what} is singular (two voxel axes point the same way)")
     if orthonormal and not np.allclose(unit.T @ unit, np.eye(3), atol=_ORTHONORMAL_TOL):
-        raise _error(path, f"the {what} is not orthogonal (a sheared grid)")
+        raise ScanError.at(path, f"the {what} is not orthogonal (a sheared grid)")
 
 
 def check_spacing(path: Path, spacing: Sequence[float], what: str = "spacing") -> None:
@@ -171,9 +167,9 @@ def check_spacing(path: Path, spacing: Sequence[float], what: str = "spacing") -
     values = np.asarray(spacing, dtype=np.float64)
     text = ", ".join(f"{v:g}" for v in values)
     if not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise _error(path, f"invalid voxel {what} ({text}): must be finite and positive")
+        raise ScanError.at(path, f"invalid voxel {what} ({text}): must be finite and positive")
     if np.any(values < _MIN_SPACING) or np.any(values > _MAX_SPACING):
-        raise _error(path, f"implausible voxel {what} ({text} mm)")
+        raise ScanError.at(path, f"implausible voxel {what} ({text} mm)")
 
 
 def check_payload(path: Path, offset: int, nbytes: int, compressed: bool, header: Path | None = None) -> None:
@@ -191,7 +187,7 @@ def check_payload(path: Path, offset: int, nbytes: int, compressed: bool, header
     needed = int(offset) + int(nbytes)
     if not compressed:
         if size < needed:
-            raise _error(
+            raise ScanError.at(
                 header or path,
                 f"truncated: the header declares {needed:,} bytes (voxels from byte {int(offset)}), "
                 f"{'its data file ' + path.name if header else 'the file'} holds {size:,}",
@@ -213,18 +209,18 @@ def check_payload(path: Path, offset: int, nbytes: int, compressed: bool, header
                 got += len(chunk)
     except (EOFError, OSError, zlib.error) as exc:
         if got < needed:
-            raise _error(
+            raise ScanError.at(
                 path,
                 f"truncated or damaged gzip data before the {needed:,} bytes the header declares ({short_reason(exc)})",
             ) from None
     if got < needed:
-        raise _error(path, f"truncated: the header declares {needed:,} bytes, the gzip data holds {got:,}")
+        raise ScanError.at(path, f"truncated: the header declares {needed:,} bytes, the gzip data holds {got:,}")
 
 
 def check_deflate_bound(path: Path, compressed_bytes: int, nbytes: int) -> None:
     """Refuse `nbytes` of data claimed from `compressed_bytes` of deflate stream: more than it can hold."""
     if nbytes > max(compressed_bytes, 0) * _DEFLATE_MAX_RATIO + _DEFLATE_SLACK:
-        raise _error(
+        raise ScanError.at(
             path,
             f"truncated or damaged: {compressed_bytes:,} bytes of compressed data cannot hold "
             f"the {nbytes:,} bytes the header declares",
@@ -299,7 +295,7 @@ def itk_payload(path: Path, kind: str) -> tuple[Path, int, bool] | None:
         return path, data_start + skip_bytes, compressed
     data_file = Path(detached) if Path(detached).is_absolute() else path.parent / detached
     if not data_file.is_file():
-        raise _error(path, f"its data file {detached} is missing")
+        raise ScanError.at(path, f"its data file {detached} is missing")
     return data_file, skip_bytes, compressed
 
 
@@ -325,4 +321,4 @@ def check_metaimage_numbers(path: Path) -> None:
         except ValueError:
             values = [float("nan")]
         if not all(np.isfinite(values)):
-            raise _error(path, f"the header's {m.group(1)} holds NaN, infinite or non-numeric values ({m.group(2)})")
+            raise ScanError.at(path, f"the header's {m.group(1)} holds NaN, infinite or non-numeric values ({m.group(2)})")
