@@ -41,30 +41,32 @@ def format_count(n: int | None) -> str:
 
 @click.command("models")
 @click.argument("pattern", required=False, default="*")
+@click.option("--params", "-p", is_flag=True,
+              help="Also count each model's parameters (builds them on the meta device: imports their families).")
 @user_errors
-def models(pattern: str) -> None:
-    """List registered models matching PATTERN with their parameter counts.
+def models(pattern: str, params: bool) -> None:
+    """List registered models matching PATTERN, with their kind (image, video, volume).
 
     PATTERN is a shell-style pattern (`vit_*_224`); without wildcards it matches
     any name containing it (`unetr`). `image*`, `video*` and `volume*` list a kind.
-    No match is an error (exit 1).
+    No match is an error (exit 1). The plain listing imports no model family.
     """
-    import medvit
-    from medvit.registry import KINDS
+    from medvit.registry import KINDS, list_models, model_kind
 
     if pattern.rstrip("*") in KINDS:
-        names = medvit.list_models(kind=pattern.rstrip("*"))
+        names = list_models(kind=pattern.rstrip("*"))
     else:
         query = pattern if any(c in pattern for c in _GLOB_CHARS) else f"*{pattern}*"
-        names = medvit.list_models(query)
-    total = len(medvit.list_models())
+        names = list_models(query)
+    total = len(list_models())
     if not names:
         raise MedvitError(f"no registered model matches {pattern!r} ({total} models registered; run `medvit models`)")
     width = max(len(n) for n in names)
-    counts = {name: format_count(_param_count(name)) for name in names}
-    count_width = max(len(c) for c in counts.values())
+    counts = {name: format_count(_param_count(name)) for name in names} if params else {}
+    count_width = max((len(c) for c in counts.values()), default=0)
     for name in names:
-        click.echo(f"{name.ljust(width)}  {counts[name].rjust(count_width)}")
+        row = f"{name.ljust(width)}  {model_kind(name).ljust(6)}"
+        click.echo(f"{row}  {counts[name].rjust(count_width)}" if params else row)
     if pattern == "*":
         click.echo(f"{total} models")
     else:

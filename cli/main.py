@@ -29,7 +29,7 @@ _HELP = {
     "preprocess": "Cache resampled, normalised volumes and write a dataset fingerprint.",
     "evaluate": "Per-label Dice and HD95 of predicted masks against reference masks.",
     "convert": "Turn MONAI or timm weights into a medvit checkpoint.",
-    "models": "List registered models with their parameter counts.",
+    "models": "List registered models and their kinds (--params: parameter counts).",
     "info": "Shape, spacing, orientation and intensity range of a scan.",
 }
 

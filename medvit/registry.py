@@ -1,90 +1,114 @@
-"""Model registry: variants are small functions registered under timm-style names."""
+"""Model registry: each variant is a function decorated with `@register_model`, named as timm names it.
+
+A variant is written once, greppable by its name::
+
+    @register_model
+    def vit_base_patch16_224(**kwargs: Any) -> VisionTransformer:
+        \"\"\"ViT-B/16 (Dosovitskiy et al., 2021).\"\"\"
+        return VisionTransformer(**{**dict(patch_size=16, embed_dim=768, depth=12, num_heads=12), **kwargs})
+
+Families are registered lazily. The catalogue of names is read from the family modules' source
+(`medvit/models/{image,video,volume}/*.py`, the functions under a `@register_model` line), so
+listing names imports neither torch nor any family; a family's module is imported when one of
+its models is built or its class is asked for. This module imports nothing heavy.
+"""
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
+import importlib
+import re
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch.nn as nn
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+KINDS = ("image", "video", "volume")
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
-_TINY: dict[str, dict[str, Any]] = {}
+_MODELS_ROOT = Path(__file__).resolve().parent / "models"
+# a variant is the function defined right under a `@register_model` line (the catalogue test
+# checks that what this finds is exactly what importing every family registers)
+_REGISTERED_DEF = re.compile(r"^@register_model[ \t]*\r?\n(?:@.*\r?\n)*def[ \t]+(\w+)", re.MULTILINE)
 
 
-def register_model(
-    fn: Callable[..., nn.Module] | None = None, *, tiny: dict[str, Any] | None = None
-) -> Any:
-    """Register a variant function under its own name.
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a variant function under its own name (decorator).
 
     Args:
         fn: The variant function; it takes keyword overrides and returns the model.
-        tiny: Overrides that shrink the variant to a few-second CPU configuration
-            (used by the registry tests and smoke checks, never by users' models).
+
+    Raises:
+        ValueError: Another function is registered under the same name.
     """
-
-    def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        name = f.__name__
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = f
-        _TINY[name] = dict(tiny or {})
-        return f
-
-    return wrap(fn) if fn is not None else wrap
+    name = fn.__name__
+    known = _MODELS.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (fn.__module__, fn.__qualname__):
+        raise ValueError(f"model {name!r} is registered twice ({known.__module__} and {fn.__module__})")
+    _MODELS[name] = fn
+    return fn
 
 
-KINDS = ("image", "video", "volume")
+@functools.cache
+def catalog() -> dict[str, str]:
+    """Every variant name and the module that registers it, read from source without importing.
+
+    Raises:
+        RuntimeError: Two family modules register the same name.
+    """
+    found: dict[str, str] = {}
+    for kind in KINDS:
+        for path in sorted((_MODELS_ROOT / kind).glob("*.py")):
+            module = f"medvit.models.{kind}.{path.stem}"
+            for name in _REGISTERED_DEF.findall(path.read_text(encoding="utf-8")):
+                if name in found:
+                    raise RuntimeError(f"model {name!r} is registered in {found[name]} and {module}")
+                found[name] = module
+    return found
 
 
 def model_kind(name: str) -> str:
     """`image`, `video` or `volume`: the `medvit.models` sub-package the variant lives in."""
     _check_name(name)
-    parts = _MODELS[name].__module__.split(".")
-    return next((p for p in parts if p in KINDS), "other")
-
-
-def register_variant(cls: Callable[..., nn.Module], name: str, tiny: dict[str, Any] | None, **cfg: Any) -> None:
-    """Register `name` as `cls` with defaults `cfg`, overridable per `create_model` call.
-
-    Args:
-        cls: The model class (or builder) of the family.
-        name: The variant's registered name.
-        tiny: Overrides for the registry tests (see `register_model`).
-        **cfg: The variant's configuration.
-    """
-
-    def build(**overrides: Any) -> nn.Module:
-        return cls(**{**cfg, **overrides})
-
-    build.__name__ = build.__qualname__ = name
-    build.__module__ = getattr(cls, "__module__", build.__module__)
-    build.__doc__ = f"{name}: " + ", ".join(f"{k}={v}" for k, v in cfg.items())
-    register_model(build, tiny=tiny)
+    return catalog()[name].split(".")[2]
 
 
 def list_models(pattern: str = "*", kind: str | None = None) -> list[str]:
-    """Registered model names matching a shell-style pattern (and kind), sorted."""
+    """Registered model names matching a shell-style pattern (and kind), sorted; imports no family."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    names = (n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+    names = (n for n in catalog() if fnmatch.fnmatchcase(n, pattern))
     return sorted(n for n in names if kind is None or model_kind(n) == kind)
 
 
 def is_model(name: str) -> bool:
-    return name in _MODELS
+    return name in catalog()
 
 
-def tiny_overrides(name: str) -> dict[str, Any]:
-    """The small test configuration of a registered variant."""
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The variant function of a registered name, importing its family on first use."""
     _check_name(name)
-    return dict(_TINY[name])
+    if name not in _MODELS:
+        importlib.import_module(catalog()[name])
+    if name not in _MODELS:
+        raise RuntimeError(f"{catalog()[name]} did not register {name!r}")
+    return _MODELS[name]
+
+
+def import_all() -> dict[str, Callable[..., nn.Module]]:
+    """Import every family; returns what they registered (name -> variant function)."""
+    for module in sorted(set(catalog().values())):
+        importlib.import_module(module)
+    return dict(_MODELS)
 
 
 def _check_name(name: str) -> None:
-    if name not in _MODELS:
-        close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
+    if name not in catalog():
+        close = difflib.get_close_matches(name, list(catalog()), n=5, cutoff=0.5)
         hint = f"; closest registered names: {', '.join(close)}" if close else ""
         raise ValueError(f"unknown model name {name!r}{hint}")
 
@@ -103,9 +127,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     Raises:
         ValueError: The name is not registered, or an override is invalid.
     """
-    _check_name(name)
+    build = model_entrypoint(name)
     try:
-        model = _MODELS[name](**overrides)
+        model = build(**overrides)
     except TypeError as e:
         raise ValueError(f"invalid arguments for model {name!r}: {e}") from None
     model.model_name = name

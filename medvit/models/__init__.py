@@ -1,5 +1,5 @@
-"""Model families; importing this package registers every variant."""
+"""Model families, one module per paper under `image/`, `video/` and `volume/`.
 
-from __future__ import annotations
-
-from medvit.models import image, video, volume  # noqa: F401
+Nothing is imported here: `medvit.registry` finds the variants in the families' source and
+imports a family when one of its models is built.
+"""

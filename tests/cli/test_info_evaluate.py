@@ -53,19 +53,19 @@ def phantom_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
 # ---------------------------------------------------------------- models
 
 
-def _listing(output: str) -> dict[str, str]:
+def _listing(output: str, columns: int = 2) -> dict[str, list[str]]:
     rows = [line.split() for line in output.strip().splitlines()[:-1]]
-    assert all(len(r) == 2 for r in rows), output
-    return dict(rows)
+    assert all(len(r) == columns for r in rows), output
+    return {r[0]: r[1:] for r in rows}
 
 
-def test_models_pattern_lists_matches_with_parameter_counts() -> None:
-    result = _invoke("models", "unetr*")
+def test_models_pattern_lists_matches_with_kind_and_parameter_counts() -> None:
+    result = _invoke("models", "unetr*", "--params")
     assert result.exit_code == 0, result.output
-    listing = _listing(result.output)
+    listing = _listing(result.output, columns=3)
     assert list(listing) == medvit.list_models("unetr*")
     # 92,784,046 parameters, counted independently below.
-    assert listing["unetr_base"] == "92.8M"
+    assert listing["unetr_base"] == ["volume", "92.8M"]
     with torch.device("meta"):
         n = sum(p.numel() for p in medvit.create_model("unetr_base").parameters())
     assert round(n / 1e6, 1) == 92.8
@@ -73,14 +73,22 @@ def test_models_pattern_lists_matches_with_parameter_counts() -> None:
     assert result.output.strip().splitlines()[-1] == f"{len(listing)} of {total} models match 'unetr*'"
 
 
-def test_models_without_pattern_lists_everything() -> None:
+def test_models_without_pattern_lists_everything_with_kinds() -> None:
     result = _invoke("models")
     assert result.exit_code == 0, result.output
     listing = _listing(result.output)
     assert list(listing) == medvit.list_models()
-    assert listing["vit_base_patch16_224"] == "86.6M"
-    assert all(re.fullmatch(r"\d+\.\dM|\d+\.\dB|\d+\.\dK", c) for c in listing.values()), listing
+    assert listing["vit_base_patch16_224"] == ["image"]
+    assert listing["timesformer_base"] == ["video"] and listing["unetr_base"] == ["volume"]
     assert result.output.strip().splitlines()[-1] == f"{len(listing)} models"
+
+
+def test_models_params_counts_every_match() -> None:
+    result = _invoke("models", "vit_*_patch16_224", "--params")
+    assert result.exit_code == 0, result.output
+    listing = _listing(result.output, columns=3)
+    assert listing["vit_base_patch16_224"] == ["image", "86.6M"]
+    assert all(re.fullmatch(r"\d+\.\dM|\d+\.\dB|\d+\.\dK", c) for _, c in listing.values()), listing
 
 
 def test_models_plain_word_matches_substring() -> None:

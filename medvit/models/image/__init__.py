@@ -1,14 +1,4 @@
-"""2D image backbones; importing this package registers every variant.
+"""2D image backbones: one module per family.
 
-Each model family is one module here; all of them are imported, so a new family only
-adds a file.
+Families are imported when one of their models is built (see `medvit.registry`).
 """
-
-from __future__ import annotations
-
-import importlib
-import pkgutil
-
-for _mod in pkgutil.iter_modules(__path__):
-    if not _mod.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_mod.name}")

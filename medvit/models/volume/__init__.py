@@ -1,14 +1,4 @@
-"""Segmentation models for volumes (and slices); importing this package registers every variant.
+"""Segmentation models for volumes (and slices): one module per family.
 
-Each model family is one module here; all of them are imported, so a new family only
-adds a file.
+Families are imported when one of their models is built (see `medvit.registry`).
 """
-
-from __future__ import annotations
-
-import importlib
-import pkgutil
-
-for _mod in pkgutil.iter_modules(__path__):
-    if not _mod.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_mod.name}")
