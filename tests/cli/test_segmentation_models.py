@@ -14,7 +14,7 @@ import medvit
 from medvit.cli.main import main
 from medvit.pipelines.checkpoint import load_checkpoint, read_card
 from medvit.pipelines.phantom import write_phantom_dataset
-from medvit.registry import tiny_overrides
+from tiny_configs import tiny_overrides
 
 SEGMENTATION = medvit.list_models(kind="volume")
 SET_BY_THE_PIPELINE = ("img_size", "num_classes", "in_chans")

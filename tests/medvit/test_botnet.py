@@ -7,7 +7,7 @@ import torch
 
 import medvit
 from medvit.layers.rel_pos_attention import RelPosSelfAttention2d
-from medvit.registry import tiny_overrides
+from tiny_configs import tiny_overrides
 
 from helpers import require
 

@@ -7,7 +7,7 @@ import torch
 
 import medvit
 from medvit.layers.halo_attention import HaloAttention
-from medvit.registry import tiny_overrides
+from tiny_configs import tiny_overrides
 
 from helpers import require
 

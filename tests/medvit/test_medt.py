@@ -9,7 +9,7 @@ import torch
 import medvit
 from medvit.layers.axial_attention import GatedAxialAttention, GatedAxialBlock
 from medvit.models.volume.medt import MedT
-from medvit.registry import tiny_overrides
+from tiny_configs import tiny_overrides
 
 TINY = tiny_overrides("medt")
 

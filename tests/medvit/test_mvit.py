@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import require
+from tiny_configs import tiny_overrides
 
 import medvit
 from medvit.layers.pooling_attention_v1 import PoolingAttentionV1
-
-from helpers import require
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -149,7 +149,7 @@ def test_forward_intermediates_strides_4_8_16_32() -> None:
 
 
 def test_3d_variant_multiscale_features() -> None:
-    m = medvit.create_model("mvit_b_16_3d", **medvit.registry.tiny_overrides("mvit_b_16_3d"))
+    m = medvit.create_model("mvit_b_16_3d", **tiny_overrides("mvit_b_16_3d"))
     assert m.spatial_dims == 3 and m.img_size == (32, 32, 32)
     assert m.blocks[1].attn.pool_q.kernel_size == (3, 3, 3) and m.blocks[1].attn.pool_q.stride == (2, 2, 2)
     x = torch.randn(1, 1, 32, 32, 32)

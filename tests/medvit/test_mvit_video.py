@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import require
+from tiny_configs import tiny_overrides
 
 import medvit
 from medvit.convert.torchvision_mvit import load_torchvision_mvit
 from medvit.models.video.mvit_video import MViTVideo
-
-from helpers import require
 
 
 def _perturb(model: torch.nn.Module) -> None:
@@ -44,7 +44,7 @@ def test_parity_with_torchvision_small_clip() -> None:
 
 
 def _tiny(**kw: object) -> MViTVideo:
-    return medvit.create_model("mvit_base_16x4", **{**medvit.registry.tiny_overrides("mvit_base_16x4"), **kw})
+    return medvit.create_model("mvit_base_16x4", **{**tiny_overrides("mvit_base_16x4"), **kw})
 
 
 def test_forward_intermediates_and_interface() -> None:

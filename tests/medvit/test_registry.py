@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
 import medvit
-from medvit.registry import tiny_overrides
+from tiny_configs import tiny_overrides
 
 ALL = medvit.list_models()
 
@@ -106,3 +107,49 @@ def test_models_by_kind() -> None:
     assert not set(video) & set(medvit.list_models(kind="image"))
     with pytest.raises(ValueError, match="kind"):
         medvit.list_models(kind="audio")
+
+
+def test_catalogue_is_what_the_families_register() -> None:
+    from medvit import registry
+
+    catalogue = registry.catalog()
+    # the figure the README quotes; a family that stops registering (or a name the source
+    # scan misses) changes it
+    assert len(catalogue) >= 170
+    registered = registry.import_all()
+    assert set(registered) == set(catalogue)
+    assert all(registered[name].__module__ == module for name, module in catalogue.items())
+
+
+def test_each_variant_is_registered_once_and_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medvit import registry
+
+    # a second family defining a registered name is refused, naming both modules
+    family = tmp_path / "image"
+    family.mkdir(parents=True)
+    for kind in ("video", "volume"):
+        (tmp_path / kind).mkdir()
+    (family / "a.py").write_text("@register_model\ndef vit_x(**kwargs):\n    pass\n")
+    (family / "b.py").write_text("@register_model\ndef vit_x(**kwargs):\n    pass\n")
+    monkeypatch.setattr(registry, "_MODELS_ROOT", tmp_path)
+    registry.catalog.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="'vit_x' is registered in medvit.models.image.a and medvit.models.image.b"):
+            registry.catalog()
+    finally:
+        monkeypatch.undo()
+        registry.catalog.cache_clear()
+
+    def vit_base_patch16_224(**kwargs):  # same name, another function
+        raise AssertionError
+
+    registry.model_entrypoint("vit_base_patch16_224")
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register_model(vit_base_patch16_224)
+
+
+def test_every_variant_has_one_tiny_configuration() -> None:
+    from tiny_configs import IMAGE_A_TO_L, OTHERS, TINY
+
+    assert not set(IMAGE_A_TO_L) & set(OTHERS)
+    assert set(TINY) == set(medvit.list_models())

@@ -6,17 +6,17 @@ from types import ModuleType
 
 import pytest
 import torch
+from helpers import require
+from tiny_configs import tiny_overrides
 
 import medvit
 from medvit.convert import inflate_image_to_video
 from medvit.models.image.vit import VisionTransformer
 
-from helpers import require
-
 
 def _tiny(**kw: object) -> torch.nn.Module:
     return medvit.create_model("stam_base_patch16_224_16f",
-                               **{**medvit.registry.tiny_overrides("stam_base_patch16_224_16f"), **kw})
+                               **{**tiny_overrides("stam_base_patch16_224_16f"), **kw})
 
 
 def test_parity_with_timm_vit_and_blocks(timm: ModuleType) -> None:

@@ -13,7 +13,7 @@ import medvit
 from medvit.models.image.pvt_v2 import PyramidVisionTransformerV2
 from medvit.models.image.swin import SwinTransformer
 from medvit.models.volume.unetr import UNETR
-from medvit.registry import tiny_overrides
+from tiny_configs import tiny_overrides
 
 from helpers import require
 

@@ -8,15 +8,14 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import require
+from tiny_configs import tiny_overrides
 
 import medvit
 from medvit.convert import load_timm
 from medvit.layers.hybrid_embed import HybridEmbed
 from medvit.layers.std_conv import MaxPool2dSame, StdConv2d
 from medvit.models.image.resnetv2 import ResNetV2
-
-from helpers import require
-
 
 SMALL = dict(img_size=64, embed_dim=64, depth=2, num_heads=4, num_classes=7)
 
@@ -288,7 +287,7 @@ def test_resnetv2_3d_features_and_head() -> None:
 
 
 def test_hybrid_3d_variant_and_backbone_indices() -> None:
-    tiny = medvit.registry.tiny_overrides("vit_base_r50_s16_96_3d")
+    tiny = tiny_overrides("vit_base_r50_s16_96_3d")
     m = medvit.create_model("vit_base_r50_s16_96_3d", **tiny).eval()
     assert (m.spatial_dims, m.in_chans, m.grid_size, m.num_classes) == (3, 1, (2, 2, 2), 0)
     x = torch.randn(2, 1, 32, 32, 32)

@@ -6,12 +6,12 @@ from types import ModuleType
 
 import pytest
 import torch
+from tiny_configs import tiny_overrides
 
 import medvit
 from medvit.convert import load_timm
 from medvit.layers.attention import Attention
 from medvit.layers.longformer_1d import LongformerAttention1d, longformer_mask_1d
-
 
 _VIT = dict(backbone="vit_base_patch16_224",
             backbone_args=dict(embed_dim=32, depth=1, num_heads=2, img_size=32))
@@ -19,7 +19,7 @@ _CONVMIXER = dict(backbone="convmixer_768_32", backbone_args=dict(embed_dim=24, 
 
 
 def _tiny(**kw: object) -> torch.nn.Module:
-    return medvit.create_model("vtn_vit_base", **{**medvit.registry.tiny_overrides("vtn_vit_base"), **kw})
+    return medvit.create_model("vtn_vit_base", **{**tiny_overrides("vtn_vit_base"), **kw})
 
 
 def test_mask_is_local_plus_global() -> None:
