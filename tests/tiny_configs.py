@@ -13,13 +13,17 @@ from typing import Any
 
 IMAGE_A_TO_L: dict[str, dict[str, Any]] = {}
 
-# ---------------------------------------------------------------- image families m-z, video and volume
+# ---------------------------------------------------------------- image families m-z
 
-OTHERS: dict[str, dict[str, Any]] = {}
+IMAGE_M_TO_Z: dict[str, dict[str, Any]] = {}
+
+# ---------------------------------------------------------------- video and volume families
+
+VIDEO_AND_VOLUME: dict[str, dict[str, Any]] = {}
 
 # ----------------------------------------------------------------
 
-TINY: dict[str, dict[str, Any]] = {**IMAGE_A_TO_L, **OTHERS}
+TINY: dict[str, dict[str, Any]] = {**IMAGE_A_TO_L, **IMAGE_M_TO_Z, **VIDEO_AND_VOLUME}
 
 
 def tiny_overrides(name: str) -> dict[str, Any]:
