@@ -11,7 +11,79 @@ from typing import Any
 
 # ---------------------------------------------------------------- image families, a-l
 
-IMAGE_A_TO_L: dict[str, dict[str, Any]] = {}
+_BOTNET = dict(depths=(1, 1, 1, 2), channels=(32, 64, 64, 128), img_size=64, num_classes=10)
+# DeiT-shaped: two blocks of width 32 on 32 px (CaiT, CPVT, DeiT)
+_DEIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_classes=10)
+_CEIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, stem_width=8, num_classes=10)
+_CONVIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, local_up_to_layer=2, num_classes=10)
+_CONVMIXER = dict(embed_dim=32, depth=2, num_classes=10, img_size=28)
+_CROSSVIT = dict(
+    img_size=48, img_scale=(1.0, 1.0), embed_dim=(16, 32), depth=((1, 1, 0),), num_heads=(2, 2),
+    mlp_ratio=(2.0, 2.0), num_classes=10,
+)
+_CVT = dict(embed_dim=(16, 32, 32), depth=(1, 1, 1), num_heads=(1, 2, 2), img_size=32, num_classes=10)
+_DEEPVIT = dict(embed_dim=36, depth=2, num_heads=3, reattn_depth=1, img_size=32, stem_width=8, num_classes=10)
+_HALONET = dict(
+    depths=(1, 1, 1, 1), widths=(16, 16, 32, 32), block_size=2, halo_size=1, num_heads=2, img_size=64,
+    num_classes=10,
+)
+_HVT = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+_LEVIT = dict(
+    img_size=32, embed_dim=(16, 24, 32), key_dim=4, depth=(1, 1, 1), num_heads=(2, 3, 4), num_classes=10
+)
+_LOCALVIT = dict(embed_dim=32, depth=2, num_heads=2, se_reduction=32, img_size=32, num_classes=10)
+
+IMAGE_A_TO_L: dict[str, dict[str, Any]] = {
+    "botnet50": _BOTNET,
+    "botnet_s1_59": dict(_BOTNET, depths=(1, 1, 1, 1)),
+    "botnet_s1_128": dict(_BOTNET, depths=(1, 1, 2, 1)),
+    "cait_xxs24_224": _DEIT,
+    "cait_xs24_384": _DEIT,
+    "cait_s24_224": _DEIT,
+    "ceit_tiny": _CEIT,
+    "ceit_small": _CEIT,
+    "convit_tiny": _CONVIT,
+    "convit_small": _CONVIT,
+    "convit_base": _CONVIT,
+    "convmixer_768_32": _CONVMIXER,
+    "convmixer_1024_20_ks9_p14": _CONVMIXER,
+    "convmixer_1536_20": _CONVMIXER,
+    "cpvt_tiny": _DEIT,
+    "cpvt_small": _DEIT,
+    "cpvt_base": _DEIT,
+    "crossvit_tiny_240": _CROSSVIT,
+    "crossvit_small_240": _CROSSVIT,
+    "crossvit_base_240": _CROSSVIT,
+    "crossvit_9_240": _CROSSVIT,
+    "crossvit_15_240": _CROSSVIT,
+    "crossvit_18_240": _CROSSVIT,
+    "cvt_13": _CVT,
+    "cvt_21": _CVT,
+    "cvt_w24": _CVT,
+    "cvt_13_3d": _CVT,  # three-dimensional through the variant's own spatial_dims=3
+    "deepvit_small": _DEEPVIT,
+    "deepvit_large": _DEEPVIT,
+    "deit_tiny_patch16_224": _DEIT,
+    "deit_small_patch16_224": _DEIT,
+    "deit_base_patch16_224": _DEIT,
+    "deit_tiny_distilled_patch16_224": _DEIT,
+    "deit_small_distilled_patch16_224": _DEIT,
+    "deit_base_distilled_patch16_224": _DEIT,
+    "halonet_h0": _HALONET,
+    "halonet_h1": _HALONET,
+    "halonet_h2": _HALONET,
+    "hvt_ti_1": dict(_HVT, num_pool_stages=1),
+    "hvt_ti_4": dict(_HVT, num_pool_stages=2),
+    "hvt_s_1": dict(_HVT, num_pool_stages=1),
+    "hvt_s_4": dict(_HVT, num_pool_stages=2),
+    "levit_128s": _LEVIT,
+    "levit_128": _LEVIT,
+    "levit_192": _LEVIT,
+    "levit_256": _LEVIT,
+    "levit_384": _LEVIT,
+    "localvit_tiny": _LOCALVIT,
+    "localvit_small": _LOCALVIT,
+}
 
 # ---------------------------------------------------------------- image families m-z
 

@@ -243,27 +243,23 @@ class BoTNet(AttnResNet):
         )
 
 
-_TINY = dict(depths=(1, 1, 1, 2), channels=(32, 64, 64, 128), img_size=64, num_classes=10)
+@register_model
+def botnet50(**kwargs: Any) -> BoTNet:
+    """BoT50: ResNet-50 with MHSA in the three c5 blocks, 224 px, 20.8M parameters (Srinivas et al., 2021)."""
+    return BoTNet(**kwargs)
 
 
-def _variant(name: str, tiny: dict[str, Any], **cfg: Any) -> Callable[..., BoTNet]:
-    def fn(**kwargs: Any) -> BoTNet:
-        return BoTNet(**{**cfg, **kwargs})
-
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = f"BoTNet `{name}`."
-    return register_model(fn, tiny=tiny)
-
-
-# BoT50 (paper Table 5 / Section 4: 20.8M parameters at 224)
-botnet50 = _variant("botnet50", _TINY)
 # BoTNet-S1 (paper appendix, S1 table): c5 stride 1, SE (width = bottleneck width, i.e. ResNet-RS's
 # se_ratio 0.25 of the block output) + SiLU; blocks [3,4,6,6] / [3,4,23,12]; sizes 224 / 256 from memory
-botnet_s1_59 = _variant(
-    "botnet_s1_59", {**_TINY, "depths": (1, 1, 1, 1)},
-    depths=(3, 4, 6, 6), last_stride=1, se_ratio=1.0, act_layer=nn.SiLU, img_size=224,
-)
-botnet_s1_128 = _variant(
-    "botnet_s1_128", {**_TINY, "depths": (1, 1, 2, 1)},
-    depths=(3, 4, 23, 12), last_stride=1, se_ratio=1.0, act_layer=nn.SiLU, img_size=256,
-)
+@register_model
+def botnet_s1_59(**kwargs: Any) -> BoTNet:
+    """BoTNet-S1-59: c5 at stride 1, SE and SiLU, blocks (3, 4, 6, 6), 224 px (Srinivas et al., 2021)."""
+    cfg = dict(depths=(3, 4, 6, 6), last_stride=1, se_ratio=1.0, act_layer=nn.SiLU, img_size=224)
+    return BoTNet(**{**cfg, **kwargs})
+
+
+@register_model
+def botnet_s1_128(**kwargs: Any) -> BoTNet:
+    """BoTNet-S1-128: c5 at stride 1, SE and SiLU, blocks (3, 4, 23, 12), 256 px (Srinivas et al., 2021)."""
+    cfg = dict(depths=(3, 4, 23, 12), last_stride=1, se_ratio=1.0, act_layer=nn.SiLU, img_size=256)
+    return BoTNet(**{**cfg, **kwargs})

@@ -21,7 +21,7 @@ from medvit.layers.attention_variants import TalkingHeadAttn
 from medvit.layers.class_attention import ClassAttentionBlock
 from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 _POOLS = ("token", "avg", "")
 
@@ -194,20 +194,24 @@ class Cait(VisionTransformer):
 
 
 # -- registered variants ---------------------------------------------------------------
-# Table 1 of the paper (timm's names): depth 24 (+2 class-attention layers), heads of width 48.
-_VARIANTS = {
-    "cait_xxs24_224": dict(img_size=224, embed_dim=192, depth=24, num_heads=4),
-    "cait_xs24_384": dict(img_size=384, embed_dim=288, depth=24, num_heads=6),
-    "cait_s24_224": dict(img_size=224, embed_dim=384, depth=24, num_heads=8),
-}
-_TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_classes=10)
+# Table 1 of the paper (timm's names): depth 24 (+2 class-attention layers), heads of width 48,
+# patch 16, LayerScale initialised at 1e-5.
+_CAIT = dict(patch_size=16, depth=24, init_values=1e-5)
 
 
-def _variant(name: str, **cfg: Any) -> None:
-    """Register `name` as a CaiT whose defaults are `cfg` (overridable per call)."""
+@register_model
+def cait_xxs24_224(**kwargs: Any) -> Cait:
+    """CaiT-XXS24, width 192, 4 heads, 224 px (Touvron et al., 2021)."""
+    return Cait(**{**_CAIT, **dict(img_size=224, embed_dim=192, num_heads=4), **kwargs})
 
-    register_variant(Cait, name, _TINY, **cfg)
+
+@register_model
+def cait_xs24_384(**kwargs: Any) -> Cait:
+    """CaiT-XS24, width 288, 6 heads, 384 px (Touvron et al., 2021)."""
+    return Cait(**{**_CAIT, **dict(img_size=384, embed_dim=288, num_heads=6), **kwargs})
 
 
-for _name, _cfg in _VARIANTS.items():
-    _variant(_name, patch_size=16, init_values=1e-5, **_cfg)
+@register_model
+def cait_s24_224(**kwargs: Any) -> Cait:
+    """CaiT-S24, width 384, 8 heads, 224 px (Touvron et al., 2021)."""
+    return Cait(**{**_CAIT, **dict(img_size=224, embed_dim=384, num_heads=8), **kwargs})

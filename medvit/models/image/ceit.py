@@ -35,7 +35,7 @@ from medvit.layers.helpers import to_ntuple
 from medvit.layers.hybrid_embed import HybridEmbed
 from medvit.models._features import feature_take_last, format_intermediate
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 
 class Image2Tokens(nn.Module):
@@ -205,18 +205,16 @@ class CeiT(VisionTransformer):
 
 # -- registered variants ---------------------------------------------------------------
 # Table 1 of the paper: DeiT's Ti/S widths and depth, LeFF expansion 4, kernel 3.
-_VARIANTS = {
-    "ceit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "ceit_small": dict(embed_dim=384, depth=12, num_heads=6),
-}
-_TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, stem_width=8, num_classes=10)
+_CEIT = dict(img_size=224, patch_size=16, mlp_ratio=4.0, depth=12)
 
 
-def _variant(name: str, **cfg: Any) -> None:
-    """Register `name` as a CeiT whose defaults are `cfg` (overridable per call)."""
+@register_model
+def ceit_tiny(**kwargs: Any) -> CeiT:
+    """CeiT-T, width 192, 3 heads, 224 px (Yuan et al., 2021)."""
+    return CeiT(**{**_CEIT, **dict(embed_dim=192, num_heads=3), **kwargs})
 
-    register_variant(CeiT, name, _TINY, **cfg)
 
-
-for _name, _cfg in _VARIANTS.items():
-    _variant(_name, img_size=224, patch_size=16, mlp_ratio=4.0, **_cfg)
+@register_model
+def ceit_small(**kwargs: Any) -> CeiT:
+    """CeiT-S, width 384, 6 heads, 224 px (Yuan et al., 2021)."""
+    return CeiT(**{**_CEIT, **dict(embed_dim=384, num_heads=6), **kwargs})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,8 +25,8 @@ from medvit.layers import Attention, Block, grid_for
 from medvit.layers.gpsa import GPSA
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import feature_take_last, format_intermediate
-from medvit.registry import register_variant
 from medvit.models.image.vit import VisionTransformer
+from medvit.registry import register_model
 
 
 class ConViT(VisionTransformer):
@@ -207,23 +208,22 @@ class ConViT(VisionTransformer):
 
 # -- registered variants ---------------------------------------------------------------
 # The paper's Table 1: 48 channels per head, 12 blocks, the first 10 GPSA.
-_SIZES = {
-    "tiny": dict(embed_dim=48 * 4, num_heads=4),
-    "small": dict(embed_dim=48 * 9, num_heads=9),
-    "base": dict(embed_dim=48 * 16, num_heads=16),
-}
-_TINY = dict(
-    img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, local_up_to_layer=2, num_classes=10
-)
+_CONVIT = dict(depth=12, local_up_to_layer=10, locality_strength=1.0)
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    """Register `name` as a ConViT whose defaults are `cfg` (overridable per call)."""
+@register_model
+def convit_tiny(**kwargs: Any) -> ConViT:
+    """ConViT-Ti, 4 heads of width 48, 224 px (d'Ascoli et al., 2021)."""
+    return ConViT(**{**_CONVIT, **dict(embed_dim=192, num_heads=4), **kwargs})
 
-    register_variant(ConViT, name, tiny, **cfg)
+
+@register_model
+def convit_small(**kwargs: Any) -> ConViT:
+    """ConViT-S, 9 heads of width 48, 224 px (d'Ascoli et al., 2021)."""
+    return ConViT(**{**_CONVIT, **dict(embed_dim=432, num_heads=9), **kwargs})
 
 
-for _size, _cfg in _SIZES.items():
-    _variant(
-        f"convit_{_size}", tiny=_TINY, depth=12, local_up_to_layer=10, locality_strength=1.0, **_cfg
-    )
+@register_model
+def convit_base(**kwargs: Any) -> ConViT:
+    """ConViT-B, 16 heads of width 48, 224 px (d'Ascoli et al., 2021)."""
+    return ConViT(**{**_CONVIT, **dict(embed_dim=768, num_heads=16), **kwargs})

@@ -10,6 +10,7 @@ convolution is followed by the activation and then BatchNorm, as in the paper.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -179,23 +180,22 @@ class ConvMixer(nn.Module):
 
 # -- registered variants ---------------------------------------------------------------
 # ConvMixer-h/d of the paper's ImageNet table (timm's names); 768/32 is the ReLU model.
-_TINY = dict(embed_dim=32, depth=2, num_classes=10)
 
 
-@register_model(tiny={**_TINY, "img_size": 28})
-def convmixer_768_32(**kwargs: object) -> ConvMixer:
-    """ConvMixer-768/32, kernel 7, patch 7, ReLU."""
+@register_model
+def convmixer_768_32(**kwargs: Any) -> ConvMixer:
+    """ConvMixer-768/32, kernel 7, patch 7, ReLU (Trockman and Kolter, 2023)."""
     cfg = dict(embed_dim=768, depth=32, kernel_size=7, patch_size=7, act_layer=nn.ReLU)
     return ConvMixer(**{**cfg, **kwargs})
 
 
-@register_model(tiny={**_TINY, "img_size": 28})
-def convmixer_1024_20_ks9_p14(**kwargs: object) -> ConvMixer:
-    """ConvMixer-1024/20, kernel 9, patch 14."""
+@register_model
+def convmixer_1024_20_ks9_p14(**kwargs: Any) -> ConvMixer:
+    """ConvMixer-1024/20, kernel 9, patch 14 (Trockman and Kolter, 2023)."""
     return ConvMixer(**{**dict(embed_dim=1024, depth=20, kernel_size=9, patch_size=14), **kwargs})
 
 
-@register_model(tiny={**_TINY, "img_size": 28})
-def convmixer_1536_20(**kwargs: object) -> ConvMixer:
-    """ConvMixer-1536/20, kernel 9, patch 7."""
+@register_model
+def convmixer_1536_20(**kwargs: Any) -> ConvMixer:
+    """ConvMixer-1536/20, kernel 9, patch 7 (Trockman and Kolter, 2023)."""
     return ConvMixer(**{**dict(embed_dim=1536, depth=20, kernel_size=9, patch_size=7), **kwargs})

@@ -20,7 +20,7 @@ import torch
 from medvit.layers.peg import PEG
 from medvit.models._features import feature_take_last, format_intermediate
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 
 class CPVT(VisionTransformer):
@@ -139,20 +139,23 @@ class CPVT(VisionTransformer):
 
 
 # -- registered variants ---------------------------------------------------------------
-# DeiT's Ti/S/B widths (Table 1 of DeiT), as the paper's CPVT-Ti/S/B.
-_SIZES = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-}
-_TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_classes=10)
+# DeiT's Ti/S/B widths (Table 1 of DeiT), as the paper's CPVT-Ti/S/B with global average pooling.
+_CPVT = dict(img_size=224, patch_size=16, depth=12, global_pool="avg")
 
 
-def _variant(name: str, **cfg: Any) -> None:
-    """Register `name` as a CPVT-GAP whose defaults are `cfg` (overridable per call)."""
+@register_model
+def cpvt_tiny(**kwargs: Any) -> CPVT:
+    """CPVT-Ti-GAP, width 192, 3 heads, 224 px (Chu et al., 2023)."""
+    return CPVT(**{**_CPVT, **dict(embed_dim=192, num_heads=3), **kwargs})
 
-    register_variant(CPVT, name, _TINY, **cfg)
+
+@register_model
+def cpvt_small(**kwargs: Any) -> CPVT:
+    """CPVT-S-GAP, width 384, 6 heads, 224 px (Chu et al., 2023)."""
+    return CPVT(**{**_CPVT, **dict(embed_dim=384, num_heads=6), **kwargs})
 
 
-for _size, _cfg in _SIZES.items():
-    _variant(f"cpvt_{_size}", img_size=224, patch_size=16, global_pool="avg", **_cfg)
+@register_model
+def cpvt_base(**kwargs: Any) -> CPVT:
+    """CPVT-B-GAP, width 768, 12 heads, 224 px (Chu et al., 2023)."""
+    return CPVT(**{**_CPVT, **dict(embed_dim=768, num_heads=12), **kwargs})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ from medvit.layers import Block, PatchEmbed, drop_path_schedule
 from medvit.layers.cross_attention import CrossAttentionBlock
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import check_output_fmt, feature_take_indices, format_intermediate
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 _POOLS = ("token", "avg")
 
@@ -364,27 +365,49 @@ class CrossViT(nn.Module):
 
 
 # -- registered variants ---------------------------------------------------------------
-# The paper's Table 1 (timm's names): 12 px and 16 px branches, three multi-scale blocks
-# each with one small-branch block, K large-branch blocks and one cross-attention.
-_TINY = dict(
-    img_size=48, img_scale=(1.0, 1.0), embed_dim=(16, 32), depth=((1, 1, 0),), num_heads=(2, 2),
-    mlp_ratio=(2.0, 2.0), num_classes=10,
-)
+# The paper's Table 1 (timm's names): 12 px and 16 px branches at 240 px (the large branch
+# sees 224 px), three multi-scale blocks each with one small-branch block, K large-branch
+# blocks and one cross-attention.
+_CROSSVIT = dict(img_size=240, img_scale=(1.0, 224 / 240), patch_size=(12, 16))
 
 
-def _variant(name: str, embed_dim: tuple[int, int], large_depth: int, heads: int, mlp: float) -> None:
-    """Register `name` as a 240 px CrossViT with the given widths, depth and MLP ratio."""
-    cfg = dict(
-        img_size=240, img_scale=(1.0, 224 / 240), patch_size=(12, 16), embed_dim=embed_dim,
-        depth=((1, large_depth, 0),) * 3, num_heads=(heads, heads), mlp_ratio=(mlp, mlp),
-    )
-
-    register_variant(CrossViT, name, _TINY, **cfg)
+@register_model
+def crossvit_tiny_240(**kwargs: Any) -> CrossViT:
+    """CrossViT-Ti: widths 96/192, 3 heads, MLP 4, 240 px (Chen et al., 2021)."""
+    cfg = dict(embed_dim=(96, 192), depth=((1, 4, 0),) * 3, num_heads=(3, 3), mlp_ratio=(4.0, 4.0))
+    return CrossViT(**{**_CROSSVIT, **cfg, **kwargs})
 
 
-_variant("crossvit_tiny_240", (96, 192), 4, 3, 4.0)
-_variant("crossvit_small_240", (192, 384), 4, 6, 4.0)
-_variant("crossvit_base_240", (384, 768), 4, 12, 4.0)
-_variant("crossvit_9_240", (128, 256), 3, 4, 3.0)
-_variant("crossvit_15_240", (192, 384), 5, 6, 3.0)
-_variant("crossvit_18_240", (224, 448), 6, 7, 3.0)
+@register_model
+def crossvit_small_240(**kwargs: Any) -> CrossViT:
+    """CrossViT-S: widths 192/384, 6 heads, MLP 4, 240 px (Chen et al., 2021)."""
+    cfg = dict(embed_dim=(192, 384), depth=((1, 4, 0),) * 3, num_heads=(6, 6), mlp_ratio=(4.0, 4.0))
+    return CrossViT(**{**_CROSSVIT, **cfg, **kwargs})
+
+
+@register_model
+def crossvit_base_240(**kwargs: Any) -> CrossViT:
+    """CrossViT-B: widths 384/768, 12 heads, MLP 4, 240 px (Chen et al., 2021)."""
+    cfg = dict(embed_dim=(384, 768), depth=((1, 4, 0),) * 3, num_heads=(12, 12), mlp_ratio=(4.0, 4.0))
+    return CrossViT(**{**_CROSSVIT, **cfg, **kwargs})
+
+
+@register_model
+def crossvit_9_240(**kwargs: Any) -> CrossViT:
+    """CrossViT-9: widths 128/256, 4 heads, MLP 3, 240 px (Chen et al., 2021)."""
+    cfg = dict(embed_dim=(128, 256), depth=((1, 3, 0),) * 3, num_heads=(4, 4), mlp_ratio=(3.0, 3.0))
+    return CrossViT(**{**_CROSSVIT, **cfg, **kwargs})
+
+
+@register_model
+def crossvit_15_240(**kwargs: Any) -> CrossViT:
+    """CrossViT-15: widths 192/384, 6 heads, MLP 3, 240 px (Chen et al., 2021)."""
+    cfg = dict(embed_dim=(192, 384), depth=((1, 5, 0),) * 3, num_heads=(6, 6), mlp_ratio=(3.0, 3.0))
+    return CrossViT(**{**_CROSSVIT, **cfg, **kwargs})
+
+
+@register_model
+def crossvit_18_240(**kwargs: Any) -> CrossViT:
+    """CrossViT-18: widths 224/448, 7 heads, MLP 3, 240 px (Chen et al., 2021)."""
+    cfg = dict(embed_dim=(224, 448), depth=((1, 6, 0),) * 3, num_heads=(7, 7), mlp_ratio=(3.0, 3.0))
+    return CrossViT(**{**_CROSSVIT, **cfg, **kwargs})

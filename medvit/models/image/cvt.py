@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,7 @@ from medvit.layers.drop import DropPath, drop_path_schedule
 from medvit.layers.helpers import check_spatial_dims, to_ntuple
 from medvit.layers.mlp import Mlp
 from medvit.models._features import check_output_fmt, feature_take_indices
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 POOL_TYPES = ("token", "avg", "")
 
@@ -269,24 +270,35 @@ class ConvolutionalVisionTransformer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    register_variant(ConvolutionalVisionTransformer, name, tiny, **cfg)
-
-
-_TINY = dict(embed_dim=(16, 32, 32), depth=(1, 1, 1), num_heads=(1, 2, 2), img_size=32, num_classes=10)
 # Table 2 of the paper.
-_variant("cvt_13", _TINY, embed_dim=(64, 192, 384), depth=(1, 2, 10), num_heads=(1, 3, 6))
-_variant("cvt_21", _TINY, embed_dim=(64, 192, 384), depth=(1, 4, 16), num_heads=(1, 3, 6))
-_variant("cvt_w24", _TINY, embed_dim=(192, 768, 1024), depth=(2, 2, 20), num_heads=(3, 12, 16))
-# Volumes: one channel, 96^3 crops, multi-scale features for a segmentation decoder.
-_variant(
-    "cvt_13_3d",
-    {**_TINY, "img_size": 32},
-    embed_dim=(64, 192, 384),
-    depth=(1, 2, 10),
-    num_heads=(1, 3, 6),
-    img_size=96,
-    in_chans=1,
-    num_classes=0,
-    spatial_dims=3,
-)
+
+
+@register_model
+def cvt_13(**kwargs: Any) -> ConvolutionalVisionTransformer:
+    """CvT-13: widths (64, 192, 384), depths (1, 2, 10), 224 px (Wu et al., 2021)."""
+    cfg = dict(embed_dim=(64, 192, 384), depth=(1, 2, 10), num_heads=(1, 3, 6))
+    return ConvolutionalVisionTransformer(**{**cfg, **kwargs})
+
+
+@register_model
+def cvt_21(**kwargs: Any) -> ConvolutionalVisionTransformer:
+    """CvT-21: widths (64, 192, 384), depths (1, 4, 16), 224 px (Wu et al., 2021)."""
+    cfg = dict(embed_dim=(64, 192, 384), depth=(1, 4, 16), num_heads=(1, 3, 6))
+    return ConvolutionalVisionTransformer(**{**cfg, **kwargs})
+
+
+@register_model
+def cvt_w24(**kwargs: Any) -> ConvolutionalVisionTransformer:
+    """CvT-W24: widths (192, 768, 1024), depths (2, 2, 20), 224 px (Wu et al., 2021)."""
+    cfg = dict(embed_dim=(192, 768, 1024), depth=(2, 2, 20), num_heads=(3, 12, 16))
+    return ConvolutionalVisionTransformer(**{**cfg, **kwargs})
+
+
+@register_model
+def cvt_13_3d(**kwargs: Any) -> ConvolutionalVisionTransformer:
+    """CvT-13 on volumes: one channel, 96^3 crops, no head (multi-scale features for a decoder)."""
+    cfg = dict(
+        embed_dim=(64, 192, 384), depth=(1, 2, 10), num_heads=(1, 3, 6), img_size=96, in_chans=1, num_classes=0,
+        spatial_dims=3,
+    )
+    return ConvolutionalVisionTransformer(**{**cfg, **kwargs})

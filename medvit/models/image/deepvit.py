@@ -30,7 +30,7 @@ from medvit.layers import Attention, Block
 from medvit.layers.hybrid_embed import HybridEmbed
 from medvit.layers.reattention import ReAttention
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 
 class ConvStem(nn.Module):
@@ -153,20 +153,18 @@ class DeepVisionTransformer(VisionTransformer):
 
 
 # -- registered variants ---------------------------------------------------------------
-_VARIANTS = {
-    # official deepvit_S: 27.3M parameters (paper: 27M)
-    "deepvit_small": dict(embed_dim=396, depth=16, num_heads=12, reattn_depth=5, scale_mixed=True),
-    # official deepvit_L: 58.9M parameters (the paper's table says 55M)
-    "deepvit_large": dict(embed_dim=420, depth=32, num_heads=12, reattn_depth=12),
-}
-_TINY = dict(embed_dim=36, depth=2, num_heads=3, reattn_depth=1, img_size=32, stem_width=8, num_classes=10)
+_DEEPVIT = dict(img_size=224, patch_size=16, mlp_ratio=3.0, num_heads=12)
 
 
-def _variant(name: str, **cfg: Any) -> None:
-    """Register `name` as a DeepViT whose defaults are `cfg` (overridable per call)."""
+@register_model
+def deepvit_small(**kwargs: Any) -> DeepVisionTransformer:
+    """DeepViT-S: width 396, 16 blocks, 5 re-attention, 27.3M parameters (paper: 27M) (Zhou et al., 2021)."""
+    cfg = dict(embed_dim=396, depth=16, reattn_depth=5, scale_mixed=True)
+    return DeepVisionTransformer(**{**_DEEPVIT, **cfg, **kwargs})
 
-    register_variant(DeepVisionTransformer, name, _TINY, **cfg)
 
-
-for _name, _cfg in _VARIANTS.items():
-    _variant(_name, img_size=224, patch_size=16, mlp_ratio=3.0, **_cfg)
+@register_model
+def deepvit_large(**kwargs: Any) -> DeepVisionTransformer:
+    """DeepViT-L: width 420, 32 blocks, 12 re-attention, 58.9M parameters (paper: 55M) (Zhou et al., 2021)."""
+    cfg = dict(embed_dim=420, depth=32, reattn_depth=12)
+    return DeepVisionTransformer(**{**_DEEPVIT, **cfg, **kwargs})

@@ -10,7 +10,6 @@ whose output feeds a second head; in training it is fit to a teacher's predictio
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ import torch.nn as nn
 
 from medvit.layers import resample_pos_embed
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 
 class VisionTransformerDistilled(VisionTransformer):
@@ -111,26 +110,40 @@ class VisionTransformerDistilled(VisionTransformer):
 
 # -- registered variants ---------------------------------------------------------------
 # DeiT's Table 1: Ti, S, B share ViT-B's depth and head width (64), differing in heads.
-_SIZES = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-}
-_TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_classes=10)
+_DEIT = dict(img_size=224, patch_size=16, depth=12)
 
 
-def _variant(name: str, cls: Callable[..., VisionTransformer], **cfg: Any) -> None:
-    """Register `name` as a `cls` whose defaults are `cfg` (overridable per call)."""
+@register_model
+def deit_tiny_patch16_224(**kwargs: Any) -> VisionTransformer:
+    """DeiT-Ti/16, width 192, 3 heads, 224 px (Touvron et al., 2021)."""
+    return VisionTransformer(**{**_DEIT, **dict(embed_dim=192, num_heads=3), **kwargs})
 
-    register_variant(cls, name, _TINY, **cfg)
+
+@register_model
+def deit_small_patch16_224(**kwargs: Any) -> VisionTransformer:
+    """DeiT-S/16, width 384, 6 heads, 224 px (Touvron et al., 2021)."""
+    return VisionTransformer(**{**_DEIT, **dict(embed_dim=384, num_heads=6), **kwargs})
 
 
-for _size, _cfg in _SIZES.items():
-    _variant(f"deit_{_size}_patch16_224", VisionTransformer, img_size=224, patch_size=16, **_cfg)
-    _variant(
-        f"deit_{_size}_distilled_patch16_224",
-        VisionTransformerDistilled,
-        img_size=224,
-        patch_size=16,
-        **_cfg,
-    )
+@register_model
+def deit_base_patch16_224(**kwargs: Any) -> VisionTransformer:
+    """DeiT-B/16, width 768, 12 heads, 224 px (Touvron et al., 2021)."""
+    return VisionTransformer(**{**_DEIT, **dict(embed_dim=768, num_heads=12), **kwargs})
+
+
+@register_model
+def deit_tiny_distilled_patch16_224(**kwargs: Any) -> VisionTransformerDistilled:
+    """DeiT-Ti/16 with a distillation token, width 192, 3 heads, 224 px (Touvron et al., 2021)."""
+    return VisionTransformerDistilled(**{**_DEIT, **dict(embed_dim=192, num_heads=3), **kwargs})
+
+
+@register_model
+def deit_small_distilled_patch16_224(**kwargs: Any) -> VisionTransformerDistilled:
+    """DeiT-S/16 with a distillation token, width 384, 6 heads, 224 px (Touvron et al., 2021)."""
+    return VisionTransformerDistilled(**{**_DEIT, **dict(embed_dim=384, num_heads=6), **kwargs})
+
+
+@register_model
+def deit_base_distilled_patch16_224(**kwargs: Any) -> VisionTransformerDistilled:
+    """DeiT-B/16 with a distillation token, width 768, 12 heads, 224 px (Touvron et al., 2021)."""
+    return VisionTransformerDistilled(**{**_DEIT, **dict(embed_dim=768, num_heads=12), **kwargs})

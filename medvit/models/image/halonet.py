@@ -13,7 +13,7 @@ timm's `HaloAttn`, so timm attention weights load into them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -79,23 +79,21 @@ class HaloNet(AttnResNet):
         )
 
 
-_TINY = dict(
-    depths=(1, 1, 1, 1), widths=(16, 16, 32, 32), block_size=2, halo_size=1, num_heads=2, img_size=64,
-    num_classes=10,
-)
-
-
-def _variant(name: str, tiny: dict[str, Any], **cfg: Any) -> Callable[..., HaloNet]:
-    def fn(**kwargs: Any) -> HaloNet:
-        return HaloNet(**{**cfg, **kwargs})
-
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = f"HaloNet `{name}`."
-    return register_model(fn, tiny=tiny)
-
-
 # Paper Table 2 (b, h, rv, rb, l3, size): H0 (8, 3, 1.0, 0.5, 7, 256) 5.5M, H1 (8, 3, 1.0, 1.0, 10, 256)
 # 8.1M, H2 (8, 3, 1.0, 1.25, 11, 256) 9.4M; 8 heads, bottleneck widths 64-512 (reproduces those counts)
-halonet_h0 = _variant("halonet_h0", _TINY, depths=(3, 3, 7, 3), output_ratio=0.5, img_size=256)
-halonet_h1 = _variant("halonet_h1", _TINY, depths=(3, 3, 10, 3), output_ratio=1.0, img_size=256)
-halonet_h2 = _variant("halonet_h2", _TINY, depths=(3, 3, 11, 3), output_ratio=1.25, img_size=256)
+@register_model
+def halonet_h0(**kwargs: Any) -> HaloNet:
+    """HaloNet-H0: blocks 8, halo 3, bottleneck ratio 0.5, 7 c4 layers, 256 px (Vaswani et al., 2021)."""
+    return HaloNet(**{**dict(depths=(3, 3, 7, 3), output_ratio=0.5, img_size=256), **kwargs})
+
+
+@register_model
+def halonet_h1(**kwargs: Any) -> HaloNet:
+    """HaloNet-H1: blocks 8, halo 3, bottleneck ratio 1.0, 10 c4 layers, 256 px (Vaswani et al., 2021)."""
+    return HaloNet(**{**dict(depths=(3, 3, 10, 3), output_ratio=1.0, img_size=256), **kwargs})
+
+
+@register_model
+def halonet_h2(**kwargs: Any) -> HaloNet:
+    """HaloNet-H2: blocks 8, halo 3, bottleneck ratio 1.25, 11 c4 layers, 256 px (Vaswani et al., 2021)."""
+    return HaloNet(**{**dict(depths=(3, 3, 11, 3), output_ratio=1.25, img_size=256), **kwargs})

@@ -12,6 +12,7 @@ before the first block, which halves the FLOPs of the same-width DeiT, as in the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,7 @@ import torch.nn as nn
 from medvit.layers.token_pool import TokenMaxPool1d
 from medvit.models._features import check_output_fmt, feature_take_last
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 
 class HierarchicalVisionTransformer(VisionTransformer):
@@ -151,21 +152,32 @@ class HierarchicalVisionTransformer(VisionTransformer):
 
 # -- registered variants ---------------------------------------------------------------
 # DeiT-Ti / DeiT-S widths (paper Table 1), M = 1 or 4 pooling stages, patch 16 at 224.
-_TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+_HVT = dict(img_size=224, patch_size=16, depth=12)
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    register_variant(HierarchicalVisionTransformer, name, tiny, **cfg)
+@register_model
+def hvt_ti_1(**kwargs: Any) -> HierarchicalVisionTransformer:
+    """HVT-Ti-1: width 192, 3 heads, 1 pooling stage, 224 px (Pan et al., 2021)."""
+    cfg = dict(embed_dim=192, num_heads=3, num_pool_stages=1)
+    return HierarchicalVisionTransformer(**{**_HVT, **cfg, **kwargs})
 
 
-for _size, _cfg in (("ti", dict(embed_dim=192, num_heads=3)), ("s", dict(embed_dim=384, num_heads=6))):
-    for _m in (1, 4):
-        _variant(
-            f"hvt_{_size}_{_m}",
-            tiny={**_TINY, "num_pool_stages": _m if _m < 4 else 2},
-            img_size=224,
-            patch_size=16,
-            depth=12,
-            num_pool_stages=_m,
-            **_cfg,
-        )
+@register_model
+def hvt_ti_4(**kwargs: Any) -> HierarchicalVisionTransformer:
+    """HVT-Ti-4: width 192, 3 heads, 4 pooling stages, 224 px (Pan et al., 2021)."""
+    cfg = dict(embed_dim=192, num_heads=3, num_pool_stages=4)
+    return HierarchicalVisionTransformer(**{**_HVT, **cfg, **kwargs})
+
+
+@register_model
+def hvt_s_1(**kwargs: Any) -> HierarchicalVisionTransformer:
+    """HVT-S-1: width 384, 6 heads, 1 pooling stage, 224 px (Pan et al., 2021)."""
+    cfg = dict(embed_dim=384, num_heads=6, num_pool_stages=1)
+    return HierarchicalVisionTransformer(**{**_HVT, **cfg, **kwargs})
+
+
+@register_model
+def hvt_s_4(**kwargs: Any) -> HierarchicalVisionTransformer:
+    """HVT-S-4: width 384, 6 heads, 4 pooling stages, 224 px (Pan et al., 2021)."""
+    cfg = dict(embed_dim=384, num_heads=6, num_pool_stages=4)
+    return HierarchicalVisionTransformer(**{**_HVT, **cfg, **kwargs})

@@ -17,6 +17,7 @@ parameter names.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -26,7 +27,7 @@ from medvit.layers.attention_bias import AttentionBias, AttentionSubsample
 from medvit.layers.helpers import to_ntuple
 from medvit.layers.linear_norm import ConvNorm, LinearNorm, NormLinear
 from medvit.models._features import feature_take_last
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 
 class Stem16(nn.Sequential):
@@ -378,17 +379,38 @@ def _float_tuple(value: float | Sequence[float], n: int, name: str) -> tuple[flo
 # -- registered variants ---------------------------------------------------------------
 # The paper's Table 2 (timm's `model_cfgs`): stage widths, heads and depths; key_dim
 # 16 for the 128 models, 32 otherwise.
-_TINY = dict(
-    img_size=32, embed_dim=(16, 24, 32), key_dim=4, depth=(1, 1, 1), num_heads=(2, 3, 4), num_classes=10
-)
 
 
-def _variant(name: str, **cfg: object) -> None:
-    register_variant(Levit, name, _TINY, **cfg)
+@register_model
+def levit_128s(**kwargs: Any) -> Levit:
+    """LeViT-128S: widths (128, 256, 384), heads (4, 6, 8), depths (2, 3, 4), 224 px (Graham et al., 2021)."""
+    cfg = dict(embed_dim=(128, 256, 384), key_dim=16, num_heads=(4, 6, 8), depth=(2, 3, 4))
+    return Levit(**{**cfg, **kwargs})
 
 
-_variant("levit_128s", embed_dim=(128, 256, 384), key_dim=16, num_heads=(4, 6, 8), depth=(2, 3, 4))
-_variant("levit_128", embed_dim=(128, 256, 384), key_dim=16, num_heads=(4, 8, 12), depth=(4, 4, 4))
-_variant("levit_192", embed_dim=(192, 288, 384), key_dim=32, num_heads=(3, 5, 6), depth=(4, 4, 4))
-_variant("levit_256", embed_dim=(256, 384, 512), key_dim=32, num_heads=(4, 6, 8), depth=(4, 4, 4))
-_variant("levit_384", embed_dim=(384, 512, 768), key_dim=32, num_heads=(6, 9, 12), depth=(4, 4, 4))
+@register_model
+def levit_128(**kwargs: Any) -> Levit:
+    """LeViT-128: widths (128, 256, 384), heads (4, 8, 12), depths (4, 4, 4), 224 px (Graham et al., 2021)."""
+    cfg = dict(embed_dim=(128, 256, 384), key_dim=16, num_heads=(4, 8, 12), depth=(4, 4, 4))
+    return Levit(**{**cfg, **kwargs})
+
+
+@register_model
+def levit_192(**kwargs: Any) -> Levit:
+    """LeViT-192: widths (192, 288, 384), heads (3, 5, 6), depths (4, 4, 4), 224 px (Graham et al., 2021)."""
+    cfg = dict(embed_dim=(192, 288, 384), key_dim=32, num_heads=(3, 5, 6), depth=(4, 4, 4))
+    return Levit(**{**cfg, **kwargs})
+
+
+@register_model
+def levit_256(**kwargs: Any) -> Levit:
+    """LeViT-256: widths (256, 384, 512), heads (4, 6, 8), depths (4, 4, 4), 224 px (Graham et al., 2021)."""
+    cfg = dict(embed_dim=(256, 384, 512), key_dim=32, num_heads=(4, 6, 8), depth=(4, 4, 4))
+    return Levit(**{**cfg, **kwargs})
+
+
+@register_model
+def levit_384(**kwargs: Any) -> Levit:
+    """LeViT-384: widths (384, 512, 768), heads (6, 9, 12), depths (4, 4, 4), 224 px (Graham et al., 2021)."""
+    cfg = dict(embed_dim=(384, 512, 768), key_dim=32, num_heads=(6, 9, 12), depth=(4, 4, 4))
+    return Levit(**{**cfg, **kwargs})

@@ -26,7 +26,7 @@ from medvit.layers import Block, grid_for
 from medvit.layers.conv_ffn import ConvFeedForward
 from medvit.layers.helpers import to_ntuple
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 ACTIVATIONS = {"hswish": nn.Hardswish, "relu6": nn.ReLU6}
 
@@ -113,18 +113,16 @@ class LocalViT(VisionTransformer):
 
 
 # -- registered variants ---------------------------------------------------------------
-_VARIANTS = {
-    "localvit_tiny": dict(embed_dim=192, depth=12, num_heads=3, se_reduction=192),
-    "localvit_small": dict(embed_dim=384, depth=12, num_heads=6, se_reduction=384),
-}
-_TINY = dict(embed_dim=32, depth=2, num_heads=2, se_reduction=32, img_size=32, num_classes=10)
+_LOCALVIT = dict(img_size=224, patch_size=16, depth=12, mlp_ratio=4.0, act="hswish")
 
 
-def _variant(name: str, **cfg: Any) -> None:
-    """Register `name` as a LocalViT whose defaults are `cfg` (overridable per call)."""
+@register_model
+def localvit_tiny(**kwargs: Any) -> LocalViT:
+    """LocalViT-T: width 192, 3 heads, expansion 4, h-swish, 224 px (Li et al., 2021)."""
+    return LocalViT(**{**_LOCALVIT, **dict(embed_dim=192, num_heads=3, se_reduction=192), **kwargs})
 
-    register_variant(LocalViT, name, _TINY, **cfg)
 
-
-for _name, _cfg in _VARIANTS.items():
-    _variant(_name, img_size=224, patch_size=16, mlp_ratio=4.0, act="hswish", **_cfg)
+@register_model
+def localvit_small(**kwargs: Any) -> LocalViT:
+    """LocalViT-S: width 384, 6 heads, expansion 4, h-swish, 224 px (Li et al., 2021)."""
+    return LocalViT(**{**_LOCALVIT, **dict(embed_dim=384, num_heads=6, se_reduction=384), **kwargs})
