@@ -35,52 +35,51 @@ class MixVisionTransformer(PyramidVisionTransformerV2):
 _NARROW = dict(embed_dim=(32, 64, 160, 256), num_heads=(1, 2, 5, 8))
 _WIDE = dict(embed_dim=(64, 128, 320, 512), num_heads=(1, 2, 5, 8))
 _3D = dict(img_size=(96, 96, 96), in_chans=1, spatial_dims=3)
-_TINY_2D: dict[str, Any] = dict(
-    img_size=32, depth=(1, 1, 1, 1), embed_dim=(8, 16, 24, 32), num_heads=(1, 2, 3, 4),
-    num_classes=10,
-)
-_TINY_3D: dict[str, Any] = dict(_TINY_2D, img_size=(32, 32, 32))
 
 
-def _create(variant_args: dict[str, Any], **kwargs: Any) -> MixVisionTransformer:
-    return MixVisionTransformer(**{**variant_args, **kwargs})
-
-
-@register_model(tiny=_TINY_2D)
+@register_model
 def mit_b0(**kwargs: Any) -> MixVisionTransformer:
-    return _create(dict(depth=(2, 2, 2, 2), **_NARROW), **kwargs)
+    """MiT-B0: widths 32/64/160/256, depths 2/2/2/2 (Xie et al., 2021)."""
+    return MixVisionTransformer(**{**dict(depth=(2, 2, 2, 2), **_NARROW), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def mit_b1(**kwargs: Any) -> MixVisionTransformer:
-    return _create(dict(depth=(2, 2, 2, 2), **_WIDE), **kwargs)
+    """MiT-B1: widths 64/128/320/512, depths 2/2/2/2 (Xie et al., 2021)."""
+    return MixVisionTransformer(**{**dict(depth=(2, 2, 2, 2), **_WIDE), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def mit_b2(**kwargs: Any) -> MixVisionTransformer:
-    return _create(dict(depth=(3, 4, 6, 3), **_WIDE), **kwargs)
+    """MiT-B2: widths 64/128/320/512, depths 3/4/6/3 (Xie et al., 2021)."""
+    return MixVisionTransformer(**{**dict(depth=(3, 4, 6, 3), **_WIDE), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def mit_b3(**kwargs: Any) -> MixVisionTransformer:
-    return _create(dict(depth=(3, 4, 18, 3), **_WIDE), **kwargs)
+    """MiT-B3: widths 64/128/320/512, depths 3/4/18/3 (Xie et al., 2021)."""
+    return MixVisionTransformer(**{**dict(depth=(3, 4, 18, 3), **_WIDE), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def mit_b4(**kwargs: Any) -> MixVisionTransformer:
-    return _create(dict(depth=(3, 8, 27, 3), **_WIDE), **kwargs)
+    """MiT-B4: widths 64/128/320/512, depths 3/8/27/3 (Xie et al., 2021)."""
+    return MixVisionTransformer(**{**dict(depth=(3, 8, 27, 3), **_WIDE), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def mit_b5(**kwargs: Any) -> MixVisionTransformer:
-    return _create(dict(depth=(3, 6, 40, 3), **_WIDE), **kwargs)
+    """MiT-B5: widths 64/128/320/512, depths 3/6/40/3 (Xie et al., 2021)."""
+    return MixVisionTransformer(**{**dict(depth=(3, 6, 40, 3), **_WIDE), **kwargs})
 
 
-@register_model(tiny=_TINY_3D)
+@register_model
 def mit_b0_3d(**kwargs: Any) -> MixVisionTransformer:
-    return _create(dict(depth=(2, 2, 2, 2), **_NARROW, **_3D), **kwargs)
+    """MiT-B0 in 3D: one input channel (CT/MR), 96^3 crops."""
+    return MixVisionTransformer(**{**dict(depth=(2, 2, 2, 2), **_NARROW, **_3D), **kwargs})
 
 
-@register_model(tiny=_TINY_3D)
+@register_model
 def mit_b1_3d(**kwargs: Any) -> MixVisionTransformer:
-    return _create(dict(depth=(2, 2, 2, 2), **_WIDE, **_3D), **kwargs)
+    """MiT-B1 in 3D: one input channel (CT/MR), 96^3 crops."""
+    return MixVisionTransformer(**{**dict(depth=(2, 2, 2, 2), **_WIDE, **_3D), **kwargs})

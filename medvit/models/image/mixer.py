@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from medvit.layers import DropPath, Mlp, PatchEmbed, drop_path_schedule
 from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 POOL_TYPES = ("avg", "")
 
@@ -218,17 +219,39 @@ _SIZES = {
     "b": dict(embed_dim=768, depth=12),
     "l": dict(embed_dim=1024, depth=24),
 }
-_TINY = dict(embed_dim=32, depth=2, num_classes=10)
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    """Register `name` as an MLP-Mixer whose defaults are `cfg` (overridable per call)."""
+@register_model
+def mixer_s16_224(**kwargs: Any) -> MlpMixer:
+    """Mixer-S/16, 224 px (Tolstikhin et al., 2021)."""
+    return MlpMixer(**{**dict(patch_size=16, **_SIZES["s"]), **kwargs})
 
-    register_variant(MlpMixer, name, tiny, **cfg)
+
+@register_model
+def mixer_s32_224(**kwargs: Any) -> MlpMixer:
+    """Mixer-S/32, 224 px (Tolstikhin et al., 2021)."""
+    return MlpMixer(**{**dict(patch_size=32, **_SIZES["s"]), **kwargs})
 
 
-for _size, _cfg in _SIZES.items():
-    for _patch in (16, 32):
-        _variant(
-            f"mixer_{_size}{_patch}_224", tiny={**_TINY, "img_size": 2 * _patch}, patch_size=_patch, **_cfg
-        )
+@register_model
+def mixer_b16_224(**kwargs: Any) -> MlpMixer:
+    """Mixer-B/16, 224 px (Tolstikhin et al., 2021)."""
+    return MlpMixer(**{**dict(patch_size=16, **_SIZES["b"]), **kwargs})
+
+
+@register_model
+def mixer_b32_224(**kwargs: Any) -> MlpMixer:
+    """Mixer-B/32, 224 px (Tolstikhin et al., 2021)."""
+    return MlpMixer(**{**dict(patch_size=32, **_SIZES["b"]), **kwargs})
+
+
+@register_model
+def mixer_l16_224(**kwargs: Any) -> MlpMixer:
+    """Mixer-L/16, 224 px (Tolstikhin et al., 2021)."""
+    return MlpMixer(**{**dict(patch_size=16, **_SIZES["l"]), **kwargs})
+
+
+@register_model
+def mixer_l32_224(**kwargs: Any) -> MlpMixer:
+    """Mixer-L/32, 224 px (Tolstikhin et al., 2021)."""
+    return MlpMixer(**{**dict(patch_size=32, **_SIZES["l"]), **kwargs})

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,7 @@ from medvit.models.image._mvit_common import (
     pool_tokens,
     shortcut_pool,
 )
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 POOL_TYPES = ("token", "avg", "")
 
@@ -241,15 +242,22 @@ class MViT(MultiScaleBackbone):
         return x, feat_size
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    register_variant(MViT, name, tiny, **cfg)
-
-
-_TINY = dict(embed_dim=16, depth=(1, 1, 1, 1), img_size=64, num_classes=10)
 # the paper's ImageNet configurations (PySlowFast MVIT_B_16_CONV / MVIT_B_24_CONV):
 # 16 blocks 1-2-11-2, 24 blocks 2-3-16-3, width 96 doubling, conv pooling
-_variant("mvit_b_16", _TINY, depth=(1, 2, 11, 2))
-_variant("mvit_b_24", _TINY, depth=(2, 3, 16, 3))
-# isotropic volumes: the B-16 configuration with 3D stem and pooling
-_variant("mvit_b_16_3d", dict(_TINY, img_size=32, in_chans=1), depth=(1, 2, 11, 2), spatial_dims=3,
-         img_size=96, in_chans=1, num_classes=2)
+@register_model
+def mvit_b_16(**kwargs: Any) -> MViT:
+    """MViT-B-16: blocks 1/2/11/2, conv pooling (Fan et al., 2021)."""
+    return MViT(**{**dict(depth=(1, 2, 11, 2)), **kwargs})
+
+
+@register_model
+def mvit_b_24(**kwargs: Any) -> MViT:
+    """MViT-B-24: blocks 2/3/16/3, conv pooling (Fan et al., 2021)."""
+    return MViT(**{**dict(depth=(2, 3, 16, 3)), **kwargs})
+
+
+@register_model
+def mvit_b_16_3d(**kwargs: Any) -> MViT:
+    """MViT-B-16 on isotropic volumes: 3D stem and pooling, one input channel, 96^3 crops, two classes."""
+    cfg = dict(depth=(1, 2, 11, 2), spatial_dims=3, img_size=96, in_chans=1, num_classes=2)
+    return MViT(**{**cfg, **kwargs})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ from medvit.models.image._mvit_common import (
     pool_tokens,
     shortcut_pool,
 )
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 POOL_TYPES = ("avg", "")
 
@@ -201,12 +202,20 @@ class MultiScaleVit(MultiScaleBackbone):
         return self.stages[i](x, feat_size)
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    register_variant(MultiScaleVit, name, tiny, **cfg)
-
-
-_TINY = dict(embed_dim=16, depth=(1, 1, 1, 1), img_size=64, num_classes=10)
 # Table 1 of the paper (T: 1-2-5-2, S: 1-2-11-2, B: 2-3-16-3), as timm's configurations.
-_variant("mvitv2_tiny", _TINY, depth=(1, 2, 5, 2))
-_variant("mvitv2_small", _TINY, depth=(1, 2, 11, 2))
-_variant("mvitv2_base", _TINY, depth=(2, 3, 16, 3))
+@register_model
+def mvitv2_tiny(**kwargs: Any) -> MultiScaleVit:
+    """MViTv2-T: blocks 1/2/5/2 (Li et al., 2022)."""
+    return MultiScaleVit(**{**dict(depth=(1, 2, 5, 2)), **kwargs})
+
+
+@register_model
+def mvitv2_small(**kwargs: Any) -> MultiScaleVit:
+    """MViTv2-S: blocks 1/2/11/2 (Li et al., 2022)."""
+    return MultiScaleVit(**{**dict(depth=(1, 2, 11, 2)), **kwargs})
+
+
+@register_model
+def mvitv2_base(**kwargs: Any) -> MultiScaleVit:
+    """MViTv2-B: blocks 2/3/16/3 (Li et al., 2022)."""
+    return MultiScaleVit(**{**dict(depth=(2, 3, 16, 3)), **kwargs})

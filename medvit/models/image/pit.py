@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,7 @@ from medvit.layers import Block, drop_path_schedule
 from medvit.layers.conv_token_pool import ConvTokenPool
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import feature_take_last
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 
 class ConvEmbedding(nn.Module):
@@ -265,19 +266,29 @@ class PoolingVisionTransformer(nn.Module):
 
 # -- registered variants ---------------------------------------------------------------
 # The paper's Table 1 (stage width = head width x heads): Ti 32, XS/S 48, B 64 per head.
-_TINY = dict(
-    img_size=32, patch_size=4, stride=2, embed_dim=(8, 16, 32), depth=(1, 1, 1), num_heads=(1, 2, 4),
-    num_classes=10,
-)
+@register_model
+def pit_ti_224(**kwargs: Any) -> PoolingVisionTransformer:
+    """PiT-Ti: widths 64/128/256, depths 2/6/4, 224 px (Heo et al., 2021)."""
+    cfg = dict(embed_dim=(64, 128, 256), depth=(2, 6, 4), num_heads=(2, 4, 8))
+    return PoolingVisionTransformer(**{**cfg, **kwargs})
 
 
-def _variant(name: str, **cfg: object) -> None:
-    register_variant(PoolingVisionTransformer, name, _TINY, **cfg)
+@register_model
+def pit_xs_224(**kwargs: Any) -> PoolingVisionTransformer:
+    """PiT-XS: widths 96/192/384, depths 2/6/4, 224 px (Heo et al., 2021)."""
+    cfg = dict(embed_dim=(96, 192, 384), depth=(2, 6, 4), num_heads=(2, 4, 8))
+    return PoolingVisionTransformer(**{**cfg, **kwargs})
 
 
-_variant("pit_ti_224", embed_dim=(64, 128, 256), depth=(2, 6, 4), num_heads=(2, 4, 8))
-_variant("pit_xs_224", embed_dim=(96, 192, 384), depth=(2, 6, 4), num_heads=(2, 4, 8))
-_variant("pit_s_224", embed_dim=(144, 288, 576), depth=(2, 6, 4), num_heads=(3, 6, 12))
-_variant(
-    "pit_b_224", patch_size=14, stride=7, embed_dim=(256, 512, 1024), depth=(3, 6, 4), num_heads=(4, 8, 16)
-)
+@register_model
+def pit_s_224(**kwargs: Any) -> PoolingVisionTransformer:
+    """PiT-S: widths 144/288/576, depths 2/6/4, 224 px (Heo et al., 2021)."""
+    cfg = dict(embed_dim=(144, 288, 576), depth=(2, 6, 4), num_heads=(3, 6, 12))
+    return PoolingVisionTransformer(**{**cfg, **kwargs})
+
+
+@register_model
+def pit_b_224(**kwargs: Any) -> PoolingVisionTransformer:
+    """PiT-B: patch 14 stride 7, widths 256/512/1024, depths 3/6/4, 224 px (Heo et al., 2021)."""
+    cfg = dict(patch_size=14, stride=7, embed_dim=(256, 512, 1024), depth=(3, 6, 4), num_heads=(4, 8, 16))
+    return PoolingVisionTransformer(**{**cfg, **kwargs})

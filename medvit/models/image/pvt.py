@@ -229,39 +229,32 @@ class PyramidVisionTransformer(PyramidBackbone):
         return out if intermediates_only else (x, out)
 
 
-_TINY_2D: dict[str, Any] = dict(
-    img_size=32, depth=(1, 1, 1, 1), embed_dim=(8, 16, 24, 32), num_heads=(1, 2, 3, 4),
-    num_classes=10,
-)
-_TINY_3D: dict[str, Any] = dict(_TINY_2D, img_size=(32, 32, 32))
-
-
-def _create(variant_args: dict[str, Any], **kwargs: Any) -> PyramidVisionTransformer:
-    return PyramidVisionTransformer(**{**variant_args, **kwargs})
-
-
-@register_model(tiny=_TINY_2D)
+@register_model
 def pvt_tiny(**kwargs: Any) -> PyramidVisionTransformer:
-    return _create(dict(depth=(2, 2, 2, 2)), **kwargs)
+    """PVT-Tiny: depths 2/2/2/2 (Wang et al., 2021)."""
+    return PyramidVisionTransformer(**{**dict(depth=(2, 2, 2, 2)), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def pvt_small(**kwargs: Any) -> PyramidVisionTransformer:
-    return _create(dict(depth=(3, 4, 6, 3)), **kwargs)
+    """PVT-Small: depths 3/4/6/3 (Wang et al., 2021)."""
+    return PyramidVisionTransformer(**{**dict(depth=(3, 4, 6, 3)), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def pvt_medium(**kwargs: Any) -> PyramidVisionTransformer:
-    return _create(dict(depth=(3, 4, 18, 3)), **kwargs)
+    """PVT-Medium: depths 3/4/18/3 (Wang et al., 2021)."""
+    return PyramidVisionTransformer(**{**dict(depth=(3, 4, 18, 3)), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def pvt_large(**kwargs: Any) -> PyramidVisionTransformer:
-    return _create(dict(depth=(3, 8, 27, 3)), **kwargs)
+    """PVT-Large: depths 3/8/27/3 (Wang et al., 2021)."""
+    return PyramidVisionTransformer(**{**dict(depth=(3, 8, 27, 3)), **kwargs})
 
 
-@register_model(tiny=_TINY_3D)
+@register_model
 def pvt_tiny_3d(**kwargs: Any) -> PyramidVisionTransformer:
-    return _create(
-        dict(depth=(2, 2, 2, 2), img_size=(96, 96, 96), in_chans=1, spatial_dims=3), **kwargs
-    )
+    """PVT-Tiny in 3D: one input channel (CT/MR), 96^3 crops."""
+    cfg = dict(depth=(2, 2, 2, 2), img_size=(96, 96, 96), in_chans=1, spatial_dims=3)
+    return PyramidVisionTransformer(**{**cfg, **kwargs})

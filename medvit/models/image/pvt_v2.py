@@ -275,56 +275,52 @@ class PyramidVisionTransformerV2(PyramidBackbone):
 
 _B_NARROW = dict(embed_dim=(32, 64, 160, 256), num_heads=(1, 2, 5, 8))
 _B_WIDE = dict(embed_dim=(64, 128, 320, 512), num_heads=(1, 2, 5, 8))
-_TINY_2D: dict[str, Any] = dict(
-    img_size=32, depth=(1, 1, 1, 1), embed_dim=(8, 16, 24, 32), num_heads=(1, 2, 3, 4),
-    num_classes=10,
-)
-_TINY_3D: dict[str, Any] = dict(_TINY_2D, img_size=(32, 32, 32))
 
 
-def _create(variant_args: dict[str, Any], **kwargs: Any) -> PyramidVisionTransformerV2:
-    return PyramidVisionTransformerV2(**{**variant_args, **kwargs})
-
-
-@register_model(tiny=_TINY_2D)
+@register_model
 def pvt_v2_b0(**kwargs: Any) -> PyramidVisionTransformerV2:
-    return _create(dict(depth=(2, 2, 2, 2), **_B_NARROW), **kwargs)
+    """PVT v2-B0: widths 32/64/160/256, depths 2/2/2/2 (Wang et al., 2022)."""
+    return PyramidVisionTransformerV2(**{**dict(depth=(2, 2, 2, 2), **_B_NARROW), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def pvt_v2_b1(**kwargs: Any) -> PyramidVisionTransformerV2:
-    return _create(dict(depth=(2, 2, 2, 2), **_B_WIDE), **kwargs)
+    """PVT v2-B1: widths 64/128/320/512, depths 2/2/2/2 (Wang et al., 2022)."""
+    return PyramidVisionTransformerV2(**{**dict(depth=(2, 2, 2, 2), **_B_WIDE), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def pvt_v2_b2(**kwargs: Any) -> PyramidVisionTransformerV2:
-    return _create(dict(depth=(3, 4, 6, 3), **_B_WIDE), **kwargs)
+    """PVT v2-B2: widths 64/128/320/512, depths 3/4/6/3 (Wang et al., 2022)."""
+    return PyramidVisionTransformerV2(**{**dict(depth=(3, 4, 6, 3), **_B_WIDE), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def pvt_v2_b2_li(**kwargs: Any) -> PyramidVisionTransformerV2:
-    return _create(dict(depth=(3, 4, 6, 3), linear=True, **_B_WIDE), **kwargs)
+    """PVT v2-B2-Li: B2 with linear (pooled) spatial-reduction attention (Wang et al., 2022)."""
+    return PyramidVisionTransformerV2(**{**dict(depth=(3, 4, 6, 3), linear=True, **_B_WIDE), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def pvt_v2_b3(**kwargs: Any) -> PyramidVisionTransformerV2:
-    return _create(dict(depth=(3, 4, 18, 3), **_B_WIDE), **kwargs)
+    """PVT v2-B3: widths 64/128/320/512, depths 3/4/18/3 (Wang et al., 2022)."""
+    return PyramidVisionTransformerV2(**{**dict(depth=(3, 4, 18, 3), **_B_WIDE), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def pvt_v2_b4(**kwargs: Any) -> PyramidVisionTransformerV2:
-    return _create(dict(depth=(3, 8, 27, 3), **_B_WIDE), **kwargs)
+    """PVT v2-B4: widths 64/128/320/512, depths 3/8/27/3 (Wang et al., 2022)."""
+    return PyramidVisionTransformerV2(**{**dict(depth=(3, 8, 27, 3), **_B_WIDE), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def pvt_v2_b5(**kwargs: Any) -> PyramidVisionTransformerV2:
-    return _create(dict(depth=(3, 6, 40, 3), mlp_ratio=4.0, **_B_WIDE), **kwargs)
+    """PVT v2-B5: widths 64/128/320/512, depths 3/6/40/3, MLP ratio 4 (Wang et al., 2022)."""
+    return PyramidVisionTransformerV2(**{**dict(depth=(3, 6, 40, 3), mlp_ratio=4.0, **_B_WIDE), **kwargs})
 
 
-@register_model(tiny=_TINY_3D)
+@register_model
 def pvt_v2_b0_3d(**kwargs: Any) -> PyramidVisionTransformerV2:
-    return _create(
-        dict(depth=(2, 2, 2, 2), **_B_NARROW,
-             img_size=(96, 96, 96), in_chans=1, spatial_dims=3),
-        **kwargs,
-    )
+    """PVT v2-B0 in 3D: one input channel (CT/MR), 96^3 crops."""
+    cfg = dict(depth=(2, 2, 2, 2), **_B_NARROW, img_size=(96, 96, 96), in_chans=1, spatial_dims=3)
+    return PyramidVisionTransformerV2(**{**cfg, **kwargs})

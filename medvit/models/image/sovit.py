@@ -33,7 +33,7 @@ from medvit.layers.bottleneck import Bottleneck
 from medvit.layers.cov_pool import CovariancePool
 from medvit.layers.hybrid_embed import HybridEmbed
 from medvit.models.image.t2t_vit import T2TViT
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 
 class ResNetTokenStem(nn.Module):
@@ -159,19 +159,22 @@ class SoViT(T2TViT):
 
 # -- registered variants ---------------------------------------------------------------
 # Backbones of T2T-ViT-7/10/14 (the official So_vit_7/10/14).
-_VARIANTS = {
-    "so_vit_7": dict(embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, cov_dim=48),
-    "so_vit_10": dict(embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0, cov_dim=48),
-    "so_vit_14": dict(embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, cov_dim=78),
-}
-_TINY = dict(embed_dim=32, depth=2, num_heads=2, token_dim=8, cov_dim=6, img_size=32, num_classes=10)
+@register_model
+def so_vit_7(**kwargs: Any) -> SoViT:
+    """So-ViT-7: width 256, depth 7, 4 heads, 224 px (Xie et al., 2021)."""
+    cfg = dict(img_size=224, token_dim=64, embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0, cov_dim=48)
+    return SoViT(**{**cfg, **kwargs})
 
 
-def _variant(name: str, **cfg: Any) -> None:
-    """Register `name` as a So-ViT whose defaults are `cfg` (overridable per call)."""
+@register_model
+def so_vit_10(**kwargs: Any) -> SoViT:
+    """So-ViT-10: width 256, depth 10, 4 heads, 224 px (Xie et al., 2021)."""
+    cfg = dict(img_size=224, token_dim=64, embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0, cov_dim=48)
+    return SoViT(**{**cfg, **kwargs})
 
-    register_variant(SoViT, name, _TINY, **cfg)
 
-
-for _name, _cfg in _VARIANTS.items():
-    _variant(_name, img_size=224, token_dim=64, **_cfg)
+@register_model
+def so_vit_14(**kwargs: Any) -> SoViT:
+    """So-ViT-14: width 384, depth 14, 6 heads, 224 px (Xie et al., 2021)."""
+    cfg = dict(img_size=224, token_dim=64, embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, cov_dim=78)
+    return SoViT(**{**cfg, **kwargs})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,7 @@ from medvit.layers import Block, PatchEmbed, drop_path_schedule
 from medvit.layers.helpers import to_ntuple
 from medvit.layers.window_attention import PatchMerging, WindowAttention, relative_position_index
 from medvit.models._features import check_output_fmt, feature_take_indices
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 SWIN_POOL_TYPES = ("avg", "")
 BIAS_TABLES = ("window", "full")
@@ -361,34 +362,28 @@ _SIZES = {
     "small": dict(embed_dim=96, depth=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
     "base": dict(embed_dim=128, depth=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
 }
-# two blocks in the first stage so the shifted-window path (mask, roll, padding) runs
-_TINY = dict(embed_dim=16, depth=(2, 2, 1, 1), num_heads=(1, 2, 2, 2), window_size=4)
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    """Register `name` as a Swin Transformer whose defaults are `cfg` (overridable per call)."""
+@register_model
+def swin_tiny_patch4_window7_224(**kwargs: Any) -> SwinTransformer:
+    """Swin-T, patch 4, window 7, 224 px (Liu et al., 2021)."""
+    return SwinTransformer(**{**dict(img_size=224, patch_size=4, window_size=7, **_SIZES["tiny"]), **kwargs})
 
-    register_variant(SwinTransformer, name, tiny, **cfg)
+
+@register_model
+def swin_small_patch4_window7_224(**kwargs: Any) -> SwinTransformer:
+    """Swin-S, patch 4, window 7, 224 px (Liu et al., 2021)."""
+    return SwinTransformer(**{**dict(img_size=224, patch_size=4, window_size=7, **_SIZES["small"]), **kwargs})
 
 
-for _size, _cfg in _SIZES.items():
-    _variant(
-        f"swin_{_size}_patch4_window7_224",
-        tiny={**_TINY, "img_size": 48, "num_classes": 10},
-        img_size=224,
-        patch_size=4,
-        window_size=7,
-        **_cfg,
-    )
-# Volumes: one input channel (CT/MR), 96^3 crops, features only.
-_variant(
-    "swin_tiny_patch4_window7_3d",
-    tiny={**_TINY, "img_size": 32},
-    img_size=96,
-    patch_size=4,
-    window_size=7,
-    in_chans=1,
-    num_classes=0,
-    spatial_dims=3,
-    **_SIZES["tiny"],
-)
+@register_model
+def swin_base_patch4_window7_224(**kwargs: Any) -> SwinTransformer:
+    """Swin-B, patch 4, window 7, 224 px (Liu et al., 2021)."""
+    return SwinTransformer(**{**dict(img_size=224, patch_size=4, window_size=7, **_SIZES["base"]), **kwargs})
+
+
+@register_model
+def swin_tiny_patch4_window7_3d(**kwargs: Any) -> SwinTransformer:
+    """Swin-T in 3D, patch 4, window 7: one input channel (CT/MR), 96^3 crops, features only."""
+    cfg = dict(img_size=96, patch_size=4, window_size=7, in_chans=1, num_classes=0, spatial_dims=3, **_SIZES["tiny"])
+    return SwinTransformer(**{**cfg, **kwargs})

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from medvit.layers import Mlp, PatchEmbed, grid_for, sincos_pos_embed
 from medvit.layers.helpers import to_ntuple
 from medvit.models.image.vit import VisionTransformer
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 # kernel, stride, padding of the three soft splits; together they stride 16
 SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
@@ -281,19 +281,22 @@ class T2TViT(VisionTransformer):
 
 # -- registered variants ---------------------------------------------------------------
 # Table 2 of the paper (T2T-ViT-14/19/24: 21.5M / 39.2M / 64.1M with the position table).
-_VARIANTS = {
-    "t2t_vit_14": dict(embed_dim=384, depth=14, num_heads=6),
-    "t2t_vit_19": dict(embed_dim=448, depth=19, num_heads=7),
-    "t2t_vit_24": dict(embed_dim=512, depth=24, num_heads=8),
-}
-_TINY = dict(embed_dim=32, depth=2, num_heads=2, token_dim=8, img_size=32, num_classes=10)
+_T2T = dict(img_size=224, mlp_ratio=3.0, token_dim=64)
 
 
-def _variant(name: str, **cfg: Any) -> None:
-    """Register `name` as a T2T-ViT whose defaults are `cfg` (overridable per call)."""
+@register_model
+def t2t_vit_14(**kwargs: Any) -> T2TViT:
+    """T2T-ViT-14: width 384, depth 14, 6 heads, 224 px (Yuan et al., 2021)."""
+    return T2TViT(**{**dict(_T2T, embed_dim=384, depth=14, num_heads=6), **kwargs})
 
-    register_variant(T2TViT, name, _TINY, **cfg)
+
+@register_model
+def t2t_vit_19(**kwargs: Any) -> T2TViT:
+    """T2T-ViT-19: width 448, depth 19, 7 heads, 224 px (Yuan et al., 2021)."""
+    return T2TViT(**{**dict(_T2T, embed_dim=448, depth=19, num_heads=7), **kwargs})
 
 
-for _name, _cfg in _VARIANTS.items():
-    _variant(_name, img_size=224, mlp_ratio=3.0, token_dim=64, **_cfg)
+@register_model
+def t2t_vit_24(**kwargs: Any) -> T2TViT:
+    """T2T-ViT-24: width 512, depth 24, 8 heads, 224 px (Yuan et al., 2021)."""
+    return T2TViT(**{**dict(_T2T, embed_dim=512, depth=24, num_heads=8), **kwargs})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,7 @@ import torch.nn as nn
 from medvit.layers import Block, check_pool_type, drop_path_schedule, grid_for, pool_tokens
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 _POOLS = ("token", "avg", "")
 
@@ -323,15 +324,15 @@ class TNT(nn.Module):
 
 # -- registered variants ---------------------------------------------------------------
 # The paper's Table 1: TNT-S (384 / 24, 6 heads) and TNT-B (640 / 40, 10 heads).
-_TINY = dict(img_size=32, patch_size=16, embed_dim=32, inner_dim=8, depth=2, num_heads=2, num_heads_inner=2,
-             num_classes=10)
+@register_model
+def tnt_s_patch16_224(**kwargs: Any) -> TNT:
+    """TNT-S: outer width 384, inner width 24, depth 12, 6 heads, patch 16 (Han et al., 2021)."""
+    cfg = dict(patch_size=16, embed_dim=384, inner_dim=24, depth=12, num_heads=6)
+    return TNT(**{**cfg, **kwargs})
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    """Register `name` as a TNT whose defaults are `cfg` (overridable per call)."""
-
-    register_variant(TNT, name, tiny, **cfg)
-
-
-_variant("tnt_s_patch16_224", _TINY, patch_size=16, embed_dim=384, inner_dim=24, depth=12, num_heads=6)
-_variant("tnt_b_patch16_224", _TINY, patch_size=16, embed_dim=640, inner_dim=40, depth=12, num_heads=10)
+@register_model
+def tnt_b_patch16_224(**kwargs: Any) -> TNT:
+    """TNT-B: outer width 640, inner width 40, depth 12, 10 heads, patch 16 (Han et al., 2021)."""
+    cfg = dict(patch_size=16, embed_dim=640, inner_dim=40, depth=12, num_heads=10)
+    return TNT(**{**cfg, **kwargs})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -280,25 +281,15 @@ class VisionLongformer(nn.Module):
 
 # -- registered variants ---------------------------------------------------------------
 # The paper's Table 1 (ViL-Tiny / ViL-Small: 1 global token in stages 1-3, window 15x15).
-_TINY = dict(
-    img_size=32,
-    embed_dim=(8, 16, 16, 32),
-    depth=(1, 1, 1, 1),
-    num_heads=(1, 1, 2, 2),
-    window_size=1,
-    num_classes=10,
-)
-
-
-@register_model(tiny=_TINY)
-def vil_tiny(**kwargs: object) -> VisionLongformer:
-    """ViL-Tiny: widths 48/96/192/384, depths 1/1/9/1, heads 1/3/3/6."""
+@register_model
+def vil_tiny(**kwargs: Any) -> VisionLongformer:
+    """ViL-Tiny: widths 48/96/192/384, depths 1/1/9/1, heads 1/3/3/6 (Zhang et al., 2021)."""
     cfg = dict(embed_dim=(48, 96, 192, 384), depth=(1, 1, 9, 1), num_heads=(1, 3, 3, 6))
     return VisionLongformer(**{**cfg, **kwargs})
 
 
-@register_model(tiny=_TINY)
-def vil_small(**kwargs: object) -> VisionLongformer:
-    """ViL-Small: widths 96/192/384/768, depths 1/2/8/1, heads 3/3/6/12."""
+@register_model
+def vil_small(**kwargs: Any) -> VisionLongformer:
+    """ViL-Small: widths 96/192/384/768, depths 1/2/8/1, heads 3/3/6/12 (Zhang et al., 2021)."""
     cfg = dict(embed_dim=(96, 192, 384, 768), depth=(1, 2, 8, 1), num_heads=(3, 3, 6, 12))
     return VisionLongformer(**{**cfg, **kwargs})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,7 @@ from medvit.models._features import (
     feature_take_last,
     format_intermediate,
 )
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 POS_EMBED_TYPES = ("learn", "sincos", "none")
 
@@ -323,32 +324,185 @@ _SIZES = {
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
     "huge": dict(embed_dim=1280, depth=32, num_heads=16),
 }
-_TINY_2D = dict(embed_dim=32, depth=2, num_heads=2)
+# volumes: one input channel (CT/MR), 96^3 crops (UNETR's), features only
+_VOLUME = dict(img_size=96, patch_size=16, in_chans=1, num_classes=0, spatial_dims=3)
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    """Register `name` as a ViT whose defaults are `cfg` (overridable per call)."""
+@register_model
+def vit_tiny_patch16_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/16, 224 px (DeiT's Ti, Touvron et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=16, **_SIZES["tiny"]), **kwargs})
 
-    register_variant(VisionTransformer, name, tiny, **cfg)
+
+@register_model
+def vit_tiny_patch16_384(**kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/16, 384 px (DeiT's Ti, Touvron et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=384, patch_size=16, **_SIZES["tiny"]), **kwargs})
 
 
-for _size, _cfg in _SIZES.items():
-    for _patch, _res in ((16, 224), (16, 384), (32, 224), (32, 384), (14, 224)):
-        _variant(
-            f"vit_{_size}_patch{_patch}_{_res}",
-            tiny={**_TINY_2D, "img_size": 2 * _patch, "num_classes": 10},
-            img_size=_res,
-            patch_size=_patch,
-            **_cfg,
-        )
-    # Volumes: one input channel (CT/MR), 96^3 crops (UNETR's), features only.
-    _variant(
-        f"vit_{_size}_patch16_96_3d",
-        tiny={**_TINY_2D, "img_size": 32},
-        img_size=96,
-        patch_size=16,
-        in_chans=1,
-        num_classes=0,
-        spatial_dims=3,
-        **_cfg,
-    )
+@register_model
+def vit_tiny_patch32_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/32, 224 px (DeiT's Ti, Touvron et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=32, **_SIZES["tiny"]), **kwargs})
+
+
+@register_model
+def vit_tiny_patch32_384(**kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/32, 384 px (DeiT's Ti, Touvron et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=384, patch_size=32, **_SIZES["tiny"]), **kwargs})
+
+
+@register_model
+def vit_tiny_patch14_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/14, 224 px (DeiT's Ti, Touvron et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=14, **_SIZES["tiny"]), **kwargs})
+
+
+@register_model
+def vit_tiny_patch16_96_3d(**kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/16 in 3D: one input channel (CT/MR), 96^3 crops, features only."""
+    return VisionTransformer(**{**_VOLUME, **_SIZES["tiny"], **kwargs})
+
+
+@register_model
+def vit_small_patch16_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-S/16, 224 px (DeiT's S, Touvron et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=16, **_SIZES["small"]), **kwargs})
+
+
+@register_model
+def vit_small_patch16_384(**kwargs: Any) -> VisionTransformer:
+    """ViT-S/16, 384 px (DeiT's S, Touvron et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=384, patch_size=16, **_SIZES["small"]), **kwargs})
+
+
+@register_model
+def vit_small_patch32_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-S/32, 224 px (DeiT's S, Touvron et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=32, **_SIZES["small"]), **kwargs})
+
+
+@register_model
+def vit_small_patch32_384(**kwargs: Any) -> VisionTransformer:
+    """ViT-S/32, 384 px (DeiT's S, Touvron et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=384, patch_size=32, **_SIZES["small"]), **kwargs})
+
+
+@register_model
+def vit_small_patch14_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-S/14, 224 px (DeiT's S, Touvron et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=14, **_SIZES["small"]), **kwargs})
+
+
+@register_model
+def vit_small_patch16_96_3d(**kwargs: Any) -> VisionTransformer:
+    """ViT-S/16 in 3D: one input channel (CT/MR), 96^3 crops, features only."""
+    return VisionTransformer(**{**_VOLUME, **_SIZES["small"], **kwargs})
+
+
+@register_model
+def vit_base_patch16_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-B/16, 224 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=16, **_SIZES["base"]), **kwargs})
+
+
+@register_model
+def vit_base_patch16_384(**kwargs: Any) -> VisionTransformer:
+    """ViT-B/16, 384 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=384, patch_size=16, **_SIZES["base"]), **kwargs})
+
+
+@register_model
+def vit_base_patch32_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-B/32, 224 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=32, **_SIZES["base"]), **kwargs})
+
+
+@register_model
+def vit_base_patch32_384(**kwargs: Any) -> VisionTransformer:
+    """ViT-B/32, 384 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=384, patch_size=32, **_SIZES["base"]), **kwargs})
+
+
+@register_model
+def vit_base_patch14_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-B/14, 224 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=14, **_SIZES["base"]), **kwargs})
+
+
+@register_model
+def vit_base_patch16_96_3d(**kwargs: Any) -> VisionTransformer:
+    """ViT-B/16 in 3D: one input channel (CT/MR), 96^3 crops, features only."""
+    return VisionTransformer(**{**_VOLUME, **_SIZES["base"], **kwargs})
+
+
+@register_model
+def vit_large_patch16_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-L/16, 224 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=16, **_SIZES["large"]), **kwargs})
+
+
+@register_model
+def vit_large_patch16_384(**kwargs: Any) -> VisionTransformer:
+    """ViT-L/16, 384 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=384, patch_size=16, **_SIZES["large"]), **kwargs})
+
+
+@register_model
+def vit_large_patch32_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-L/32, 224 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=32, **_SIZES["large"]), **kwargs})
+
+
+@register_model
+def vit_large_patch32_384(**kwargs: Any) -> VisionTransformer:
+    """ViT-L/32, 384 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=384, patch_size=32, **_SIZES["large"]), **kwargs})
+
+
+@register_model
+def vit_large_patch14_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-L/14, 224 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=14, **_SIZES["large"]), **kwargs})
+
+
+@register_model
+def vit_large_patch16_96_3d(**kwargs: Any) -> VisionTransformer:
+    """ViT-L/16 in 3D: one input channel (CT/MR), 96^3 crops, features only."""
+    return VisionTransformer(**{**_VOLUME, **_SIZES["large"], **kwargs})
+
+
+@register_model
+def vit_huge_patch16_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-H/16, 224 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=16, **_SIZES["huge"]), **kwargs})
+
+
+@register_model
+def vit_huge_patch16_384(**kwargs: Any) -> VisionTransformer:
+    """ViT-H/16, 384 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=384, patch_size=16, **_SIZES["huge"]), **kwargs})
+
+
+@register_model
+def vit_huge_patch32_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-H/32, 224 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=32, **_SIZES["huge"]), **kwargs})
+
+
+@register_model
+def vit_huge_patch32_384(**kwargs: Any) -> VisionTransformer:
+    """ViT-H/32, 384 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=384, patch_size=32, **_SIZES["huge"]), **kwargs})
+
+
+@register_model
+def vit_huge_patch14_224(**kwargs: Any) -> VisionTransformer:
+    """ViT-H/14, 224 px (Dosovitskiy et al., 2021)."""
+    return VisionTransformer(**{**dict(img_size=224, patch_size=14, **_SIZES["huge"]), **kwargs})
+
+
+@register_model
+def vit_huge_patch16_96_3d(**kwargs: Any) -> VisionTransformer:
+    """ViT-H/16 in 3D: one input channel (CT/MR), 96^3 crops, features only."""
+    return VisionTransformer(**{**_VOLUME, **_SIZES["huge"], **kwargs})

@@ -25,7 +25,7 @@ _VIT_G14 = dict(
 )
 
 
-@register_model(tiny=dict(embed_dim=32, depth=2, num_heads=2, img_size=28, num_classes=10))
+@register_model
 def vit_giant_patch14_224(**kwargs: Any) -> VisionTransformer:
-    """ViT-g/14 at 224 x 224 with the MAP head and no class token (the paper's model)."""
+    """ViT-g/14 at 224 x 224 with the MAP head and no class token (Zhai et al., 2022)."""
     return VisionTransformer(**{**_VIT_G14, **kwargs})

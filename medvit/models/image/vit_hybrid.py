@@ -155,39 +155,32 @@ class HybridVisionTransformer(VisionTransformer):
 
 
 # -- registered variants ---------------------------------------------------------------
-_TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, backbone_depths=(1, 1, 1), num_classes=10)
-_TINY_3D = dict(
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    img_size=32,
-    backbone_depths=(1, 1, 1),
-    backbone_channels=(128, 128, 128),
-)
 _R50_S16_VIT_B = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, backbone_depths=(3, 4, 9))
 
 
-def _image_variant(name: str, img_size: int, kwargs: dict[str, Any]) -> HybridVisionTransformer:
-    # these are timm's ImageNet configurations; a volume gets its own variant, as for the plain ViT
-    if kwargs.get("spatial_dims", 2) != 2:
-        raise ValueError(f"{name} is 2D only; build vit_base_r50_s16_96_3d for volumes")
-    return HybridVisionTransformer(**{**_R50_S16_VIT_B, "img_size": img_size, **kwargs})
+def _create_vit_hybrid(cfg: dict[str, Any], kwargs: dict[str, Any]) -> HybridVisionTransformer:
+    """The R50+ViT-B/16 hybrid with the variant's `cfg`, overridden by the caller's `kwargs`."""
+    # the image variants are timm's ImageNet configurations; a volume gets its own variant (as the plain ViT)
+    if cfg.get("spatial_dims", 2) == 2 and kwargs.get("spatial_dims", 2) != 2:
+        raise ValueError(
+            "the R50+ViT-B/16 image variants are 2D only; build vit_base_r50_s16_96_3d for volumes"
+        )
+    return HybridVisionTransformer(**{**_R50_S16_VIT_B, **cfg, **kwargs})
 
 
-@register_model(tiny=_TINY)
+@register_model
 def vit_base_r50_s16_224(**kwargs: Any) -> HybridVisionTransformer:
-    """R50+ViT-B/16 hybrid at 224 x 224."""
-    return _image_variant("vit_base_r50_s16_224", 224, kwargs)
+    """R50+ViT-B/16 hybrid at 224 x 224 (Dosovitskiy et al., 2021)."""
+    return _create_vit_hybrid(dict(img_size=224), kwargs)
 
 
-@register_model(tiny=_TINY)
+@register_model
 def vit_base_r50_s16_384(**kwargs: Any) -> HybridVisionTransformer:
-    """R50+ViT-B/16 hybrid at 384 x 384 (the resolution of the paper's fine-tuned model)."""
-    return _image_variant("vit_base_r50_s16_384", 384, kwargs)
+    """R50+ViT-B/16 hybrid at 384 x 384, the paper's fine-tuning resolution (Dosovitskiy et al., 2021)."""
+    return _create_vit_hybrid(dict(img_size=384), kwargs)
 
 
-@register_model(tiny=_TINY_3D)
+@register_model
 def vit_base_r50_s16_96_3d(**kwargs: Any) -> HybridVisionTransformer:
     """The R50+ViT-B/16 hybrid in 3D: one input channel (CT/MR), 96^3 crops, features only."""
-    cfg = dict(img_size=96, in_chans=1, num_classes=0, spatial_dims=3)
-    return HybridVisionTransformer(**{**_R50_S16_VIT_B, **cfg, **kwargs})
+    return _create_vit_hybrid(dict(img_size=96, in_chans=1, num_classes=0, spatial_dims=3), kwargs)

@@ -24,7 +24,7 @@ from medvit.layers.attention_variants import XCA
 from medvit.layers.class_attention import ClassAttentionBlock
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 _POOLS = ("token", "avg", "")
 
@@ -414,20 +414,16 @@ class Xcit(nn.Module):
 
 # -- registered variants ---------------------------------------------------------------
 # The paper's Table 1 (timm's names): 12 XCA blocks, 16-pixel patches, head width 48.
-_VARIANTS = {
-    "xcit_tiny_12_p16_224": dict(embed_dim=192, num_heads=4),
-    "xcit_small_12_p16_224": dict(embed_dim=384, num_heads=8),
-}
-_TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_classes=10)
+_XCIT_12_P16 = dict(img_size=224, patch_size=16, depth=12, init_values=1.0, tokens_norm=True)
 
 
-def _variant(name: str, **cfg: Any) -> None:
-    """Register `name` as an XCiT whose defaults are `cfg` (overridable per call)."""
+@register_model
+def xcit_tiny_12_p16_224(**kwargs: Any) -> Xcit:
+    """XCiT-T12/16: width 192, 4 heads, 224 px (El-Nouby et al., 2021)."""
+    return Xcit(**{**dict(_XCIT_12_P16, embed_dim=192, num_heads=4), **kwargs})
 
-    register_variant(Xcit, name, _TINY, **cfg)
 
-
-for _name, _cfg in _VARIANTS.items():
-    _variant(
-        _name, img_size=224, patch_size=16, depth=12, init_values=1.0, tokens_norm=True, **_cfg
-    )
+@register_model
+def xcit_small_12_p16_224(**kwargs: Any) -> Xcit:
+    """XCiT-S12/16: width 384, 8 heads, 224 px (El-Nouby et al., 2021)."""
+    return Xcit(**{**dict(_XCIT_12_P16, embed_dim=384, num_heads=8), **kwargs})
