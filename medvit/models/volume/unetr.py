@@ -20,9 +20,10 @@ registered encoder plugs into the same decoder:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 import torch.nn as nn
@@ -30,7 +31,7 @@ import torch.nn as nn
 from medvit.layers import ConvBlock, ProjectionUpsample, UpBlock
 from medvit.layers.conv_blocks import PointwiseConv
 from medvit.layers.helpers import check_spatial_dims, conv_nd, to_ntuple
-from medvit.registry import create_model, register_model
+from medvit.registry import create_model, model_entrypoint, register_model
 
 
 def is_hierarchical(encoder: nn.Module) -> bool:
@@ -38,22 +39,45 @@ def is_hierarchical(encoder: nn.Module) -> bool:
     return hasattr(encoder, "stage_channels") and hasattr(encoder, "stage_strides")
 
 
+def _takes_class_token(name: str) -> bool:
+    """Whether a registered variant's class accepts `class_token` (single-scale ViTs do).
+
+    The class is the one the variant function names as its return type. It accepts the
+    argument when its `__init__` names it, or passes `**kwargs` on to a base class that
+    does. Imports the variant's family; builds nothing.
+
+    Raises:
+        ValueError: The name is not registered.
+        TypeError: The variant function names no model class as its return type.
+    """
+    build = model_entrypoint(name)
+    cls = get_type_hints(build).get("return")
+    if not isinstance(cls, type):
+        raise TypeError(f"the variant function {name!r} names no model class as its return type")
+    for base in cls.__mro__:
+        if "__init__" not in vars(base):
+            continue
+        params = inspect.signature(base.__init__).parameters
+        if "class_token" in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
 def _build_encoder(
     name: str, in_chans: int, img_size: tuple[int, ...], spatial_dims: int, encoder_args: dict[str, Any] | None
 ) -> nn.Module:
-    """Build a registered encoder for the decoder: features only, input geometry passed on."""
+    """Build a registered encoder for the decoder: features only, input geometry passed on.
+
+    Encoders whose class takes `class_token` (single-scale ViTs, MViT) get `class_token=False`
+    unless `encoder_args` sets it; the others (Swin, PVT v2, MiT, ...) never receive it.
+    """
     args: dict[str, Any] = dict(global_pool="", num_classes=0)
     args.update(encoder_args or {})
     args.update(img_size=img_size, in_chans=in_chans, spatial_dims=spatial_dims)
-    # single-scale ViTs take `class_token` (and need it off); hierarchical encoders refuse it.
-    # Trying is cheaper than a meta-device probe, whose first randn imports sympy (~160 MB).
-    if "class_token" in args:
-        return create_model(name, **args)
-    try:
-        return create_model(name, class_token=False, **args)
-    except ValueError as e:
-        if "class_token" not in str(e):
-            raise
+    if "class_token" not in args and _takes_class_token(name):
+        args["class_token"] = False
     return create_model(name, **args)
 
 
