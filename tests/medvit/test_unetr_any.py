@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ import torch.nn as nn
 import medvit
 from medvit.models.image.pvt_v2 import PyramidVisionTransformerV2
 from medvit.models.image.swin import SwinTransformer
+from medvit.models.volume import unetr
 from medvit.models.volume.unetr import UNETR
 from tiny_configs import tiny_overrides
 
@@ -76,6 +81,77 @@ def test_encoder_by_name_picks_the_hierarchical_path() -> None:
     with torch.device("meta"):
         plain = UNETR("vit_base_patch16_96_3d")
     assert not plain.hierarchical and plain.skip_indices == (3, 6, 9) and plain.encoder.cls_token is None
+
+
+def _encoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
+    """Record every encoder UNETR builds by name (the arguments it passes)."""
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def create(name: str, **args: Any) -> nn.Module:
+        calls.append((name, args))
+        return medvit.create_model(name, **args)
+
+    monkeypatch.setattr(unetr, "create_model", create)
+    return calls
+
+
+def test_single_scale_encoders_are_built_once_without_class_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _encoder_calls(monkeypatch)
+    # the hybrid ViT's class passes **kwargs on to VisionTransformer, which takes class_token;
+    # MViT has stage maps and a class token, which goes off as well
+    for name in ("vit_base_patch16_96_3d", "vit_base_r50_s16_96_3d", "mvit_b_16_3d"):
+        assert unetr._takes_class_token(name), name
+    with torch.device("meta"):
+        model = UNETR("vit_base_patch16_96_3d")
+    assert [(n, a["class_token"]) for n, a in calls] == [("vit_base_patch16_96_3d", False)]
+    assert model.encoder.cls_token is None and model.encoder.num_prefix_tokens == 0
+
+
+def test_hierarchical_encoders_never_receive_class_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _encoder_calls(monkeypatch)
+    for name in ("swin_tiny_patch4_window7_3d", "pvt_v2_b1", "mit_b0"):
+        assert not unetr._takes_class_token(name), name
+    with torch.device("meta"):
+        medvit.create_model("unetr_swin_tiny")
+        medvit.create_model("unetr_mit_b0")
+    assert [n for n, _ in calls] == ["swin_tiny_patch4_window7_3d", "mit_b0"]
+    assert not any("class_token" in a for _, a in calls)
+
+
+def test_class_token_in_encoder_args_is_passed_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _encoder_calls(monkeypatch)
+    vit = dict(embed_dim=32, depth=3, num_heads=2, class_token=True)
+    model = UNETR(
+        "vit_base_patch16_96_3d", img_size=32, feature_size=4, num_classes=2, skip_indices=(0, 1, 2), encoder_args=vit
+    ).eval()
+    assert [a["class_token"] for _, a in calls] == [True]
+    assert model.encoder.num_prefix_tokens == 1  # the decoder drops the class token
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+    # a hierarchical encoder gets it too, and refuses it as any unknown argument
+    with pytest.raises(ValueError, match="invalid arguments for model 'mit_b0'.*class_token"):
+        UNETR("mit_b0", img_size=32, encoder_args=dict(class_token=False))
+
+
+def test_class_token_rule_needs_the_variant_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unannotated(**kwargs):
+        raise AssertionError("the rule builds nothing")
+
+    monkeypatch.setattr(unetr, "model_entrypoint", lambda name: unannotated)
+    with pytest.raises(TypeError, match="'vit_x' names no model class"):
+        unetr._takes_class_token("vit_x")
+
+
+def test_class_token_rule_imports_the_family_and_builds_nothing() -> None:
+    probe = (
+        "import json, sys\n"
+        "from medvit.models.volume.unetr import _takes_class_token\n"
+        "before = 'medvit.models.image.swin' in sys.modules\n"
+        "answer = _takes_class_token('swin_tiny_patch4_window7_3d')\n"
+        "print(json.dumps([before, answer, 'medvit.models.image.swin' in sys.modules, 'sympy' in sys.modules]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.splitlines()[-1]) == [False, False, True, False]
 
 
 class FakePyramid(nn.Module):

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from medvit.layers.helpers import to_ntuple
 from medvit.models.image.mvit import MViT
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 
 class MViTVideo(MViT):
@@ -91,12 +91,15 @@ class MViTVideo(MViT):
         return pos if self.pos_embed_class is None else torch.cat((self.pos_embed_class, pos), dim=1)
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    register_variant(MViTVideo, name, tiny, **cfg)
-
-
-_TINY = dict(embed_dim=16, depth=(1, 1, 1, 1), img_size=32, num_frames=4, num_classes=10)
 # the paper's Kinetics MViT-B (PySlowFast MVIT_B_16x4_CONV / MVIT_B_32x3_CONV): 16 blocks
 # 1-2-11-2, width 96 doubling, conv pooling; torchvision's mvit_v1_b is the 16x4 model
-_variant("mvit_base_16x4", _TINY, num_frames=16, depth=(1, 2, 11, 2))
-_variant("mvit_base_32x3", _TINY, num_frames=32, depth=(1, 2, 11, 2))
+@register_model
+def mvit_base_16x4(**kwargs: Any) -> MViTVideo:
+    """MViT-B 16x4: 16 frames, 16 blocks (1-2-11-2), width 96, Kinetics-400 (Fan et al., 2021)."""
+    return MViTVideo(**{**dict(num_frames=16, depth=(1, 2, 11, 2)), **kwargs})
+
+
+@register_model
+def mvit_base_32x3(**kwargs: Any) -> MViTVideo:
+    """MViT-B 32x3: 32 frames, 16 blocks (1-2-11-2), width 96, Kinetics-400 (Fan et al., 2021)."""
+    return MViTVideo(**{**dict(num_frames=32, depth=(1, 2, 11, 2)), **kwargs})

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from medvit.layers import Block, drop_path_schedule
 from medvit.models._features import check_output_fmt
-from medvit.registry import register_variant
+from medvit.registry import register_model
 from medvit.models.image.vit import VisionTransformer
 
 
@@ -175,11 +176,7 @@ class STAM(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    register_variant(STAM, name, tiny, **cfg)
-
-
-_TINY = dict(embed_dim=32, depth=2, num_heads=2, temporal_depth=2, temporal_heads=2, img_size=32,
-             num_frames=4, num_classes=10)
-# the paper's STAM_16: ViT-B/16 at 224 per frame, 16 frames, 6 temporal blocks (Kinetics-400)
-_variant("stam_base_patch16_224_16f", _TINY, num_frames=16)
+@register_model
+def stam_base_patch16_224_16f(**kwargs: Any) -> STAM:
+    """STAM_16: ViT-B/16 per 224 px frame, 16 frames, 6 temporal blocks (Sharir et al., 2021)."""
+    return STAM(**{**dict(num_frames=16), **kwargs})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ import torch.nn as nn
 from medvit.layers import Block
 from medvit.layers.video_attention import GROUPINGS, FactorisedSpaceTimeBlock, check_grouping
 from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
-from medvit.registry import register_variant
+from medvit.registry import register_model
 from medvit.models.image.vit import VisionTransformer
 
 # (steps before the last, last grouping) of each factorised scheme.
@@ -238,16 +239,22 @@ class TimeSformer(VisionTransformer):
 
 
 # -- registered variants ---------------------------------------------------------------
-_TINY = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, num_frames=4, num_classes=10)
-
-
-def _variant(name: str, **cfg: object) -> None:
-    """Register `name` as a TimeSformer whose defaults are `cfg` (overridable per call)."""
-
-    register_variant(TimeSformer, name, _TINY, **cfg)
-
-
 # The paper's three Kinetics-400 models: ViT-B/16 with divided space-time attention.
-_variant("timesformer_base", num_frames=8, img_size=224)
-_variant("timesformer_hr", num_frames=16, img_size=448)
-_variant("timesformer_l", num_frames=96, img_size=224)
+
+
+@register_model
+def timesformer_base(**kwargs: Any) -> TimeSformer:
+    """TimeSformer: ViT-B/16, divided attention, 8 frames of 224 px (Bertasius et al., 2021)."""
+    return TimeSformer(**{**dict(num_frames=8, img_size=224), **kwargs})
+
+
+@register_model
+def timesformer_hr(**kwargs: Any) -> TimeSformer:
+    """TimeSformer-HR: ViT-B/16, divided attention, 16 frames of 448 px (Bertasius et al., 2021)."""
+    return TimeSformer(**{**dict(num_frames=16, img_size=448), **kwargs})
+
+
+@register_model
+def timesformer_l(**kwargs: Any) -> TimeSformer:
+    """TimeSformer-L: ViT-B/16, divided attention, 96 frames of 224 px (Bertasius et al., 2021)."""
+    return TimeSformer(**{**dict(num_frames=96, img_size=224), **kwargs})

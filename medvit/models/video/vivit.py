@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ from medvit.layers import Attention, Block, PatchEmbed, check_pool_type, drop_pa
 from medvit.layers.factorised_attention import FactorisedDotProductAttention, FactorisedSelfAttentionBlock
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 ATTENTION_TYPES = ("st", "fe", "fsa", "fdp")
 
@@ -266,24 +267,52 @@ _SIZES = {
     "b": dict(embed_dim=768, depth=12, num_heads=12),
     "l": dict(embed_dim=1024, depth=24, num_heads=16),
 }
-_TINY = dict(embed_dim=32, depth=2, temporal_depth=1, num_heads=2, num_frames=4, img_size=32, num_classes=10)
+_KINETICS = dict(img_size=224, patch_size=16, tubelet_size=2, num_frames=32, temporal_depth=4)
 
 
-def _variant(name: str, **cfg: object) -> None:
-    """Register `name` as a ViViT whose defaults are `cfg` (overridable per call)."""
+@register_model
+def vivit_b_16x2_st(**kwargs: Any) -> ViViT:
+    """ViViT-B/16x2 Model 1, joint space-time attention, 32 frames of 224 px (Arnab et al., 2021)."""
+    return ViViT(**{**dict(_KINETICS, **_SIZES["b"], attention_type="st"), **kwargs})
 
-    register_variant(ViViT, name, _TINY, **cfg)
+
+@register_model
+def vivit_b_16x2_fe(**kwargs: Any) -> ViViT:
+    """ViViT-B/16x2 Model 2, factorised encoder, 32 frames of 224 px (Arnab et al., 2021)."""
+    return ViViT(**{**dict(_KINETICS, **_SIZES["b"], attention_type="fe"), **kwargs})
 
 
-for _size, _cfg in _SIZES.items():
-    for _type in ATTENTION_TYPES:
-        _variant(
-            f"vivit_{_size}_16x2_{_type}",
-            attention_type=_type,
-            img_size=224,
-            patch_size=16,
-            tubelet_size=2,
-            num_frames=32,
-            temporal_depth=4,
-            **_cfg,
-        )
+@register_model
+def vivit_b_16x2_fsa(**kwargs: Any) -> ViViT:
+    """ViViT-B/16x2 Model 3, factorised self-attention, 32 frames of 224 px (Arnab et al., 2021)."""
+    return ViViT(**{**dict(_KINETICS, **_SIZES["b"], attention_type="fsa"), **kwargs})
+
+
+@register_model
+def vivit_b_16x2_fdp(**kwargs: Any) -> ViViT:
+    """ViViT-B/16x2 Model 4, factorised dot-product attention, 32 frames of 224 px (Arnab et al., 2021)."""
+    return ViViT(**{**dict(_KINETICS, **_SIZES["b"], attention_type="fdp"), **kwargs})
+
+
+@register_model
+def vivit_l_16x2_st(**kwargs: Any) -> ViViT:
+    """ViViT-L/16x2 Model 1, joint space-time attention, 32 frames of 224 px (Arnab et al., 2021)."""
+    return ViViT(**{**dict(_KINETICS, **_SIZES["l"], attention_type="st"), **kwargs})
+
+
+@register_model
+def vivit_l_16x2_fe(**kwargs: Any) -> ViViT:
+    """ViViT-L/16x2 Model 2, factorised encoder, 32 frames of 224 px (Arnab et al., 2021)."""
+    return ViViT(**{**dict(_KINETICS, **_SIZES["l"], attention_type="fe"), **kwargs})
+
+
+@register_model
+def vivit_l_16x2_fsa(**kwargs: Any) -> ViViT:
+    """ViViT-L/16x2 Model 3, factorised self-attention, 32 frames of 224 px (Arnab et al., 2021)."""
+    return ViViT(**{**dict(_KINETICS, **_SIZES["l"], attention_type="fsa"), **kwargs})
+
+
+@register_model
+def vivit_l_16x2_fdp(**kwargs: Any) -> ViViT:
+    """ViViT-L/16x2 Model 4, factorised dot-product attention, 32 frames of 224 px (Arnab et al., 2021)."""
+    return ViViT(**{**dict(_KINETICS, **_SIZES["l"], attention_type="fdp"), **kwargs})

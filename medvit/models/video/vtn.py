@@ -21,7 +21,7 @@ import torch.nn as nn
 from medvit.layers import Block, Mlp, drop_path_schedule
 from medvit.layers.longformer_1d import LongformerAttention1d
 from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
-from medvit.registry import register_variant
+from medvit.registry import register_model
 
 
 class VTN(nn.Module):
@@ -176,12 +176,9 @@ class VTN(nn.Module):
         self.head = self._make_head(num_classes)
 
 
-def _variant(name: str, tiny: dict, **cfg: object) -> None:
-    register_variant(VTN, name, tiny, **cfg)
-
-
-_TINY = dict(backbone_args=dict(embed_dim=32, depth=1, num_heads=2, img_size=32), num_frames=4,
-             embed_dim=32, depth=1, num_heads=2, window_size=1, num_classes=10)
 # the paper's ViT-B VTN: ViT-B/16 frames, 3 Longformer layers (width 768, 12 heads), MLP head;
 # window_size 9 is the reference config's Longformer attention_window of 18 (9 frames each side)
-_variant("vtn_vit_base", _TINY, backbone="vit_base_patch16_224")
+@register_model
+def vtn_vit_base(**kwargs: Any) -> VTN:
+    """VTN on ViT-B/16 frames: 3 Longformer layers, window 9, MLP head (Neimark et al., 2021)."""
+    return VTN(**{**dict(backbone="vit_base_patch16_224"), **kwargs})

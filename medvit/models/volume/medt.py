@@ -230,9 +230,7 @@ class MedT(nn.Module):
         return self.head(F.relu(self.fuse(y)))
 
 
-@register_model(
-    tiny=dict(img_size=64, patch_size=32, depths=(1, 1, 1, 1), num_heads=2, stem_hidden=16, width_factor=0.0625)
-)
+@register_model
 def medt(**kwargs: Any) -> MedT:
     """The paper's MedT: 128x128 input, 4x4 local patches of 32, s = 0.125, layers [1, 2, 4, 1]."""
     return MedT(**kwargs)

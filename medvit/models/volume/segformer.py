@@ -109,60 +109,53 @@ def _check_size(size: Sequence[int], stride: int, what: str) -> None:
         raise ValueError(f"{what} {tuple(size)} must be a positive multiple of {stride} in every dimension")
 
 
-def _segformer(encoder: str, decoder_dim: int, defaults: dict[str, Any], kwargs: dict[str, Any]) -> SegFormer:
-    return SegFormer(**{"encoder": encoder, "decoder_dim": decoder_dim, **defaults, **kwargs})
-
-
 _2D: dict[str, Any] = dict(img_size=256, in_chans=1, num_classes=14, spatial_dims=2)
 _3D: dict[str, Any] = dict(img_size=96, in_chans=1, num_classes=14, spatial_dims=3)
-_TINY_ENCODER = dict(depth=(1, 1, 1, 1), embed_dim=(8, 16, 24, 32), num_heads=(1, 2, 3, 4))
-_TINY_2D: dict[str, Any] = dict(img_size=32, decoder_dim=16, encoder_args=_TINY_ENCODER)
-_TINY_3D: dict[str, Any] = dict(img_size=32, decoder_dim=8, encoder_args=_TINY_ENCODER)
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def segformer_b0(**kwargs: Any) -> SegFormer:
-    """SegFormer-B0 on 2D slices: MiT-B0, decoder width 256."""
-    return _segformer("mit_b0", 256, _2D, kwargs)
+    """SegFormer-B0 on 2D slices: MiT-B0, decoder width 256 (Xie et al., 2021)."""
+    return SegFormer(**{**dict(_2D, encoder="mit_b0", decoder_dim=256), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def segformer_b1(**kwargs: Any) -> SegFormer:
-    """SegFormer-B1 on 2D slices: MiT-B1, decoder width 256."""
-    return _segformer("mit_b1", 256, _2D, kwargs)
+    """SegFormer-B1 on 2D slices: MiT-B1, decoder width 256 (Xie et al., 2021)."""
+    return SegFormer(**{**dict(_2D, encoder="mit_b1", decoder_dim=256), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def segformer_b2(**kwargs: Any) -> SegFormer:
-    """SegFormer-B2 on 2D slices: MiT-B2, decoder width 768."""
-    return _segformer("mit_b2", 768, _2D, kwargs)
+    """SegFormer-B2 on 2D slices: MiT-B2, decoder width 768 (Xie et al., 2021)."""
+    return SegFormer(**{**dict(_2D, encoder="mit_b2", decoder_dim=768), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def segformer_b3(**kwargs: Any) -> SegFormer:
-    """SegFormer-B3 on 2D slices: MiT-B3, decoder width 768."""
-    return _segformer("mit_b3", 768, _2D, kwargs)
+    """SegFormer-B3 on 2D slices: MiT-B3, decoder width 768 (Xie et al., 2021)."""
+    return SegFormer(**{**dict(_2D, encoder="mit_b3", decoder_dim=768), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def segformer_b4(**kwargs: Any) -> SegFormer:
-    """SegFormer-B4 on 2D slices: MiT-B4, decoder width 768."""
-    return _segformer("mit_b4", 768, _2D, kwargs)
+    """SegFormer-B4 on 2D slices: MiT-B4, decoder width 768 (Xie et al., 2021)."""
+    return SegFormer(**{**dict(_2D, encoder="mit_b4", decoder_dim=768), **kwargs})
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def segformer_b5(**kwargs: Any) -> SegFormer:
-    """SegFormer-B5 on 2D slices: MiT-B5, decoder width 768."""
-    return _segformer("mit_b5", 768, _2D, kwargs)
+    """SegFormer-B5 on 2D slices: MiT-B5, decoder width 768 (Xie et al., 2021)."""
+    return SegFormer(**{**dict(_2D, encoder="mit_b5", decoder_dim=768), **kwargs})
 
 
-@register_model(tiny=_TINY_3D)
+@register_model
 def segformer3d_b0(**kwargs: Any) -> SegFormer:
-    """SegFormer-B0 on volumes: 3D MiT-B0 on 96^3 crops, decoder width 256."""
-    return _segformer("mit_b0_3d", 256, _3D, kwargs)
+    """SegFormer-B0 on volumes: 3D MiT-B0 on 96^3 crops, decoder width 256 (Xie et al., 2021)."""
+    return SegFormer(**{**dict(_3D, encoder="mit_b0_3d", decoder_dim=256), **kwargs})
 
 
-@register_model(tiny=_TINY_3D)
+@register_model
 def segformer3d_b1(**kwargs: Any) -> SegFormer:
-    """SegFormer-B1 on volumes: 3D MiT-B1 on 96^3 crops, decoder width 256."""
-    return _segformer("mit_b1_3d", 256, _3D, kwargs)
+    """SegFormer-B1 on volumes: 3D MiT-B1 on 96^3 crops, decoder width 256 (Xie et al., 2021)."""
+    return SegFormer(**{**dict(_3D, encoder="mit_b1_3d", decoder_dim=256), **kwargs})

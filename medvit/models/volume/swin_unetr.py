@@ -167,22 +167,13 @@ class SwinUNETR(nn.Module):
         return self.head(y).contiguous()
 
 
-def _swin_unetr(feature_size: int, kwargs: dict[str, Any]) -> SwinUNETR:
-    return SwinUNETR(**{"feature_size": feature_size, **kwargs})
-
-
-# three stages on 32^3: grids 16, 8 (padded to window 5, shifted), 4 (window shrunk to the
-# grid, MONAI's full-window bias table), 2 after the final merge (instance norm needs > 1 voxel)
-_TINY = dict(img_size=32, feature_size=6, depth=(2, 2, 1), num_heads=(1, 2, 2), window_size=5, num_classes=3)
-
-
-@register_model(tiny=_TINY)
+@register_model
 def swin_unetr_base(**kwargs: Any) -> SwinUNETR:
     """The paper's Swin-UNETR: feature size 48, depths 2/2/2/2, heads 3/6/12/24, window 7, 96^3."""
-    return _swin_unetr(48, kwargs)
+    return SwinUNETR(**{**dict(feature_size=48), **kwargs})
 
 
-@register_model(tiny=_TINY)
+@register_model
 def swin_unetr_small(**kwargs: Any) -> SwinUNETR:
     """Swin-UNETR at feature size 24 (MONAI's default width), otherwise the paper's configuration."""
-    return _swin_unetr(24, kwargs)
+    return SwinUNETR(**{**dict(feature_size=24), **kwargs})

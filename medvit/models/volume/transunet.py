@@ -172,37 +172,26 @@ class TransUNet(nn.Module):
         return self.head(y).contiguous()
 
 
-_TINY_ENCODER = dict(embed_dim=32, depth=2, num_heads=2, backbone_depths=(1, 1, 1))
-_TINY_2D = dict(
-    img_size=32, head_channels=16, decoder_channels=(16, 8, 8, 4), encoder_args=_TINY_ENCODER
-)
-_TINY_3D = dict(
-    img_size=32,
-    head_channels=16,
-    decoder_channels=(16, 8, 8, 4),
-    encoder_args={**_TINY_ENCODER, "backbone_channels": (128, 128, 128)},
-)
-
-
 # The official transformer's dropout (0.1 after the position embedding and in the MLP).
 # Our Block has one projection dropout for the MLP and the attention output, so the latter
 # (0 in the official code) drops too.
 _ENCODER_DROPOUT = dict(pos_drop_rate=0.1, proj_drop_rate=0.1)
 
 
-def _variant(defaults: dict[str, Any], kwargs: dict[str, Any]) -> TransUNet:
-    args = {**defaults, **kwargs}
+def _create_transunet(cfg: dict[str, Any], kwargs: dict[str, Any]) -> TransUNet:
+    """The variant's `cfg` under the caller's `kwargs`; the encoder's dropout is the official one."""
+    args = {**cfg, **kwargs}
     args["encoder_args"] = {**_ENCODER_DROPOUT, **(kwargs.get("encoder_args") or {})}
     return TransUNet(**args)
 
 
-@register_model(tiny=_TINY_2D)
+@register_model
 def transunet_r50_vit_b16(**kwargs: Any) -> TransUNet:
     """The paper's TransUNet: R50+ViT-B/16 (12 layers), n_skip 3, 224 x 224 CT slices, Synapse's 9 classes."""
-    return _variant(dict(spatial_dims=2, img_size=224, in_chans=1, num_classes=9), kwargs)
+    return _create_transunet(dict(spatial_dims=2, img_size=224, in_chans=1, num_classes=9), kwargs)
 
 
-@register_model(tiny=_TINY_3D)
+@register_model
 def transunet3d_r50_vit_b16(**kwargs: Any) -> TransUNet:
     """TransUNet in 3D: the same network with 3D kernels on 96^3 crops, 14 classes (BTCV)."""
-    return _variant(dict(spatial_dims=3, img_size=96, in_chans=1, num_classes=14), kwargs)
+    return _create_transunet(dict(spatial_dims=3, img_size=96, in_chans=1, num_classes=14), kwargs)

@@ -20,9 +20,10 @@ registered encoder plugs into the same decoder:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 import torch.nn as nn
@@ -30,7 +31,7 @@ import torch.nn as nn
 from medvit.layers import ConvBlock, ProjectionUpsample, UpBlock
 from medvit.layers.conv_blocks import PointwiseConv
 from medvit.layers.helpers import check_spatial_dims, conv_nd, to_ntuple
-from medvit.registry import create_model, register_model
+from medvit.registry import create_model, model_entrypoint, register_model
 
 
 def is_hierarchical(encoder: nn.Module) -> bool:
@@ -38,22 +39,45 @@ def is_hierarchical(encoder: nn.Module) -> bool:
     return hasattr(encoder, "stage_channels") and hasattr(encoder, "stage_strides")
 
 
+def _takes_class_token(name: str) -> bool:
+    """Whether a registered variant's class accepts `class_token` (single-scale ViTs do).
+
+    The class is the one the variant function names as its return type. It accepts the
+    argument when its `__init__` names it, or passes `**kwargs` on to a base class that
+    does. Imports the variant's family; builds nothing.
+
+    Raises:
+        ValueError: The name is not registered.
+        TypeError: The variant function names no model class as its return type.
+    """
+    build = model_entrypoint(name)
+    cls = get_type_hints(build).get("return")
+    if not isinstance(cls, type):
+        raise TypeError(f"the variant function {name!r} names no model class as its return type")
+    for base in cls.__mro__:
+        if "__init__" not in vars(base):
+            continue
+        params = inspect.signature(base.__init__).parameters
+        if "class_token" in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
 def _build_encoder(
     name: str, in_chans: int, img_size: tuple[int, ...], spatial_dims: int, encoder_args: dict[str, Any] | None
 ) -> nn.Module:
-    """Build a registered encoder for the decoder: features only, input geometry passed on."""
+    """Build a registered encoder for the decoder: features only, input geometry passed on.
+
+    Encoders whose class takes `class_token` (single-scale ViTs, MViT) get `class_token=False`
+    unless `encoder_args` sets it; the others (Swin, PVT v2, MiT, ...) never receive it.
+    """
     args: dict[str, Any] = dict(global_pool="", num_classes=0)
     args.update(encoder_args or {})
     args.update(img_size=img_size, in_chans=in_chans, spatial_dims=spatial_dims)
-    # single-scale ViTs take `class_token` (and need it off); hierarchical encoders refuse it.
-    # Trying is cheaper than a meta-device probe, whose first randn imports sympy (~160 MB).
-    if "class_token" in args:
-        return create_model(name, **args)
-    try:
-        return create_model(name, class_token=False, **args)
-    except ValueError as e:
-        if "class_token" not in str(e):
-            raise
+    if "class_token" not in args and _takes_class_token(name):
+        args["class_token"] = False
     return create_model(name, **args)
 
 
@@ -249,68 +273,60 @@ class UNETR(nn.Module):
         return feats[-1].contiguous(memory_format=fmt), skips
 
 
-def _unetr_variant(encoder: str, feature_size: int, kwargs: dict[str, Any]) -> UNETR:
-    if kwargs.get("encoder", encoder) != encoder:  # the user's encoder: none of the ViT defaults
-        return UNETR(**{"feature_size": feature_size, **kwargs})
-    args: dict[str, Any] = dict(encoder=encoder, feature_size=feature_size, skip_indices=(3, 6, 9))
-    args.update(kwargs)
-    # MONAI's UNETR encoder: no q/k/v bias, LayerNorm eps 1e-5 (so its checkpoints load)
-    args["encoder_args"] = {"qkv_bias": False, "norm_eps": 1e-5, **(kwargs.get("encoder_args") or {})}
+# MONAI's UNETR encoder: no q/k/v bias, LayerNorm eps 1e-5 (so its checkpoints load); feature
+# size 16 and skips from blocks 3/6/9 as the paper
+_MONAI_VIT = dict(feature_size=16, skip_indices=(3, 6, 9), encoder_args=dict(qkv_bias=False, norm_eps=1e-5))
+# hierarchical encoders: feature size 16 as the paper's UNETR, so that the same decoder widths
+# isolate the encoder and the full-resolution convs (the decoder's CPU cost) stay at half of 24's
+_HIERARCHICAL = dict(feature_size=16)
+# what belongs to the variant's own encoder; a user's encoder gets none of it
+_ENCODER_DEFAULTS = ("encoder", "skip_indices", "encoder_args")
+
+
+def _create_unetr(cfg: dict[str, Any], kwargs: dict[str, Any]) -> UNETR:
+    """The variant's `cfg` under the caller's `kwargs`; `encoder_args` merge key by key.
+
+    With another encoder than the variant's, only the decoder defaults of `cfg` apply.
+    """
+    if kwargs.get("encoder", cfg["encoder"]) != cfg["encoder"]:
+        cfg = {k: v for k, v in cfg.items() if k not in _ENCODER_DEFAULTS}
+    args = {**cfg, **kwargs}
+    if "encoder_args" in cfg:
+        args["encoder_args"] = {**cfg["encoder_args"], **(kwargs.get("encoder_args") or {})}
     return UNETR(**args)
 
 
-_TINY_UNETR = dict(
-    img_size=32, feature_size=4, skip_indices=(0, 1, 2), encoder_args=dict(embed_dim=32, depth=3, num_heads=2)
-)
-
-
-@register_model(tiny=_TINY_UNETR)
+@register_model
 def unetr_base(**kwargs: Any) -> UNETR:
     """The paper's UNETR: ViT-B/16 on 96^3 crops, feature size 16, skips from blocks 3/6/9."""
-    return _unetr_variant("vit_base_patch16_96_3d", 16, kwargs)
+    return _create_unetr(dict(_MONAI_VIT, encoder="vit_base_patch16_96_3d"), kwargs)
 
 
-@register_model(tiny=_TINY_UNETR)
+@register_model
 def unetr_small(**kwargs: Any) -> UNETR:
     """UNETR on ViT-S/16 (384 wide, 12 blocks, 6 heads), feature size 16."""
-    return _unetr_variant("vit_small_patch16_96_3d", 16, kwargs)
+    return _create_unetr(dict(_MONAI_VIT, encoder="vit_small_patch16_96_3d"), kwargs)
 
 
-@register_model(tiny=_TINY_UNETR)
+@register_model
 def unetr_tiny(**kwargs: Any) -> UNETR:
     """UNETR on ViT-Ti/16 (192 wide, 12 blocks, 3 heads), feature size 16: trains on a CPU."""
-    return _unetr_variant("vit_tiny_patch16_96_3d", 16, kwargs)
+    return _create_unetr(dict(_MONAI_VIT, encoder="vit_tiny_patch16_96_3d"), kwargs)
 
 
-def _hierarchical_variant(encoder: str, kwargs: dict[str, Any]) -> UNETR:
-    # feature size 16 as the paper's UNETR: the same decoder widths isolate the encoder, and
-    # the full-resolution convs (the decoder's CPU cost) stay at half of what 24 costs
-    return UNETR(**{"encoder": encoder, "feature_size": 16, **kwargs})
-
-
-_TINY_PYRAMID = dict(
-    img_size=32, feature_size=4,
-    encoder_args=dict(depth=(1, 1, 1, 1), embed_dim=(8, 16, 24, 32), num_heads=(1, 2, 3, 4)),
-)
-_TINY_SWIN = dict(
-    img_size=32, feature_size=4,
-    encoder_args=dict(embed_dim=16, depth=(2, 2, 1, 1), num_heads=(1, 2, 2, 2), window_size=4),
-)
-
-
-@register_model(tiny=_TINY_SWIN)
+@register_model
 def unetr_swin_tiny(**kwargs: Any) -> UNETR:
     """UNETR decoder on the 3D Swin-T encoder (patch 4, window 7), 96^3 crops, feature size 16."""
-    return _hierarchical_variant("swin_tiny_patch4_window7_3d", kwargs)
+    return _create_unetr(dict(_HIERARCHICAL, encoder="swin_tiny_patch4_window7_3d"), kwargs)
 
 
-@register_model(tiny=_TINY_PYRAMID)
+@register_model
 def unetr_pvt_v2_b1(**kwargs: Any) -> UNETR:
     """UNETR decoder on a 3D PVT v2-b1 encoder, 96^3 crops, feature size 16."""
-    return _hierarchical_variant("pvt_v2_b1", kwargs)
+    return _create_unetr(dict(_HIERARCHICAL, encoder="pvt_v2_b1"), kwargs)
 
 
-@register_model(tiny=_TINY_PYRAMID)
+@register_model
 def unetr_mit_b0(**kwargs: Any) -> UNETR:
     """UNETR decoder on a 3D MiT-b0 (SegFormer) encoder, 96^3 crops, feature size 16."""
-    return _hierarchical_variant("mit_b0", kwargs)
+    return _create_unetr(dict(_HIERARCHICAL, encoder="mit_b0"), kwargs)
