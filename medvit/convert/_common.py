@@ -21,6 +21,8 @@ import torch.nn as nn
 from medvit.layers import resample_pos_embed
 
 StateDict = dict[str, torch.Tensor]
+# (checkpoint state dict, the medvit model to fill) -> the model's state dict
+Mapper = Callable[[StateDict, nn.Module], StateDict]
 Fn = TypeVar("Fn", bound=Callable[..., StateDict])
 
 

@@ -11,9 +11,8 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from medvit.convert._common import MapperRegistry, StateDict, import_family_modules, load_strict, unwrap
+from medvit.convert._common import Mapper, MapperRegistry, import_family_modules, load_strict, unwrap
 
-Mapper = Callable[[StateDict, nn.Module], StateDict]
 _MAPPERS: MapperRegistry[Mapper] = MapperRegistry("timm", "load_timm does not know how to load into {}")
 
 

@@ -12,9 +12,8 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from medvit.convert._common import MapperRegistry, StateDict, import_family_modules
+from medvit.convert._common import Mapper, MapperRegistry, import_family_modules
 
-Mapper = Callable[[StateDict, nn.Module], StateDict]
 _MAPPERS: MapperRegistry[Mapper] = MapperRegistry(
     "torchvision", "load_torchvision does not know how to load into {}"
 )
