@@ -61,7 +61,7 @@ class GatedAxialAttention(nn.Module):
             raise ValueError(f"length must be >= 1, got {length}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         self.length, self.axis, self.rel_pos = length, axis, rel_pos
-        self.qkv = PointwiseConv(dim, 2 * dim, spatial_dims=1, bias=False)
+        self.qkv = PointwiseConv(1, dim, 2 * dim, bias=False)
         nn.init.normal_(self.qkv.weight, 0.0, dim**-0.5)
         self.norm_qkv = nn.BatchNorm1d(2 * dim)
         terms = 3 if rel_pos else 1
@@ -170,12 +170,12 @@ class GatedAxialBlock(nn.Module):
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
         out_chans = width * self.expansion
-        self.conv_down = PointwiseConv(in_chans, width, spatial_dims=2, bias=False)
+        self.conv_down = PointwiseConv(2, in_chans, width, bias=False)
         self.norm1 = nn.BatchNorm2d(width)
         self.attn_h = GatedAxialAttention(width, num_heads, size[0], "height", rel_pos)
         self.attn_w = GatedAxialAttention(width, num_heads, size[1], "width", rel_pos)
         self.pool = nn.AvgPool2d(stride) if stride > 1 else None
-        self.conv_up = PointwiseConv(width, out_chans, spatial_dims=2, bias=False)
+        self.conv_up = PointwiseConv(2, width, out_chans, bias=False)
         self.norm2 = nn.BatchNorm2d(out_chans)
         self.act = nn.ReLU()
         self.shortcut: nn.Module | None = None

@@ -19,22 +19,22 @@ class Bottleneck(nn.Module):
     """1x1 reduce -> 3x3 (strided) -> 1x1 expand, each with BN, plus the shortcut.
 
     Args:
+        spatial_dims: 2 for images, 3 for volumes.
         in_chans: Input channels.
         planes: Width of the 3x3 convolution; the output has `planes * expansion`.
         stride: Stride of the 3x3 convolution and the shortcut.
         expansion: Output width relative to `planes`.
         act_layer: Activation.
-        spatial_dims: 2 for images, 3 for volumes.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         in_chans: int,
         planes: int,
         stride: int = 1,
         expansion: int = 4,
         act_layer: Callable[[], nn.Module] = nn.ReLU,
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         conv, norm = conv_nd(spatial_dims), batch_norm_nd(spatial_dims)

@@ -24,9 +24,15 @@ class PointwiseConv(nn.Module):
     Same parameters (`weight` shaped like a Conv's, optional `bias`) and result as
     `ConvNd(in, out, 1)`, but oneDNN has no fast kernel for 1x1x1 3D convolutions on
     CPUs and falls back to a slow path; the contraction is 2x faster there.
+
+    Args:
+        spatial_dims: 1, 2 or 3 (the shape of `weight`).
+        in_chans: Input channels.
+        out_chans: Output channels.
+        bias: Add a bias.
     """
 
-    def __init__(self, in_chans: int, out_chans: int, spatial_dims: int = 3, bias: bool = True) -> None:
+    def __init__(self, spatial_dims: int, in_chans: int, out_chans: int, bias: bool = True) -> None:
         super().__init__()
         conv = conv_nd(spatial_dims)(in_chans, out_chans, 1, bias=bias)  # for its default init
         self.weight = conv.weight
@@ -75,7 +81,7 @@ class InstanceNorm(nn.Module):
         return f"{self.channels}, eps={self.eps}"
 
 
-def make_norm(name: str, channels: int, spatial_dims: int) -> nn.Module:
+def make_norm(spatial_dims: int, name: str, channels: int) -> nn.Module:
     """`instance` (no affine, as MONAI's UNETR) or `batch`."""
     if name == "instance":
         return InstanceNorm(channels)
@@ -88,9 +94,9 @@ class ConvBlock(nn.Module):
     """Two 3x3 convolutions with norm and LeakyReLU, optionally residual.
 
     Args:
+        spatial_dims: 2 or 3.
         in_chans: Input channels.
         out_chans: Output channels.
-        spatial_dims: 2 or 3.
         kernel_size: Kernel of both convolutions.
         norm: `instance` or `batch`.
         residual: Add a (1x1-projected when the width changes) shortcut before the last
@@ -100,9 +106,9 @@ class ConvBlock(nn.Module):
 
     def __init__(
         self,
+        spatial_dims: int,
         in_chans: int,
         out_chans: int,
-        spatial_dims: int = 3,
         kernel_size: int = 3,
         norm: str = "instance",
         residual: bool = True,
@@ -112,15 +118,15 @@ class ConvBlock(nn.Module):
         conv = conv_nd(spatial_dims)
         pad = kernel_size // 2
         self.conv1 = conv(in_chans, out_chans, kernel_size, padding=pad, bias=False)
-        self.norm1 = make_norm(norm, out_chans, spatial_dims)
+        self.norm1 = make_norm(spatial_dims, norm, out_chans)
         self.conv2 = conv(out_chans, out_chans, kernel_size, padding=pad, bias=False)
-        self.norm2 = make_norm(norm, out_chans, spatial_dims)
+        self.norm2 = make_norm(spatial_dims, norm, out_chans)
         self.act = act_layer()
         self.residual = residual
         self.shortcut: nn.Module | None = None
         if residual and in_chans != out_chans:
             self.shortcut = nn.Sequential(
-                PointwiseConv(in_chans, out_chans, spatial_dims, bias=False), make_norm(norm, out_chans, spatial_dims)
+                PointwiseConv(spatial_dims, in_chans, out_chans, bias=False), make_norm(spatial_dims, norm, out_chans)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +139,7 @@ class ConvBlock(nn.Module):
         return self.act(out)
 
 
-def upsample_conv(in_chans: int, out_chans: int, spatial_dims: int, scale: int = 2) -> nn.Module:
+def upsample_conv(spatial_dims: int, in_chans: int, out_chans: int, scale: int = 2) -> nn.Module:
     """Transposed convolution with kernel = stride = `scale` and no bias."""
     return conv_transpose_nd(spatial_dims)(in_chans, out_chans, scale, stride=scale, bias=False)
 
@@ -147,10 +153,10 @@ class ProjectionUpsample(nn.Module):
 
     def __init__(
         self,
+        spatial_dims: int,
         in_chans: int,
         out_chans: int,
         num_up: int,
-        spatial_dims: int = 3,
         norm: str = "instance",
         residual: bool = True,
         conv_block: bool = True,
@@ -158,13 +164,13 @@ class ProjectionUpsample(nn.Module):
         super().__init__()
         if num_up < 1:
             raise ValueError(f"num_up must be >= 1, got {num_up}")
-        self.proj = upsample_conv(in_chans, out_chans, spatial_dims)
+        self.proj = upsample_conv(spatial_dims, in_chans, out_chans)
         steps: list[nn.Module] = []
         for _ in range(num_up - 1):
-            up = upsample_conv(out_chans, out_chans, spatial_dims)
+            up = upsample_conv(spatial_dims, out_chans, out_chans)
             if conv_block:
                 up = nn.Sequential(
-                    up, ConvBlock(out_chans, out_chans, spatial_dims, norm=norm, residual=residual)
+                    up, ConvBlock(spatial_dims, out_chans, out_chans, norm=norm, residual=residual)
                 )
             steps.append(up)
         self.steps = nn.ModuleList(steps)
@@ -181,15 +187,15 @@ class UpBlock(nn.Module):
 
     def __init__(
         self,
+        spatial_dims: int,
         in_chans: int,
         out_chans: int,
-        spatial_dims: int = 3,
         norm: str = "instance",
         residual: bool = True,
     ) -> None:
         super().__init__()
-        self.up = upsample_conv(in_chans, out_chans, spatial_dims)
-        self.fuse = ConvBlock(2 * out_chans, out_chans, spatial_dims, norm=norm, residual=residual)
+        self.up = upsample_conv(spatial_dims, in_chans, out_chans)
+        self.fuse = ConvBlock(spatial_dims, 2 * out_chans, out_chans, norm=norm, residual=residual)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.fuse(torch.cat([self.up(x), skip], dim=1))

@@ -29,10 +29,11 @@ from medvit.layers.token_map import map_to_tokens, tokens_to_map
 class ConvFeedForward(nn.Module):
     """1x1 expand -> BN -> act -> depthwise kxk -> BN -> act -> (SE) -> 1x1 project -> BN.
 
-    Drops in as `Block(mlp_layer=partial(ConvFeedForward, grid_size=...))`. The token grid
+    Drops in as `Block(mlp_layer=partial(ConvFeedForward, spatial_dims, grid_size=...))`. The token grid
     is fixed at construction (the models using it have a fixed input size).
 
     Args:
+        spatial_dims: 2 for images, 3 for volumes.
         in_features: Token width (also the output width).
         hidden_features: Expanded width (defaults to `in_features`).
         act_layer: Activation after the expansion and after the depthwise conv.
@@ -46,11 +47,11 @@ class ConvFeedForward(nn.Module):
         pass_prefix: Return the prefix tokens as they came in (CeiT, whose block then adds
             the normalised class token to itself); when False they come out as zeros, so
             the block's residual leaves them unchanged (LocalViT).
-        spatial_dims: 2 for images, 3 for volumes.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         in_features: int,
         hidden_features: int | None = None,
         act_layer: Callable[[], nn.Module] = nn.GELU,
@@ -61,7 +62,6 @@ class ConvFeedForward(nn.Module):
         bias: bool = True,
         se_reduction: int | None = None,
         pass_prefix: bool = True,
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -80,9 +80,7 @@ class ConvFeedForward(nn.Module):
         self.act = act_layer()
         self.se: nn.Module = nn.Identity()
         if se_reduction:
-            self.se = SqueezeExcite(
-                hidden, hidden // se_reduction, gate_layer=nn.Hardsigmoid, spatial_dims=spatial_dims
-            )
+            self.se = SqueezeExcite(spatial_dims, hidden, hidden // se_reduction, gate_layer=nn.Hardsigmoid)
         self.conv3 = conv(hidden, in_features, 1, bias=bias)
         self.bn3 = norm(in_features)
         self.drop = nn.Dropout(drop)

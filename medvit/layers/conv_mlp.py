@@ -19,11 +19,12 @@ from medvit.layers.token_map import map_to_tokens, tokens_to_map
 class DWConvMlp(nn.Module):
     """Linear -> (ReLU) -> depthwise 3x3 conv -> act -> dropout -> linear -> dropout.
 
-    Drops in as `Block(mlp_layer=partial(DWConvMlp, ...))`. The depthwise conv needs the
+    Drops in as `Block(mlp_layer=partial(DWConvMlp, spatial_dims, ...))`. The depthwise conv needs the
     token grid: `forward` takes it from its caller, so one set of weights runs at any input
     size, or falls back to a `grid_size` fixed at construction.
 
     Args:
+        spatial_dims: 2 for images, 3 for volumes.
         in_features: Token width (also the output width).
         hidden_features: Hidden width (defaults to `in_features`).
         act_layer: Activation after the depthwise conv.
@@ -31,18 +32,17 @@ class DWConvMlp(nn.Module):
         grid_size: Default grid of the tokens, used when `forward` is given none; None:
             every call passes its grid.
         extra_relu: ReLU before the depthwise conv (PVT v2's linear-SRA variant).
-        spatial_dims: 2 for images, 3 for volumes.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         in_features: int,
         hidden_features: int | None = None,
         act_layer: Callable[[], nn.Module] = nn.GELU,
         drop: float = 0.0,
         grid_size: Sequence[int] | None = None,
         extra_relu: bool = False,
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)

@@ -18,23 +18,23 @@ class ConvEmbed(nn.Module):
     """Overlapping strided conv, then LayerNorm over channels; returns tokens and their grid.
 
     Args:
+        spatial_dims: 2 or 3.
         in_chans: Input channels.
         embed_dim: Output width.
         patch_size: Conv kernel.
         stride: Conv stride.
         padding: Conv padding.
-        spatial_dims: 2 or 3.
         norm_layer: Norm over the token width; None for none (MViT v2).
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         in_chans: int,
         embed_dim: int,
         patch_size: int = 7,
         stride: int = 4,
         padding: int = 2,
-        spatial_dims: int = 2,
         norm_layer: Callable[[int], nn.Module] | None = nn.LayerNorm,
     ) -> None:
         super().__init__()
@@ -53,6 +53,7 @@ class ConvProjAttention(nn.Module):
     Prefix (class) tokens bypass the convolutions.
 
     Args:
+        spatial_dims: 2 or 3.
         dim: Input width.
         dim_out: Attention and output width.
         num_heads: Attention heads.
@@ -61,13 +62,13 @@ class ConvProjAttention(nn.Module):
         stride_q: Query conv stride.
         stride_kv: Key/value conv stride.
         num_prefix_tokens: Leading tokens not on the grid.
-        spatial_dims: 2 or 3.
         attn_drop: Dropout on the attention weights.
         proj_drop: Dropout after the output projection.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         dim: int,
         dim_out: int,
         num_heads: int,
@@ -76,7 +77,6 @@ class ConvProjAttention(nn.Module):
         stride_q: int = 1,
         stride_kv: int = 2,
         num_prefix_tokens: int = 0,
-        spatial_dims: int = 2,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ) -> None:

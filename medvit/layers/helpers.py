@@ -1,4 +1,21 @@
-"""Small helpers shared by the layers: tuple expansion, conv/pool lookup by dimension."""
+"""Small helpers shared by the layers: tuple expansion, layer lookup by dimension.
+
+`spatial_dims` (1, 2 or 3: the number of grid axes) is passed by one rule everywhere,
+as in MONAI's blocks (`UnetrBasicBlock(spatial_dims, in_channels, ...)`):
+
+- Building blocks (the layers of `medvit.layers` and the private stages, blocks and
+  block builders of the model files) take `spatial_dims` as their first parameter,
+  required, with no default: `ConvBlock(spatial_dims, in_chans, out_chans)`. A block
+  given to `Block` as `attn_layer` / `mlp_layer` is bound positionally:
+  `partial(SpatialReductionAttention, spatial_dims, sr_ratio=...)`.
+- Factories keyed on the dimension take it first as well: `conv_nd(spatial_dims)`.
+- Model classes (the families `create_model` builds) take `spatial_dims` as a keyword
+  argument whose default is the paper's dimensionality: 2 for image backbones and 2D
+  segmenters, 3 for the volumetric segmenters (UNETR, Swin-UNETR); video models fix it.
+  Their shared bases and builders take it keyword-only, without a default.
+- The name is always `spatial_dims`. A layer whose dimensionality follows from a size it
+  is given (a window or grid tuple) takes no separate `spatial_dims`.
+"""
 
 from __future__ import annotations
 
@@ -41,3 +58,9 @@ def instance_norm_nd(spatial_dims: int) -> type[nn.Module]:
 
 def batch_norm_nd(spatial_dims: int) -> type[nn.Module]:
     return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[check_spatial_dims(spatial_dims)]
+
+
+def adaptive_avg_pool_nd(spatial_dims: int) -> type[nn.Module]:
+    return {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[
+        check_spatial_dims(spatial_dims)
+    ]

@@ -34,20 +34,20 @@ class AllMLPDecoder(nn.Module):
     checkpoint's weight is its view); `norm` its BatchNorm; `linear_pred` the classifier.
 
     Args:
+        spatial_dims: 1, 2 or 3.
         in_channels: Channels of each input scale, finest first.
         num_classes: Output channels.
         decoder_dim: Common width of the projections and of the fused map.
         dropout: Channel dropout before the classifier (the official `Dropout2d`).
-        spatial_dims: 1, 2 or 3.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         in_channels: Sequence[int],
         num_classes: int,
         decoder_dim: int = 256,
         dropout: float = 0.1,
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         self.spatial_dims = check_spatial_dims(spatial_dims)

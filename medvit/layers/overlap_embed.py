@@ -22,22 +22,22 @@ class OverlapPatchEmbed(nn.Module):
     owning model was built for.
 
     Args:
+        spatial_dims: 2 for images, 3 for volumes.
         img_size: Spatial size the model is built for; an int is repeated over `spatial_dims`.
         patch_size: Kernel extent (larger than `stride`).
         stride: Stride, the downsampling factor.
         in_chans: Input channels.
         embed_dim: Token width.
-        spatial_dims: 2 for images, 3 for volumes.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         img_size: int | Sequence[int] = 224,
         patch_size: int = 7,
         stride: int = 4,
         in_chans: int = 3,
         embed_dim: int = 768,
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         self.spatial_dims = check_spatial_dims(spatial_dims)

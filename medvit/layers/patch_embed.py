@@ -29,11 +29,11 @@ class PatchEmbed(nn.Module):
     """Non-overlapping patches (or tubelets) projected by a strided convolution.
 
     Args:
+        spatial_dims: 2 for images, 3 for volumes and videos.
         img_size: Input spatial size; an int is repeated over `spatial_dims`.
         patch_size: Patch (or tubelet) extent per spatial dimension.
         in_chans: Input channels.
         embed_dim: Token width.
-        spatial_dims: 2 for images, 3 for volumes and videos.
         norm_layer: Optional norm applied to the tokens.
         flatten: Return tokens `(B, N, D)` instead of a channels-first map.
         bias: Bias of the projection.
@@ -43,11 +43,11 @@ class PatchEmbed(nn.Module):
 
     def __init__(
         self,
+        spatial_dims: int,
         img_size: int | Sequence[int] = 224,
         patch_size: int | Sequence[int] = 16,
         in_chans: int = 3,
         embed_dim: int = 768,
-        spatial_dims: int = 2,
         norm_layer: Callable[[int], nn.Module] | None = None,
         flatten: bool = True,
         bias: bool = True,

@@ -21,12 +21,12 @@ class PEG(nn.Module):
     """x + depthwise-conv(x) on the patch-token grid; prefix tokens pass unchanged.
 
     Args:
+        spatial_dims: 2 for images, 3 for volumes.
         dim: Token width.
         kernel_size: Odd kernel extent of the depthwise convolution (3 in the paper).
-        spatial_dims: 2 for images, 3 for volumes.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 3, spatial_dims: int = 2) -> None:
+    def __init__(self, spatial_dims: int, dim: int, kernel_size: int = 3) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"the PEG kernel size must be odd and positive, got {kernel_size}")

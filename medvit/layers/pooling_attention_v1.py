@@ -25,6 +25,7 @@ class PoolingAttentionV1(PoolingAttention):
     """MViT v1 attention: pooled q/k/v, optional class token, 2D or 3D grids.
 
     Args:
+        spatial_dims: 2 for images, 3 for space-time or volumes.
         dim: Input width.
         dim_out: Attention width (and output width); MViT v1 keeps it equal to `dim`.
         num_heads: Attention heads.
@@ -35,12 +36,12 @@ class PoolingAttentionV1(PoolingAttention):
         stride_kv: Key/value pooling stride.
         mode: `conv` (depthwise conv + norm), `max` or `avg` pooling.
         has_cls_token: The first token is a class token that is not pooled.
-        spatial_dims: 2 for images, 3 for space-time or volumes.
         norm_layer: Norm after each conv pooling (called with the head width).
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         dim: int,
         dim_out: int,
         num_heads: int = 1,
@@ -51,7 +52,6 @@ class PoolingAttentionV1(PoolingAttention):
         stride_kv: Sequence[int] = (),
         mode: str = "conv",
         has_cls_token: bool = True,
-        spatial_dims: int = 2,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ) -> None:
         if mode not in POOL_MODES:

@@ -61,7 +61,7 @@ class ResNetBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(mid_chs)
         self.conv2 = mid_layer(mid_chs, value_chs, stride, feat_size)
         self.bn2 = nn.BatchNorm2d(value_chs)
-        self.se = SqueezeExcite(value_chs, max(1, round(value_chs * se_ratio)), act_layer) if se_ratio else None
+        self.se = SqueezeExcite(2, value_chs, max(1, round(value_chs * se_ratio)), act_layer) if se_ratio else None
         self.conv3 = nn.Conv2d(value_chs, out_chs, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_chs)
         self.act = act_layer()

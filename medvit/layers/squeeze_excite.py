@@ -14,20 +14,20 @@ class SqueezeExcite(nn.Module):
     """Global average pool, bottleneck of two 1x1 convolutions, gate the channels.
 
     Args:
+        spatial_dims: 2 for images, 3 for volumes.
         channels: Channels of the gated map.
         rd_channels: Bottleneck width.
         act_layer: Bottleneck activation.
         gate_layer: Gate (sigmoid; MobileNetV3 and LocalViT use the hard sigmoid).
-        spatial_dims: 2 for images, 3 for volumes.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         channels: int,
         rd_channels: int,
         act_layer: Callable[[], nn.Module] = nn.ReLU,
         gate_layer: Callable[[], nn.Module] = nn.Sigmoid,
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if rd_channels < 1:

@@ -15,23 +15,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medvit.layers.helpers import check_spatial_dims, conv_nd
+from medvit.layers.helpers import adaptive_avg_pool_nd, check_spatial_dims, conv_nd
 from medvit.layers.token_map import map_to_tokens, tokens_to_map
-
-
-def _adaptive_avg_pool_nd(spatial_dims: int) -> type[nn.Module]:
-    return {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}[spatial_dims]
 
 
 class SpatialReductionAttention(nn.Module):
     """Multi-head attention whose keys/values come from a spatially reduced token map.
 
-    Drops in as `Block(attn_layer=partial(SpatialReductionAttention, sr_ratio=...))`. The
+    Drops in as `Block(attn_layer=partial(SpatialReductionAttention, spatial_dims, sr_ratio=...))`. The
     reduction convolves over the token map, so it needs the token grid: `forward` takes it
     from its caller (PVT v2 / MiT, whose blocks run at any input size), or falls back to
     `grid_size` fixed at construction (PVT v1, whose position table fixes the grid).
 
     Args:
+        spatial_dims: 2 for images, 3 for volumes.
         dim: Token width.
         num_heads: Attention heads.
         qkv_bias: Bias of the query and key/value projections.
@@ -47,11 +44,11 @@ class SpatialReductionAttention(nn.Module):
         linear: PVT v2's linear SRA (pooling to `pool_size`, then a 1x1 conv).
         pool_size: Side of the pooled grid of the linear SRA.
         num_prefix_tokens: Leading tokens (class token) kept unreduced in the keys/values.
-        spatial_dims: 2 for images, 3 for volumes.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         dim: int,
         num_heads: int = 8,
         qkv_bias: bool = True,
@@ -64,7 +61,6 @@ class SpatialReductionAttention(nn.Module):
         linear: bool = False,
         pool_size: int = 7,
         num_prefix_tokens: int = 0,
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
@@ -78,7 +74,7 @@ class SpatialReductionAttention(nn.Module):
         self.sr_ratio = sr_ratio
         self.linear = linear
         self.grid_size = None if grid_size is None else check_sra_grid(
-            grid_size, sr_ratio, linear, spatial_dims
+            spatial_dims, grid_size, sr_ratio, linear
         )
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -94,7 +90,7 @@ class SpatialReductionAttention(nn.Module):
         self.norm: nn.Module | None = None
         self.act: nn.Module | None = None
         if linear:
-            self.pool = _adaptive_avg_pool_nd(spatial_dims)(pool_size)
+            self.pool = adaptive_avg_pool_nd(spatial_dims)(pool_size)
             self.sr = conv(dim, dim, kernel_size=1, stride=1)
             self.norm = nn.LayerNorm(dim)
             self.act = nn.GELU()
@@ -112,7 +108,7 @@ class SpatialReductionAttention(nn.Module):
                 )
             grid = self.grid_size
         else:
-            grid = check_sra_grid(grid, self.sr_ratio, self.linear, self.spatial_dims)
+            grid = check_sra_grid(self.spatial_dims, grid, self.sr_ratio, self.linear)
         prefix, y = tokens_to_map(x, grid, self.num_prefix_tokens)
         if self.pool is not None:
             y = self.pool(y)
@@ -143,7 +139,7 @@ class SpatialReductionAttention(nn.Module):
 
 
 def check_sra_grid(
-    grid: Sequence[int], sr_ratio: int, linear: bool = False, spatial_dims: int = 2
+    spatial_dims: int, grid: Sequence[int], sr_ratio: int, linear: bool = False
 ) -> tuple[int, ...]:
     """A token grid that a spatial-reduction attention can reduce, as a tuple.
 

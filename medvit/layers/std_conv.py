@@ -6,8 +6,8 @@ unit variance before the convolution; with GroupNorm it replaces BatchNorm in th
 ViT-hybrid ResNets. Those networks were trained in JAX/TensorFlow, whose "SAME" padding
 pads asymmetrically (more at the end) when the stride is above 1, so their weights only
 reproduce their features with the same padding: `padding="same"` here computes it per
-input size as TensorFlow does. Both come in 2D and 3D (`StdConv3d`, `MaxPoolSame` with
-`spatial_dims=3`) for volumetric hybrids (3D TransUNet).
+input size as TensorFlow does. Both come in 2D and 3D (`StdConv3d`, `MaxPoolSame(3, ...)`)
+for volumetric hybrids (3D TransUNet).
 """
 
 from __future__ import annotations
@@ -133,16 +133,16 @@ class MaxPoolSame(nn.Module):
     """Max pooling with TensorFlow "SAME" padding (padded with -inf, so padding never wins).
 
     Args:
+        spatial_dims: 2 or 3.
         kernel_size: Window extent.
         stride: Stride (defaults to the kernel size).
-        spatial_dims: 2 or 3.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] | None = None,
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -159,5 +159,8 @@ class MaxPoolSame(nn.Module):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
 
 
-# the name the 2D hybrids were written with
-MaxPool2dSame = MaxPoolSame
+class MaxPool2dSame(MaxPoolSame):
+    """The 2D `MaxPoolSame` (timm's name, which the 2D hybrids were written with)."""
+
+    def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] | None = None) -> None:
+        super().__init__(2, kernel_size, stride)

@@ -247,17 +247,17 @@ class PatchMerging(nn.Module):
     Odd grid sizes are zero-padded.
 
     Args:
+        spatial_dims: 2 or 3.
         dim: Input width.
         out_dim: Output width (defaults to `2 * dim`).
-        spatial_dims: 2 or 3.
         norm_layer: Norm applied to the concatenated features.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         dim: int,
         out_dim: int | None = None,
-        spatial_dims: int = 2,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ) -> None:
         super().__init__()

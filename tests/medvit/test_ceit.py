@@ -69,7 +69,7 @@ def test_image_to_tokens_stem() -> None:
 @torch.no_grad()
 def test_leff_restores_the_token_grid() -> None:
     torch.manual_seed(0)
-    leff = ConvFeedForward(8, 16, grid_size=(5, 6), num_prefix_tokens=1).eval()
+    leff = ConvFeedForward(2, 8, 16, grid_size=(5, 6), num_prefix_tokens=1).eval()
     x = torch.randn(1, 1 + 30, 8)
     base = leff(x)
     # the class token is passed through (CeiT's block then adds its normed self)
@@ -87,7 +87,7 @@ def test_leff_restores_the_token_grid() -> None:
 @torch.no_grad()
 def test_leff_is_expand_depthwise_project() -> None:
     torch.manual_seed(0)
-    leff = ConvFeedForward(8, 16, grid_size=(4, 4), num_prefix_tokens=1).eval()
+    leff = ConvFeedForward(2, 8, 16, grid_size=(4, 4), num_prefix_tokens=1).eval()
     x = torch.randn(2, 17, 8)
     fmap = x[:, 1:].transpose(1, 2).reshape(2, 8, 4, 4)
     y = F.gelu(leff.bn1(F.conv2d(fmap, leff.conv1.weight, leff.conv1.bias)))

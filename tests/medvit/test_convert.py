@@ -1,4 +1,4 @@
-"""Parity with independent implementations: MONAI UNETR/ViT and timm ViT, same weights."""
+"""Parity with independent implementations (MONAI UNETR/ViT, timm ViT, same weights); which models each source loads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import medvit
-from medvit.convert import load_monai, load_timm
+from medvit.convert import inflate_image_to_video, load_monai, load_timm, load_torchvision
+from medvit.registry import tiny_overrides
 
 
 @torch.no_grad()
@@ -144,3 +145,15 @@ def test_timm_ignore_head_for_fine_tuning(timm: ModuleType) -> None:
     load_timm(ours, ref.state_dict(), ignore_head=True)
     torch.testing.assert_close(ours.blocks[1].attn.qkv.weight, ref.blocks[1].attn.qkv.weight)
     assert ours.head.out_features == 3
+
+
+def test_each_source_loads_only_the_classes_it_has_a_mapper_for() -> None:
+    mixer = medvit.create_model("mixer_s16_224", **tiny_overrides("mixer_s16_224"))
+    for load in (load_monai, load_torchvision):
+        with pytest.raises(ValueError, match=f"{load.__name__} does not know how to load into MlpMixer"):
+            load(mixer, {})
+    with pytest.raises(ValueError, match="no image-to-video inflation is known for MlpMixer"):
+        inflate_image_to_video(mixer, {})
+    unetr = medvit.create_model("unetr_swin_tiny", **tiny_overrides("unetr_swin_tiny"))
+    with pytest.raises(ValueError, match="need a UNETR with a ViT encoder"):
+        load_monai(unetr, {})

@@ -54,7 +54,7 @@ def test_parameter_counts_match_the_published_table() -> None:
 @torch.no_grad()
 def test_peg_gives_border_tokens_their_position() -> None:
     torch.manual_seed(0)
-    peg = PEG(8)
+    peg = PEG(2, 8)
     x = torch.ones(1, 1 + 25, 8)  # class token + a 5x5 grid of identical tokens
     y = peg(x, (5, 5), num_prefix_tokens=1)
     torch.testing.assert_close(y[:, 0], x[:, 0])  # the class token is not on the grid
@@ -67,7 +67,7 @@ def test_peg_gives_border_tokens_their_position() -> None:
 @torch.no_grad()
 def test_peg_is_translation_equivariant_and_follows_the_grid() -> None:
     torch.manual_seed(0)
-    peg = PEG(4)
+    peg = PEG(2, 4)
     fmap = torch.zeros(1, 4, 8, 8)
     fmap[:, :, 3, 3] = torch.randn(4)
     shifted = torch.roll(fmap, shifts=(2, 1), dims=(2, 3))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,7 @@ from helpers import require
     [(2, 32, 8, (4, 4)), (3, 16, 8, (2, 2, 2)), (3, (8, 32, 32), (2, 16, 16), (4, 2, 2))],
 )
 def test_patch_embed_shapes(spatial_dims, size, patch, grid) -> None:
-    pe = PatchEmbed(size, patch, in_chans=2, embed_dim=24, spatial_dims=spatial_dims)
+    pe = PatchEmbed(spatial_dims, size, patch, in_chans=2, embed_dim=24)
     shape = (size,) * spatial_dims if isinstance(size, int) else size
     out = pe(torch.randn(3, 2, *shape))
     assert pe.grid_size == grid
@@ -38,8 +42,8 @@ def test_patch_embed_shapes(spatial_dims, size, patch, grid) -> None:
 
 def test_patch_embed_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="does not divide"):
-        PatchEmbed(30, 16)
-    pe = PatchEmbed(32, 16)
+        PatchEmbed(2, 30, 16)
+    pe = PatchEmbed(2, 32, 16)
     with pytest.raises(ValueError, match="does not match"):
         pe(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="expected a 4D input"):
@@ -145,14 +149,14 @@ def test_pooling_heads() -> None:
 
 
 def test_conv_block_residual_and_shapes() -> None:
-    blk = ConvBlock(2, 4, spatial_dims=3)
+    blk = ConvBlock(3, 2, 4)
     assert blk(torch.randn(1, 2, 6, 6, 6)).shape == (1, 4, 6, 6, 6)
-    plain = ConvBlock(4, 4, spatial_dims=2, residual=False, norm="batch")
+    plain = ConvBlock(2, 4, 4, residual=False, norm="batch")
     assert plain.shortcut is None
     out = plain(torch.randn(2, 4, 5, 5))
     assert out.min() >= -0.01 * out.abs().max()  # ends in LeakyReLU
     with pytest.raises(ValueError, match="norm"):
-        ConvBlock(2, 4, norm="layer")
+        ConvBlock(3, 2, 4, norm="layer")
 
 
 def test_mlp_is_two_linears() -> None:
@@ -180,7 +184,7 @@ def test_instance_norm_equals_torch_and_keeps_channels_last() -> None:
 def test_pointwise_conv_equals_conv_and_keeps_channels_last() -> None:
     from medvit.layers.conv_blocks import PointwiseConv
 
-    pw = PointwiseConv(6, 4, 3)
+    pw = PointwiseConv(3, 6, 4)
     conv = torch.nn.Conv3d(6, 4, 1)
     conv.weight.copy_(pw.weight)
     conv.bias.copy_(pw.bias)
@@ -189,3 +193,41 @@ def test_pointwise_conv_equals_conv_and_keeps_channels_last() -> None:
     torch.testing.assert_close(pw(x), conv(x), atol=1e-6, rtol=0)
     torch.testing.assert_close(pw(cl), conv(x), atol=1e-6, rtol=0)
     assert pw(cl).is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def _callables_of(package: str) -> list[tuple[str, object]]:
+    """Every class and function defined in the modules of `package`."""
+    found = []
+    for mod in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}."):
+        module = importlib.import_module(mod.name)
+        for name, obj in vars(module).items():
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__ == mod.name:
+                found.append((f"{mod.name}.{name}", obj))
+    return found
+
+
+def _params(obj: object) -> list[inspect.Parameter]:
+    params = list(inspect.signature(obj.__init__ if inspect.isclass(obj) else obj).parameters.values())
+    return params[1:] if inspect.isclass(obj) else params
+
+
+def test_layers_take_spatial_dims_first_and_required() -> None:
+    """The rule of `medvit.layers.helpers`: as MONAI's blocks, `spatial_dims` leads and has no default."""
+    takers = [(name, _params(obj)) for name, obj in _callables_of("medvit.layers")]
+    takers = [(name, ps) for name, ps in takers if any(p.name == "spatial_dims" for p in ps)]
+    assert len(takers) > 15  # the scan found the layers
+    wrong = [name for name, ps in takers if ps[0].name != "spatial_dims" or ps[0].default is not ps[0].empty]
+    assert wrong == []
+
+
+def test_spatial_dims_has_one_name() -> None:
+    odd = {"dims", "ndim", "ndims", "spatial_dim", "n_dims", "num_dims"}
+    found = [
+        name
+        for package in ("medvit.layers", "medvit.models")
+        for name, obj in _callables_of(package)
+        if inspect.isclass(obj) or inspect.isfunction(obj)
+        for p in _params(obj)
+        if p.name in odd
+    ]
+    assert found == []

@@ -89,7 +89,7 @@ def test_pooled_token_counts_per_block(b16_32px: torch.nn.Module) -> None:
 def test_attention_matches_hand_written_reference(has_cls: bool) -> None:
     torch.manual_seed(0)
     dim, heads, size = 8, 2, (6, 6)
-    attn = PoolingAttentionV1(dim, dim, num_heads=heads, kernel_q=(3, 3), kernel_kv=(3, 3),
+    attn = PoolingAttentionV1(2, dim, dim, num_heads=heads, kernel_q=(3, 3), kernel_kv=(3, 3),
                               stride_q=(2, 2), stride_kv=(3, 3), has_cls_token=has_cls).eval()
     for p in attn.parameters():
         p.add_(torch.randn_like(p) * 0.1)
@@ -197,9 +197,9 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="differs from img_size"):
         _tiny()(torch.randn(1, 3, 96, 96))
     with pytest.raises(ValueError, match="needs a pooling kernel"):
-        PoolingAttentionV1(8, 8, stride_q=(2, 2))
+        PoolingAttentionV1(2, 8, 8, stride_q=(2, 2))
     with pytest.raises(ValueError, match="3 entries"):
-        PoolingAttentionV1(8, 8, kernel_kv=(3, 3), spatial_dims=3)
+        PoolingAttentionV1(3, 8, 8, kernel_kv=(3, 3))
 
 
 def _from_torchvision(ref: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from helpers import require
 from tiny_configs import tiny_overrides
 
 import medvit
-from medvit.convert.torchvision_mvit import load_torchvision_mvit
+from medvit.convert import load_torchvision
 from medvit.models.video.mvit_video import MViTVideo
 
 
@@ -37,7 +37,7 @@ def test_parity_with_torchvision_small_clip() -> None:
     _perturb(ref)
     ref.eval()
     ours = medvit.create_model("mvit_base_16x4", num_classes=7, num_frames=4, img_size=64).eval()
-    load_torchvision_mvit(ours, ref.state_dict())
+    load_torchvision(ours, ref.state_dict())
     x = torch.randn(1, 3, 4, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)
@@ -79,7 +79,7 @@ def test_parity_with_torchvision_full_size() -> None:
     _perturb(ref)
     ref.eval()
     ours = medvit.create_model("mvit_base_16x4").eval()
-    load_torchvision_mvit(ours, ref.state_dict())
+    load_torchvision(ours, ref.state_dict())
     x = torch.randn(1, 3, 16, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=1e-4, rtol=0)

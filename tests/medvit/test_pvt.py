@@ -31,7 +31,7 @@ def test_sra_matches_timm_attention(sr_ratio: int) -> None:
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    ours = SpatialReductionAttention(32, num_heads=4, grid_size=(8, 12), sr_ratio=sr_ratio).eval()
+    ours = SpatialReductionAttention(2, 32, num_heads=4, grid_size=(8, 12), sr_ratio=sr_ratio).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, 96, 32)
     with torch.no_grad():
@@ -39,7 +39,7 @@ def test_sra_matches_timm_attention(sr_ratio: int) -> None:
 
 
 def test_sra_keeps_the_class_token_unreduced() -> None:
-    sra = SpatialReductionAttention(16, 2, grid_size=(4, 4), sr_ratio=2, num_prefix_tokens=1).eval()
+    sra = SpatialReductionAttention(2, 16, 2, grid_size=(4, 4), sr_ratio=2, num_prefix_tokens=1).eval()
     x = torch.randn(1, 17, 16)
     assert sra._reduce(x).shape == (1, 1 + 4, 16)
     torch.testing.assert_close(sra._reduce(x)[:, :1], x[:, :1])

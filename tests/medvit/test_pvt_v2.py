@@ -219,7 +219,7 @@ def test_grid_aware_layers(timm: ModuleType) -> None:
     from medvit.layers.sra import SpatialReductionAttention
 
     ref = timm.models.pvt_v2.Attention(16, num_heads=2, sr_ratio=2).eval()
-    sra = SpatialReductionAttention(16, 2, sr_ratio=2).eval()
+    sra = SpatialReductionAttention(2, 16, 2, sr_ratio=2).eval()
     sra.load_state_dict(ref.state_dict())
     with torch.no_grad():
         for grid in ((4, 6), (6, 4), (3, 5)):
@@ -231,13 +231,13 @@ def test_grid_aware_layers(timm: ModuleType) -> None:
         sra(torch.randn(1, 8, 16), (1, 8))
     with pytest.raises(ValueError, match="do not fit"):
         sra(torch.randn(1, 24, 16), (5, 5))
-    mlp = DWConvMlp(8, 16)
+    mlp = DWConvMlp(2, 8, 16)
     with pytest.raises(ValueError, match="needs the token grid"):
         mlp(torch.randn(1, 12, 8))
     x = torch.randn(1, 12, 8)
     # the same tokens on another grid are another map: the depthwise conv must see the difference
     assert not torch.allclose(mlp(x, (3, 4)), mlp(x, (4, 3)))
-    embed = OverlapPatchEmbed(64, 7, 4, 3, 8)
+    embed = OverlapPatchEmbed(2, 64, 7, 4, 3, 8)
     tokens, grid = embed(torch.randn(1, 3, 30, 17))
     assert grid == (8, 5) == embed.output_size((30, 17)) and tokens.shape == (1, 40, 8)
     assert embed.grid_size == (16, 16)

@@ -81,7 +81,7 @@ def test_defaults() -> None:
 def test_decoder_matches_official_computation(spatial_dims: int) -> None:
     torch.manual_seed(0)
     chans, sizes = (8, 16, 24, 32), ((16, 12, 8), (8, 6, 4), (4, 3, 2), (2, 2, 1))
-    dec = AllMLPDecoder(chans, num_classes=5, decoder_dim=12, spatial_dims=spatial_dims)
+    dec = AllMLPDecoder(spatial_dims, chans, num_classes=5, decoder_dim=12)
     _perturb(dec)
     dec.eval()
     feats = [torch.randn(2, c, *s[:spatial_dims]) for c, s in zip(chans, sizes)]

@@ -183,7 +183,7 @@ def test_window_helpers_3d() -> None:
 
 
 def test_patch_merging_3d_neighbours() -> None:
-    merge = PatchMerging(2, 3, spatial_dims=3)
+    merge = PatchMerging(3, 2, 3)
     assert merge.reduction.in_features == 16
     x = torch.randn(1, 4, 4, 4, 2)
     with torch.no_grad():

@@ -269,9 +269,9 @@ def test_std_conv3d_and_max_pool_same_in_3d() -> None:
     assert std_conv_nd(2) is StdConv2d and std_conv_nd(3) is StdConv3d
     with pytest.raises(ValueError, match="2D and 3D"):
         std_conv_nd(1)
-    pooled = MaxPoolSame(3, 2, spatial_dims=3)(-torch.rand(1, 1, 5, 6, 7) - 1.0)
+    pooled = MaxPoolSame(3, 3, 2)(-torch.rand(1, 1, 5, 6, 7) - 1.0)
     assert pooled.shape == (1, 1, 3, 3, 4) and (pooled < -1.0).all()
-    assert MaxPool2dSame is MaxPoolSame
+    assert isinstance(MaxPool2dSame(3), MaxPoolSame) and MaxPool2dSame(3, 2).kernel_size == (3, 3)
 
 
 def test_resnetv2_3d_features_and_head() -> None:

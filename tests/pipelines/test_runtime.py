@@ -28,7 +28,7 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
 
-block = ConvBlock(6, 6).eval()  # a decoder stage: conv, norm, activation, residual
+block = ConvBlock(3, 6, 6).eval()  # a decoder stage: conv, norm, activation, residual
 
 
 def faults_per_step(x, steps):

@@ -6,27 +6,22 @@ Each video family registers how its weights are built from an image state dict w
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
 
-from medvit.convert._common import StateDict, load_strict, unwrap
+from medvit.convert._common import MapperRegistry, StateDict, import_family_modules
 
 Inflater = Callable[[StateDict, nn.Module, str], StateDict]
-_INFLATERS: dict[type, Inflater] = {}
+_INFLATERS: MapperRegistry[Inflater] = MapperRegistry(
+    "inflated image", "no image-to-video inflation is known for {}"
+)
 
 
 def register_inflater(cls: type) -> Callable[[Inflater], Inflater]:
     """Register the function mapping an image state dict onto video models of class `cls`."""
-
-    def wrap(fn: Inflater) -> Inflater:
-        _INFLATERS[cls] = fn
-        return fn
-
-    return wrap
+    return _INFLATERS.register(cls)
 
 
 def inflate_image_to_video(
@@ -52,12 +47,7 @@ def inflate_image_to_video(
     """
     if tubelet_init not in ("central", "average"):
         raise ValueError(f"tubelet_init must be 'central' or 'average', got {tubelet_init!r}")
-    fn = next((_INFLATERS[c] for c in type(video_model).__mro__ if c in _INFLATERS), None)
-    if fn is None:
-        raise ValueError(f"no image-to-video inflation is known for {type(video_model).__name__}")
-    sd = fn(unwrap(image_state_dict), video_model, tubelet_init)
-    return load_strict(video_model, sd, "inflated image")
+    return _INFLATERS.load(video_model, image_state_dict, tubelet_init)
 
 
-for _mod in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_mod.name}")
+import_family_modules(__name__, __path__)

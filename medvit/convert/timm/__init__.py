@@ -6,27 +6,19 @@ One module per model family in this package registers its mapper with
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn as nn
 
-from medvit.convert._common import StateDict, load_strict, unwrap
+from medvit.convert._common import Mapper, MapperRegistry, import_family_modules, load_strict, unwrap
 
-Mapper = Callable[[StateDict, nn.Module], StateDict]
-_MAPPERS: dict[type, Mapper] = {}
+_MAPPERS: MapperRegistry[Mapper] = MapperRegistry("timm", "load_timm does not know how to load into {}")
 
 
 def register_timm_mapper(cls: type) -> Callable[[Mapper], Mapper]:
     """Register the function that maps a timm state dict for models of class `cls`."""
-
-    def wrap(fn: Mapper) -> Mapper:
-        _MAPPERS[cls] = fn
-        return fn
-
-    return wrap
+    return _MAPPERS.register(cls)
 
 
 def load_timm(
@@ -46,17 +38,13 @@ def load_timm(
     Raises:
         ValueError: No mapper for this model class, or the weights do not fit.
     """
-    # the most specific registered class wins (a DeiT mapper over the ViT one it extends)
-    mapper = next((_MAPPERS[c] for c in type(model).__mro__ if c in _MAPPERS), None)
-    if mapper is None:
-        raise ValueError(f"load_timm does not know how to load into {type(model).__name__}")
+    mapper, checkpoint = _MAPPERS.find(model)
     sd = mapper(unwrap(state_dict), model)
     if ignore_head:
         own = model.state_dict()
         sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
         sd.update({k: v for k, v in own.items() if k.startswith("head.")})
-    return load_strict(model, sd, "timm")
+    return load_strict(model, sd, checkpoint)
 
 
-for _mod in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_mod.name}")
+import_family_modules(__name__, __path__)

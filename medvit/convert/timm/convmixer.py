@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import torch.nn as nn
 
-from medvit.convert._common import StateDict
+from medvit.convert._common import StateDict, rename_first
 from medvit.convert.timm import register_timm_mapper
 from medvit.models.image.convmixer import ConvMixer
 
@@ -21,14 +19,6 @@ _RENAMES = [
 ]
 
 
-def _rename(key: str) -> str:
-    for pattern, repl in _RENAMES:
-        new, n = re.subn(pattern, repl, key)
-        if n:
-            return new
-    return key
-
-
 @register_timm_mapper(ConvMixer)
 def _map_convmixer(sd: StateDict, model: nn.Module) -> StateDict:
-    return {_rename(k): v for k, v in sd.items()}
+    return {rename_first(k, _RENAMES): v for k, v in sd.items()}

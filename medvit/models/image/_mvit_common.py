@@ -44,12 +44,12 @@ def check_input_size(x: torch.Tensor, img_size: tuple[int, ...], tables: str) ->
         )
 
 
-def shortcut_pool(stride_q: Sequence[int], spatial_dims: int = 2) -> nn.Module | None:
+def shortcut_pool(spatial_dims: int, stride_q: Sequence[int]) -> nn.Module | None:
     """Max pool that brings a block's shortcut onto its pooled query grid; None without pooling.
 
     Args:
-        stride_q: The block's query stride (empty: no pooling).
         spatial_dims: 2 or 3.
+        stride_q: The block's query stride (empty: no pooling).
     """
     if not len(stride_q) or max(stride_q) == 1:
         return None
@@ -95,6 +95,7 @@ class MultiScaleBackbone(nn.Module):
         num_classes: int,
         global_pool: str,
         depth: Sequence[int],
+        *,
         spatial_dims: int,
         class_token: bool = False,
     ) -> None:

@@ -38,6 +38,7 @@ class PyramidBackbone(nn.Module):
         num_heads: Sequence[int],
         sr_ratios: Sequence[int],
         mlp_ratio: float | Sequence[float],
+        *,
         spatial_dims: int,
     ) -> tuple[float, ...]:
         """Check the arguments, set the interface attributes; the MLP ratio of every stage.

@@ -115,7 +115,7 @@ class CeiT(VisionTransformer):
         if kwargs.get("class_token") is False:
             raise ValueError("CeiT needs its class token (LeFF and LCA are built around it)")
         grid = grid_for(to_ntuple(img_size, 2, "img_size"), to_ntuple(patch_size, 2, "patch_size"))
-        leff = partial(ConvFeedForward, grid_size=grid, num_prefix_tokens=1, kernel_size=leff_kernel)
+        leff = partial(ConvFeedForward, 2, grid_size=grid, num_prefix_tokens=1, kernel_size=leff_kernel)
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,

@@ -81,7 +81,7 @@ class CPVT(VisionTransformer):
             **kwargs,
         )
         self.peg_index = peg_index
-        self.pos_block = PEG(embed_dim, peg_kernel, spatial_dims=self.spatial_dims)
+        self.pos_block = PEG(self.spatial_dims, embed_dim, peg_kernel)
 
     def _run_blocks(
         self, x: torch.Tensor, grid: tuple[int, ...], last: int, take: Sequence[int] = ()

@@ -213,7 +213,7 @@ class CrossViT(nn.Module):
         self.img_size_scaled = [tuple(int(s * sc) for s in self.img_size) for sc in img_scale]
 
         self.patch_embed = nn.ModuleList(
-            PatchEmbed(size, p, in_chans, d)
+            PatchEmbed(2, size, p, in_chans, d)
             for size, p, d in zip(self.img_size_scaled, patch_size, embed_dim)
         )
         if freeze_patch_embed:

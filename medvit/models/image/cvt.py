@@ -33,20 +33,19 @@ class CvtBlock(nn.Module):
 
     def __init__(
         self,
+        spatial_dims: int,
         dim: int,
         num_heads: int,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
         drop_path: float = 0.0,
         num_prefix_tokens: int = 0,
-        spatial_dims: int = 2,
         norm_layer: type[nn.Module] | partial = nn.LayerNorm,
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = ConvProjAttention(
-            dim, dim, num_heads, qkv_bias=qkv_bias, num_prefix_tokens=num_prefix_tokens,
-            spatial_dims=spatial_dims,
+            spatial_dims, dim, dim, num_heads, qkv_bias=qkv_bias, num_prefix_tokens=num_prefix_tokens
         )
         self.drop_path = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
@@ -62,6 +61,7 @@ class CvtStage(nn.Module):
 
     def __init__(
         self,
+        spatial_dims: int,
         in_chans: int,
         embed_dim: int,
         depth: int,
@@ -75,15 +75,15 @@ class CvtStage(nn.Module):
     ) -> None:
         super().__init__()
         norm_layer = block_args["norm_layer"]
-        self.patch_embed = ConvEmbed(
-            in_chans, embed_dim, patch_size, stride, padding, block_args["spatial_dims"], norm_layer
-        )
+        self.patch_embed = ConvEmbed(spatial_dims, in_chans, embed_dim, patch_size, stride, padding, norm_layer)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         if class_token:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.num_prefix_tokens = int(class_token)
         self.blocks = nn.ModuleList(
-            CvtBlock(embed_dim, num_heads, drop_path=dp, num_prefix_tokens=self.num_prefix_tokens, **block_args)
+            CvtBlock(
+                spatial_dims, embed_dim, num_heads, drop_path=dp, num_prefix_tokens=self.num_prefix_tokens, **block_args
+            )
             for dp in drop_path
         )
 
@@ -172,10 +172,10 @@ class ConvolutionalVisionTransformer(nn.Module):
         for i in range(n):
             self.stages.append(
                 CvtStage(
-                    chans, embed_dim[i], depth[i], num_heads[i], patch_size[i], patch_stride[i],
+                    spatial_dims, chans, embed_dim[i], depth[i], num_heads[i], patch_size[i], patch_stride[i],
                     patch_padding[i], class_token=i == n - 1,
                     drop_path=dpr[sum(depth[:i]) : sum(depth[: i + 1])], mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias, spatial_dims=spatial_dims, norm_layer=norm_layer,
+                    qkv_bias=qkv_bias, norm_layer=norm_layer,
                 )
             )
             chans = embed_dim[i]

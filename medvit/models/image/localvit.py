@@ -34,7 +34,7 @@ ACTIVATIONS = {"hswish": nn.Hardswish, "relu6": nn.ReLU6}
 class LocalViTBlock(Block):
     """A `Block` whose feed-forward carries its own residual: no norm or DropPath before it.
 
-    Built with `mlp_layer=partial(ConvFeedForward, pass_prefix=False, ...)`, so the block's
+    Built with `mlp_layer=partial(ConvFeedForward, 2, pass_prefix=False, ...)`, so the block's
     `x + mlp(x)` is LocalViT's `x + conv(x)` on the patch tokens and leaves the class token
     as the attention left it.
     """
@@ -91,6 +91,7 @@ class LocalViT(VisionTransformer):
         grid = grid_for(to_ntuple(img_size, 2, "img_size"), to_ntuple(patch_size, 2, "patch_size"))
         ffn = partial(
             ConvFeedForward,
+            2,
             grid_size=grid,
             num_prefix_tokens=1 if kwargs.get("class_token", True) else 0,
             kernel_size=kernel_size,

@@ -118,7 +118,7 @@ class MlpMixer(nn.Module):
         self.spatial_dims = 2
         self.in_chans = in_chans
 
-        self.stem = PatchEmbed(img_size, patch_size, in_chans, embed_dim, spatial_dims=2)
+        self.stem = PatchEmbed(2, img_size, patch_size, in_chans, embed_dim)
         self.img_size = self.stem.img_size
         self.patch_size = self.stem.patch_size
         self.grid_size = self.stem.grid_size

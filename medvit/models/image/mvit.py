@@ -42,6 +42,7 @@ class MultiScaleBlockV1(nn.Module):
     """Pre-norm pooling-attention block; the MLP (and its projected shortcut) widens.
 
     Args:
+        spatial_dims: 2 or 3.
         dim: Input (and attention) width.
         dim_out: Output width; a linear projects the normalised MLP input when it differs.
         num_heads: Attention heads.
@@ -54,12 +55,12 @@ class MultiScaleBlockV1(nn.Module):
         stride_kv: Key/value pooling stride.
         mode: Pooling kind, `conv`, `max` or `avg`.
         has_cls_token: The first token is a class token, never pooled.
-        spatial_dims: 2 or 3.
         norm_layer: Norm class.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         dim: int,
         dim_out: int,
         num_heads: int,
@@ -72,22 +73,21 @@ class MultiScaleBlockV1(nn.Module):
         stride_kv: Sequence[int] = (),
         mode: str = "conv",
         has_cls_token: bool = True,
-        spatial_dims: int = 2,
         norm_layer: type[nn.Module] | partial = nn.LayerNorm,
     ) -> None:
         super().__init__()
         self.has_cls_token = has_cls_token
         self.norm1 = norm_layer(dim)
         self.attn = PoolingAttentionV1(
-            dim, dim, num_heads=num_heads, qkv_bias=qkv_bias, kernel_q=kernel_q, kernel_kv=kernel_kv,
-            stride_q=stride_q, stride_kv=stride_kv, mode=mode, has_cls_token=has_cls_token,
-            spatial_dims=spatial_dims, norm_layer=norm_layer,
+            spatial_dims, dim, dim, num_heads=num_heads, qkv_bias=qkv_bias, kernel_q=kernel_q,
+            kernel_kv=kernel_kv, stride_q=stride_q, stride_kv=stride_kv, mode=mode,
+            has_cls_token=has_cls_token, norm_layer=norm_layer,
         )
         self.drop_path = DropPath(drop_path)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dim_out)
         self.shortcut_proj_mlp = nn.Linear(dim, dim_out) if dim != dim_out else None
-        self.shortcut_pool_attn = shortcut_pool(stride_q, spatial_dims)
+        self.shortcut_pool_attn = shortcut_pool(spatial_dims, stride_q)
 
     def forward(self, x: torch.Tensor, feat_size: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
         y, new_size = self.attn(self.norm1(x), feat_size)
@@ -161,7 +161,7 @@ class MViT(MultiScaleBackbone):
         n = check_spatial_dims(spatial_dims)
         if n == 1:
             raise ValueError("spatial_dims must be 2 or 3, got 1")
-        super().__init__(in_chans, num_classes, global_pool, depth, n, class_token)
+        super().__init__(in_chans, num_classes, global_pool, depth, spatial_dims=n, class_token=class_token)
         if mode not in POOL_MODES:
             raise ValueError(f"mode must be one of {POOL_MODES}, got {mode!r}")
         self.img_size = to_ntuple(img_size, n, "img_size")
@@ -203,10 +203,9 @@ class MViT(MultiScaleBackbone):
             dim_out = dim * 2 if i in self.stage_ends[:-1] else dim
             self.blocks.append(
                 MultiScaleBlockV1(
-                    dim, dim_out, heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
+                    n, dim, dim_out, heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
                     kernel_q=kernel if block_q else (), kernel_kv=kernel, stride_q=block_q,
-                    stride_kv=kv_stride, mode=mode, has_cls_token=class_token, spatial_dims=n,
-                    norm_layer=norm_layer,
+                    stride_kv=kv_stride, mode=mode, has_cls_token=class_token, norm_layer=norm_layer,
                 )
             )
             if i in self.stage_ends:

@@ -71,7 +71,7 @@ class MultiScaleBlock(nn.Module):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.shortcut_proj_attn = nn.Linear(dim, dim_out) if dim != dim_out else None
-        self.shortcut_pool_attn = shortcut_pool(stride_q)
+        self.shortcut_pool_attn = shortcut_pool(2, stride_q)
         self.attn = PoolingAttention(
             dim, dim_out, feat_size, num_heads=num_heads, qkv_bias=qkv_bias, kernel_q=kernel_qkv,
             kernel_kv=kernel_qkv, stride_q=stride_q, stride_kv=stride_kv,
@@ -166,7 +166,7 @@ class MultiScaleVit(MultiScaleBackbone):
         check_network_stride(self.img_size, 4 * 2 ** (len(depth) - 1))
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
 
-        self.patch_embed = ConvEmbed(in_chans, embed_dim, patch_size=7, stride=4, padding=3, norm_layer=None)
+        self.patch_embed = ConvEmbed(2, in_chans, embed_dim, patch_size=7, stride=4, padding=3, norm_layer=None)
         if freeze_patch_embed:
             self.patch_embed.requires_grad_(False)
         feat_size = [s // 4 for s in self.img_size]

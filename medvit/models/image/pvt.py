@@ -35,6 +35,7 @@ class PvtStage(nn.Module):
     """Patch embedding + LayerNorm, position embedding (with the class token's), blocks.
 
     Args:
+        spatial_dims: 2 for images, 3 for volumes.
         dim: Input channels.
         dim_out: Token width of the stage.
         depth: Number of blocks.
@@ -49,11 +50,11 @@ class PvtStage(nn.Module):
         proj_drop: Dropout after the projections.
         attn_drop: Dropout on the attention weights.
         drop_path: Per-block stochastic-depth probabilities.
-        spatial_dims: 2 for images, 3 for volumes.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         dim: int,
         dim_out: int,
         depth: int,
@@ -68,12 +69,9 @@ class PvtStage(nn.Module):
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: Sequence[float] = (),
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        self.patch_embed = PatchEmbed(
-            in_size, patch_size, dim, dim_out, spatial_dims, norm_layer=nn.LayerNorm
-        )
+        self.patch_embed = PatchEmbed(spatial_dims, in_size, patch_size, dim, dim_out, norm_layer=nn.LayerNorm)
         self.grid_size = self.patch_embed.grid_size
         self.num_prefix_tokens = int(class_token)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim_out)) if class_token else None
@@ -81,8 +79,8 @@ class PvtStage(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, n_pos, dim_out) * 0.02)
         self.pos_drop = nn.Dropout(drop_rate)
         attn = partial(
-            SpatialReductionAttention, grid_size=self.grid_size, sr_ratio=sr_ratio,
-            num_prefix_tokens=self.num_prefix_tokens, spatial_dims=spatial_dims,
+            SpatialReductionAttention, spatial_dims, grid_size=self.grid_size, sr_ratio=sr_ratio,
+            num_prefix_tokens=self.num_prefix_tokens,
         )
         dpr = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
@@ -150,7 +148,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         super().__init__()
         ratios = self._configure(
             img_size, in_chans, num_classes, global_pool, depth, embed_dim, num_heads,
-            sr_ratios, mlp_ratio, spatial_dims,
+            sr_ratios, mlp_ratio, spatial_dims=spatial_dims,
         )
         n = len(depth)
         stride = 4 * 2 ** (n - 1)
@@ -162,10 +160,10 @@ class PyramidVisionTransformer(PyramidBackbone):
         stages, size, prev, cur = [], self.img_size, in_chans, 0
         for i in range(n):
             stage = PvtStage(
-                prev, embed_dim[i], depth[i], size, 4 if i == 0 else 2, num_heads[i],
+                spatial_dims, prev, embed_dim[i], depth[i], size, 4 if i == 0 else 2, num_heads[i],
                 sr_ratios[i], ratios[i], qkv_bias=qkv_bias, class_token=i == n - 1,
                 drop_rate=drop_rate, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[cur : cur + depth[i]], spatial_dims=spatial_dims,
+                drop_path=dpr[cur : cur + depth[i]],
             )
             stages.append(stage)
             size, prev, cur = stage.grid_size, embed_dim[i], cur + depth[i]

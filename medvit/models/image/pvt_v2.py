@@ -49,6 +49,7 @@ class PyramidVisionTransformerStage(nn.Module):
     Runs at any input size: the token grid comes from the map it is given.
 
     Args:
+        spatial_dims: 2 for images, 3 for volumes.
         dim: Input channels.
         dim_out: Token width of the stage.
         depth: Number of blocks.
@@ -62,11 +63,11 @@ class PyramidVisionTransformerStage(nn.Module):
         proj_drop: Dropout after the projections.
         attn_drop: Dropout on the attention weights.
         drop_path: Per-block stochastic-depth probabilities.
-        spatial_dims: 2 for images, 3 for volumes.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         dim: int,
         dim_out: int,
         depth: int,
@@ -80,7 +81,6 @@ class PyramidVisionTransformerStage(nn.Module):
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: Sequence[float] = (),
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
@@ -88,15 +88,13 @@ class PyramidVisionTransformerStage(nn.Module):
         self.linear = linear
         self.downsample: OverlapPatchEmbed | None = None
         if downsample:
-            self.downsample = OverlapPatchEmbed(tuple(in_size), 3, 2, dim, dim_out, spatial_dims)
+            self.downsample = OverlapPatchEmbed(spatial_dims, tuple(in_size), 3, 2, dim, dim_out)
         elif dim != dim_out:
             raise ValueError(
                 f"a stage without downsampling keeps its width, got {dim} -> {dim_out}"
             )
-        attn = partial(
-            SpatialReductionAttention, sr_ratio=sr_ratio, linear=linear, spatial_dims=spatial_dims
-        )
-        mlp = partial(DWConvMlp, extra_relu=linear, spatial_dims=spatial_dims)
+        attn = partial(SpatialReductionAttention, spatial_dims, sr_ratio=sr_ratio, linear=linear)
+        mlp = partial(DWConvMlp, spatial_dims, extra_relu=linear)
         dpr = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
             PvtV2Block(
@@ -119,7 +117,7 @@ class PyramidVisionTransformerStage(nn.Module):
         grid = tuple(in_size)
         if self.downsample is not None:
             grid = self.downsample.output_size(grid)
-        return check_sra_grid(grid, self.sr_ratio, self.linear, self.spatial_dims)
+        return check_sra_grid(self.spatial_dims, grid, self.sr_ratio, self.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-first map in, channels-first map out."""
@@ -185,22 +183,19 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         super().__init__()
         ratios = self._configure(
             img_size, in_chans, num_classes, global_pool, depth, embed_dim, num_heads,
-            sr_ratios, mlp_ratio, spatial_dims,
+            sr_ratios, mlp_ratio, spatial_dims=spatial_dims,
         )
         n = len(depth)
-        self.patch_embed = OverlapPatchEmbed(
-            self.img_size, 7, 4, in_chans, embed_dim[0], spatial_dims
-        )
+        self.patch_embed = OverlapPatchEmbed(spatial_dims, self.img_size, 7, 4, in_chans, embed_dim[0])
         if freeze_patch_embed:
             self.patch_embed.requires_grad_(False)
         dpr = drop_path_schedule(drop_path_rate, sum(depth))
         stages, size, prev, cur = [], self.patch_embed.grid_size, embed_dim[0], 0
         for i in range(n):
             stage = PyramidVisionTransformerStage(
-                prev, embed_dim[i], depth[i], size, downsample=i > 0, num_heads=num_heads[i],
+                spatial_dims, prev, embed_dim[i], depth[i], size, downsample=i > 0, num_heads=num_heads[i],
                 sr_ratio=sr_ratios[i], linear=linear, mlp_ratio=ratios[i], qkv_bias=qkv_bias,
-                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[cur : cur + depth[i]], spatial_dims=spatial_dims,
+                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[cur : cur + depth[i]],
             )
             stages.append(stage)
             size, prev, cur = stage.grid_size, embed_dim[i], cur + depth[i]

@@ -38,6 +38,7 @@ class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (strided), 1x1 expand, each standardised conv + GroupNorm; ReLU after the sum.
 
     Args:
+        spatial_dims: 2 or 3.
         in_chs: Input channels.
         out_chs: Output channels (4x the bottleneck width).
         stride: Stride of the 3x3 convolution (and of the projection shortcut).
@@ -46,11 +47,11 @@ class Bottleneck(nn.Module):
         drop_path: Stochastic-depth probability of the residual branch.
         downsample: Project the shortcut with a strided 1x1 conv + GroupNorm (the first
             block of a stage).
-        spatial_dims: 2 or 3.
     """
 
     def __init__(
         self,
+        spatial_dims: int,
         in_chs: int,
         out_chs: int,
         stride: int = 1,
@@ -58,7 +59,6 @@ class Bottleneck(nn.Module):
         conv_eps: float = 1e-8,
         drop_path: float = 0.0,
         downsample: bool = False,
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         mid_chs = out_chs // 4
@@ -95,6 +95,7 @@ class ResNetStage(nn.Module):
 
     def __init__(
         self,
+        spatial_dims: int,
         in_chs: int,
         out_chs: int,
         depth: int,
@@ -102,12 +103,12 @@ class ResNetStage(nn.Module):
         num_groups: int,
         conv_eps: float,
         drop_path: Sequence[float],
-        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         self.blocks = nn.Sequential(
             *[
                 Bottleneck(
+                    spatial_dims,
                     in_chs if i == 0 else out_chs,
                     out_chs,
                     stride=stride if i == 0 else 1,
@@ -115,7 +116,6 @@ class ResNetStage(nn.Module):
                     conv_eps=conv_eps,
                     drop_path=drop_path[i],
                     downsample=i == 0,
-                    spatial_dims=spatial_dims,
                 )
                 for i in range(depth)
             ]
@@ -194,7 +194,7 @@ class ResNetV2(nn.Module):
                 conv=std_conv_nd(spatial_dims)(in_chans, stem_chs, 7, stride=2, padding="same", eps=conv_eps),
                 norm=nn.GroupNorm(num_groups, stem_chs),
                 act=nn.ReLU(),
-                pool=MaxPoolSame(3, stride=2, spatial_dims=spatial_dims),
+                pool=MaxPoolSame(spatial_dims, 3, stride=2),
             )
         )
         dpr = drop_path_schedule(drop_path_rate, sum(depths))
@@ -202,7 +202,7 @@ class ResNetV2(nn.Module):
         for i, (d, c) in enumerate(zip(depths, channels)):
             stages.append(
                 ResNetStage(
-                    prev, c, d, 1 if i == 0 else 2, num_groups, conv_eps, dpr[start : start + d], spatial_dims
+                    spatial_dims, prev, c, d, 1 if i == 0 else 2, num_groups, conv_eps, dpr[start : start + d]
                 )
             )
             prev, start = c, start + d

@@ -56,9 +56,9 @@ class ResNetTokenStem(nn.Module):
         self.conv = nn.Conv2d(in_chans, width, 3, padding=1)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.stages = nn.Sequential(
-            Bottleneck(width, width, stride=2),
-            Bottleneck(4 * width, width, stride=2),
-            Bottleneck(4 * width, width, stride=2),
+            Bottleneck(2, width, width, stride=2),
+            Bottleneck(2, 4 * width, width, stride=2),
+            Bottleneck(2, 4 * width, width, stride=2),
         )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

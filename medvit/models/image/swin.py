@@ -101,7 +101,7 @@ class SwinStage(nn.Module):
         super().__init__()
         spatial_dims = len(window_size)
         if downsample:
-            self.downsample: nn.Module = PatchMerging(dim, out_dim, spatial_dims, norm_layer)
+            self.downsample: nn.Module = PatchMerging(spatial_dims, dim, out_dim, norm_layer)
             grid = tuple((g + 1) // 2 for g in grid)
         else:
             self.downsample = nn.Identity()
@@ -221,11 +221,11 @@ class SwinTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.window_size = to_ntuple(window_size, spatial_dims, "window_size")
         self.patch_embed = PatchEmbed(
+            spatial_dims,
             img_size,
             patch_size,
             in_chans,
             embed_dim,
-            spatial_dims=spatial_dims,
             norm_layer=norm_layer if patch_norm else None,
             strict_img_size=False,
         )

@@ -58,9 +58,7 @@ class ViLStage(nn.Module):
     ) -> None:
         super().__init__()
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, spatial_dims=2, norm_layer=norm_layer
-        )
+        self.patch_embed = PatchEmbed(2, img_size, patch_size, in_chans, embed_dim, norm_layer=norm_layer)
         self.grid_size = self.patch_embed.grid_size
         self.num_global = num_global
         self.global_tokens = (

@@ -128,11 +128,11 @@ class VisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
 
         self.patch_embed = PatchEmbed(
+            spatial_dims,
             img_size,
             patch_size,
             in_chans,
             embed_dim,
-            spatial_dims=spatial_dims,
             bias=not pre_norm,
             strict_img_size=not dynamic_img_size,
         )

@@ -107,12 +107,7 @@ class ViViT(nn.Module):
         self.num_frames = num_frames
         self.img_size = to_ntuple(img_size, 2, "img_size")
         self.patch_embed = PatchEmbed(
-            (num_frames, *self.img_size),
-            (tubelet_size, patch_size, patch_size),
-            in_chans,
-            embed_dim,
-            spatial_dims=3,
-            flatten=False,
+            3, (num_frames, *self.img_size), (tubelet_size, patch_size, patch_size), in_chans, embed_dim, flatten=False
         )
         if freeze_patch_embed:
             self.patch_embed.requires_grad_(False)

@@ -202,7 +202,7 @@ class MedT(nn.Module):
         )
         chans = self.global_branch.out_chans
         self.fuse = nn.Conv2d(chans, chans, 3, padding=1)
-        self.head = PointwiseConv(chans, num_classes, spatial_dims=2)
+        self.head = PointwiseConv(2, chans, num_classes)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans:

@@ -80,9 +80,7 @@ class SegFormer(nn.Module):
         self.encoder = encoder
         self.stride = encoder.stage_strides[-1]
         _check_size(self.img_size, self.stride, "img_size")
-        self.decoder = AllMLPDecoder(
-            encoder.stage_channels, num_classes, decoder_dim, dropout=dropout, spatial_dims=spatial_dims
-        )
+        self.decoder = AllMLPDecoder(spatial_dims, encoder.stage_channels, num_classes, decoder_dim, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`(B, in_chans, *size)` to logits `(B, num_classes, *size)`.

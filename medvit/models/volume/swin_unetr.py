@@ -120,13 +120,15 @@ class SwinUNETR(nn.Module):
         )
         # encoder maps: patch embedding (stride 2), every merge (4, ..., the last at `stride`)
         channels = self.encoder.stage_channels
-        kw: dict[str, Any] = dict(spatial_dims=spatial_dims, norm=norm, residual=res_block)
-        self.stem = ConvBlock(in_chans, feature_size, **kw)
-        self.skips = nn.ModuleList(ConvBlock(c, c, **kw) for c in channels[:-2])
-        self.bottleneck = ConvBlock(channels[-1], channels[-1], **kw)
+        kw: dict[str, Any] = dict(norm=norm, residual=res_block)
+        self.stem = ConvBlock(spatial_dims, in_chans, feature_size, **kw)
+        self.skips = nn.ModuleList(ConvBlock(spatial_dims, c, c, **kw) for c in channels[:-2])
+        self.bottleneck = ConvBlock(spatial_dims, channels[-1], channels[-1], **kw)
         widths = [feature_size] + list(channels)
-        self.ups = nn.ModuleList(UpBlock(widths[i + 1], widths[i], **kw) for i in reversed(range(len(widths) - 1)))
-        self.head = PointwiseConv(feature_size, num_classes, spatial_dims)
+        self.ups = nn.ModuleList(
+            UpBlock(spatial_dims, widths[i + 1], widths[i], **kw) for i in reversed(range(len(widths) - 1))
+        )
+        self.head = PointwiseConv(spatial_dims, feature_size, num_classes)
         # oneDNN's channels-last convolutions are ~2x faster on CPUs; the decoder runs in it
         self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
         for part in (self.stem, self.skips, self.bottleneck, self.ups):

@@ -32,10 +32,10 @@ from medvit.registry import create_model, register_model
 _DEFAULT_ENCODERS = {2: "vit_base_r50_s16_224", 3: "vit_base_r50_s16_96_3d"}
 
 
-def _decoder_conv_block(in_chans: int, out_chans: int, spatial_dims: int) -> ConvBlock:
+def _decoder_conv_block(spatial_dims: int, in_chans: int, out_chans: int) -> ConvBlock:
     """Two 3x3 conv + BN + ReLU, the official `DecoderBlock`'s convolutions."""
     return ConvBlock(
-        in_chans, out_chans, spatial_dims, norm="batch", residual=False, act_layer=partial(nn.ReLU, inplace=True)
+        spatial_dims, in_chans, out_chans, norm="batch", residual=False, act_layer=partial(nn.ReLU, inplace=True)
     )
 
 
@@ -134,7 +134,7 @@ class TransUNet(nn.Module):
         )
         ins = (head_channels, *decoder_channels[:-1])
         self.blocks = nn.ModuleList(
-            _decoder_conv_block(i + s, o, spatial_dims) for i, s, o in zip(ins, skip_chans, decoder_channels)
+            _decoder_conv_block(spatial_dims, i + s, o) for i, s, o in zip(ins, skip_chans, decoder_channels)
         )
         self.head = conv(decoder_channels[-1], num_classes, 3, padding=1)
         self.upsample_mode = "bilinear" if spatial_dims == 2 else "trilinear"

@@ -66,7 +66,7 @@ def _takes_class_token(name: str) -> bool:
 
 
 def _build_encoder(
-    name: str, in_chans: int, img_size: tuple[int, ...], spatial_dims: int, encoder_args: dict[str, Any] | None
+    name: str, in_chans: int, img_size: tuple[int, ...], encoder_args: dict[str, Any] | None, *, spatial_dims: int
 ) -> nn.Module:
     """Build a registered encoder for the decoder: features only, input geometry passed on.
 
@@ -136,11 +136,11 @@ class UNETR(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         if isinstance(encoder, str):
-            encoder = _build_encoder(encoder, in_chans, self.img_size, spatial_dims, encoder_args)
+            encoder = _build_encoder(encoder, in_chans, self.img_size, encoder_args, spatial_dims=spatial_dims)
         self.encoder = encoder
         self.hierarchical = is_hierarchical(encoder)
-        kw = dict(spatial_dims=spatial_dims, norm=norm, residual=res_block)
-        self.stem = ConvBlock(in_chans, feature_size, **kw)
+        kw = dict(norm=norm, residual=res_block)
+        self.stem = ConvBlock(spatial_dims, in_chans, feature_size, **kw)
         if self.hierarchical:
             if skip_indices is not None:
                 raise ValueError("skip_indices selects ViT blocks; a hierarchical encoder feeds every stage")
@@ -150,7 +150,7 @@ class UNETR(nn.Module):
         self.stride = 2**num_up
         if any(s % self.stride for s in self.img_size):
             raise ValueError(f"img_size {self.img_size} is not a multiple of the total stride {self.stride}")
-        self.head = PointwiseConv(feature_size, num_classes, spatial_dims)
+        self.head = PointwiseConv(spatial_dims, feature_size, num_classes)
         # oneDNN's channels-last convolutions are ~2x faster on CPUs; the decoder runs in it
         self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
         if spatial_dims > 1:
@@ -182,11 +182,11 @@ class UNETR(nn.Module):
         widths = [feature_size * 2**i for i in range(num_up)]
         self.down = nn.ModuleList()
         self.skips = nn.ModuleList(
-            ProjectionUpsample(hidden, widths[i], num_up - i, conv_block=conv_block, **kw)
+            ProjectionUpsample(self.spatial_dims, hidden, widths[i], num_up - i, conv_block=conv_block, **kw)
             for i in range(1, num_up)
         )
         self.ups = nn.ModuleList(
-            UpBlock(hidden if i == num_up - 1 else widths[i + 1], widths[i], **kw)
+            UpBlock(self.spatial_dims, hidden if i == num_up - 1 else widths[i + 1], widths[i], **kw)
             for i in reversed(range(num_up))
         )
         return num_up
@@ -203,18 +203,20 @@ class UNETR(nn.Module):
             )
         num_up = levels[-1]
         widths = [feature_size * 2**i for i in range(num_up)]
-        conv = conv_nd(kw["spatial_dims"])
+        conv = conv_nd(self.spatial_dims)
         self.skip_indices = tuple(range(len(channels)))
         self.down = nn.ModuleList(
             nn.Sequential(
                 conv(self.in_chans if i == 1 else widths[i - 1], widths[i], 2, stride=2, bias=False),
-                ConvBlock(widths[i], widths[i], **kw),
+                ConvBlock(self.spatial_dims, widths[i], widths[i], **kw),
             )
             for i in range(1, levels[0])
         )
-        self.skips = nn.ModuleList(ConvBlock(c, widths[lv], **kw) for c, lv in zip(channels[:-1], levels))
+        self.skips = nn.ModuleList(
+            ConvBlock(self.spatial_dims, c, widths[lv], **kw) for c, lv in zip(channels[:-1], levels)
+        )
         self.ups = nn.ModuleList(
-            UpBlock(channels[-1] if i == num_up - 1 else widths[i + 1], widths[i], **kw)
+            UpBlock(self.spatial_dims, channels[-1] if i == num_up - 1 else widths[i + 1], widths[i], **kw)
             for i in reversed(range(num_up))
         )
         return num_up

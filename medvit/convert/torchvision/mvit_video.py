@@ -1,4 +1,4 @@
-"""Load torchvision's video MViT v1 (`torchvision.models.video.mvit_v1_b`) weights.
+"""torchvision's video MViT v1 (`torchvision.models.video.mvit_v1_b`) -> medvit `MViTVideo`.
 
 torchvision and medvit compute the same network; only names (and the vector shapes of the
 class token and class position) differ.
@@ -7,12 +7,12 @@ class token and class position) differ.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 
-import torch
 import torch.nn as nn
 
-from medvit.convert._common import StateDict, load_strict, unwrap
+from medvit.convert._common import StateDict
+from medvit.convert.torchvision import register_torchvision_mapper
+from medvit.models.video.mvit_video import MViTVideo
 
 _RENAMES = (
     (r"^conv_proj\.", "patch_embed.proj."),
@@ -30,10 +30,11 @@ _RENAMES = (
 )
 
 
-def map_torchvision_mvit(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+@register_torchvision_mapper(MViTVideo, "torchvision MViT")
+def map_mvit_video(sd: StateDict, model: nn.Module) -> StateDict:
     """torchvision `mvit_v1_b` keys -> `MViTVideo` keys."""
     out: StateDict = {}
-    for k, v in unwrap(state_dict).items():
+    for k, v in sd.items():
         for pattern, repl in _RENAMES:
             k = re.sub(pattern, repl, k)
         if k in ("pos_embed_spatial", "pos_embed_temporal"):
@@ -43,7 +44,3 @@ def map_torchvision_mvit(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
         out[k] = v
     return out
 
-
-def load_torchvision_mvit(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Load a torchvision video MViT v1 state dict into an `MViTVideo`, strictly."""
-    return load_strict(model, map_torchvision_mvit(state_dict), "torchvision MViT")

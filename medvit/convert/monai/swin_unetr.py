@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 
 import torch
+import torch.nn as nn
 
 from medvit.convert._common import StateDict
-from medvit.convert.monai import _conv_block, up_path_key
+from medvit.convert.monai import register_monai_mapper
+from medvit.convert.monai._decoder import conv_block_key, up_path_key
 from medvit.models.volume.swin_unetr import SwinUNETR
 
 MONAI_STAGES = 4
@@ -42,7 +44,7 @@ def _merge_weight(v: torch.Tensor) -> torch.Tensor:
 def _decoder_key(k: str) -> str:
     m = re.match(r"^encoder(\d+)\.layer\.(.+)$", k)
     if m:
-        n, rest = int(m.group(1)), _conv_block(m.group(2))
+        n, rest = int(m.group(1)), conv_block_key(m.group(2))
         if n == 1:
             return f"stem.{rest}"
         if n == 10:
@@ -51,7 +53,8 @@ def _decoder_key(k: str) -> str:
     return up_path_key(k)
 
 
-def swin_unetr_state(sd: StateDict, model: SwinUNETR) -> StateDict:
+@register_monai_mapper(SwinUNETR, "MONAI SwinUNETR")
+def map_swin_unetr(sd: StateDict, model: nn.Module) -> StateDict:
     """Rename (and, for 3D merges, permute) a MONAI SwinUNETR state dict for `model`.
 
     Raises:
