@@ -9,7 +9,7 @@ import torch
 
 import medvit
 from medvit.convert import inflate_image_to_video, load_monai, load_timm, load_torchvision
-from medvit.registry import tiny_overrides
+from tiny_configs import tiny_overrides
 
 
 @torch.no_grad()
