@@ -124,7 +124,9 @@ def preprocess_dataset(
             write_nifti(out / entry["image"], image_out, affine)
             write_nifti(out / entry["label"], label_out, affine)
         except OSError as exc:
-            raise DatasetError.at(out / entry["image"], f"cannot write preprocessed case ({one_line(str(exc))})") from None
+            raise DatasetError.at(
+                out / entry["image"], f"cannot write preprocessed case ({one_line(str(exc))})"
+            ) from None
         entries.append(entry)
 
     target = list(prep.spacing)  # type: ignore[arg-type]

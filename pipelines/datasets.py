@@ -208,7 +208,9 @@ def _modality(path: Path, entry: Any, key: str) -> str:
         raise DatasetError.at(path, f"'{key}' must be an object of channel names, got {type(entry).__name__}")
     if len(names) > 1:
         listed = ", ".join(names)
-        raise DatasetError.at(path, f"'{key}' lists {len(names)} channels ({listed}); only single-channel images are supported")
+        raise DatasetError.at(
+            path, f"'{key}' lists {len(names)} channels ({listed}); only single-channel images are supported"
+        )
     if not names:
         return "CT"
     name = names[0].strip()
@@ -283,7 +285,9 @@ def _load_msd(path: Path, data: dict[str, Any], sink: list[Problem] | None = Non
     cases = []
     for index, entry in enumerate(training):
         if not isinstance(entry, dict):
-            raise DatasetError.at(path, f"training case {index} must be an object with 'image' and 'label', got {entry!r}")
+            raise DatasetError.at(
+                path, f"training case {index} must be an object with 'image' and 'label', got {entry!r}"
+            )
         image, label = entry.get("image"), entry.get("label")
         if not isinstance(image, str) or not image:
             raise DatasetError.at(path, f"training case {index} has no 'image' path")
@@ -304,7 +308,9 @@ def _load_nnunet(path: Path, data: dict[str, Any], sink: list[Problem] | None = 
                 path, f"label {name!r} is a region ({value}); region-based nnU-Net labels are not supported"
             )
         if name == "ignore":
-            raise DatasetError.at(path, "label 'ignore' (nnU-Net sparse annotation) is not supported; every voxel must be labelled")
+            raise DatasetError.at(
+                path, "label 'ignore' (nnU-Net sparse annotation) is not supported; every voxel must be labelled"
+            )
         lid = _label_id(path, value, name)
         if lid in labels:
             raise DatasetError.at(path, f"labels {labels[lid]!r} and {name!r} share the id {lid}")
@@ -377,13 +383,17 @@ def _load_preprocessed(path: Path, data: dict[str, Any], sink: list[Problem] | N
     for key, entry in raw.items():
         cls = _label_id(path, key, key)
         if not isinstance(entry, dict) or "id" not in entry or not isinstance(entry.get("name"), str):
-            raise DatasetError.at(path, f"class {key} must be {{\"id\": <original id>, \"name\": <name>}}, got {entry!r}")
+            raise DatasetError.at(
+                path, f"class {key} must be {{\"id\": <original id>, \"name\": <name>}}, got {entry!r}"
+            )
         by_class[cls] = (_label_id(path, entry["id"], entry["name"]), entry["name"])
     classes = sorted(by_class)
     ids = [by_class[c][0] for c in classes]
     # Class c must be the c-th smallest original id, the order preprocess_transforms remaps to.
     if classes != list(range(1, len(classes) + 1)) or ids != sorted(set(ids)) or 0 in ids:
-        raise DatasetError.at(path, f"class indices {classes} with ids {ids} are not the remapping 1..K of the sorted ids")
+        raise DatasetError.at(
+            path, f"class indices {classes} with ids {ids} are not the remapping 1..K of the sorted ids"
+        )
     labels = {lid: name for lid, name in by_class.values()}
     if not isinstance(data["cases"], list):
         raise DatasetError.at(path, "'cases' must be a list")
@@ -418,8 +428,9 @@ def read_case(case: Case) -> tuple[Scan, Scan]:
         raise DatasetError.at(case.image, f"training case {case.name!r} has no label file")
     image, label = _read(case.image), _read(case.label)
     if image.shape != label.shape:
-        raise DatasetError.at(case.label, f"label shape {label.shape} differs from image shape {image.shape} ({case.image})")
+        raise DatasetError.at(
+            case.label, f"label shape {label.shape} differs from image shape {image.shape} ({case.image})"
+        )
     if label.array.dtype.kind == "f" and not np.array_equal(label.array, np.round(label.array)):
         raise DatasetError.at(case.label, "label file holds non-integer values")
     return image, label
-

@@ -88,7 +88,9 @@ def _check_config(config: EvalConfig) -> None:
             raise MedvitError("the label list is empty; give at least one label id, or none to use all")
         for label_id in config.labels:
             if int(label_id) != label_id or not 0 < label_id <= MAX_LABEL:
-                raise MedvitError(one_line(f"label id {label_id!r} must be an integer from 1 to {MAX_LABEL} (0 is background)"))
+                raise MedvitError(
+                    one_line(f"label id {label_id!r} must be an integer from 1 to {MAX_LABEL} (0 is background)")
+                )
 
 
 def _labels_of(scan: Scan) -> np.ndarray:

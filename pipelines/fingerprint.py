@@ -134,4 +134,3 @@ def _intensity_stats(values: np.ndarray) -> dict[str, float | int | None]:
         "percentile_99_5": float(p995),
         "num_samples": int(values.size),
     }
-

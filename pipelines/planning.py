@@ -93,4 +93,3 @@ def patch_size(
         axis = int(np.argmax(patch))
         patch[axis] = max(multiple, patch[axis] - multiple)
     return patch
-
