@@ -37,8 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from medvit.pipelines.preprocessing import DEFAULT_CT_WINDOW, DEFAULT_SPACING
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SPACING = (1.5, 1.5, 2.0)
+SPACING = DEFAULT_SPACING
 ROI = (96, 96, 96)
 NUM_CLASSES = 14
 # --network: medvit's registered model for each MONAI reference network
@@ -69,7 +71,9 @@ def child_monai(scan: str, weights: str, out: str, probs: str | None, network: s
     pre = Compose([
         LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"),
         Spacingd("image", pixdim=SPACING, mode="bilinear"),
-        ScaleIntensityRanged("image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
+        ScaleIntensityRanged(
+            "image", a_min=DEFAULT_CT_WINDOW[0], a_max=DEFAULT_CT_WINDOW[1], b_min=0.0, b_max=1.0, clip=True
+        ),
     ])
     d = pre({"image": scan})
     with torch.no_grad():

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.io import read_scan, write_mask
 
 from _proxy import DATA, ORGANS, json_atomic, label_names
@@ -152,9 +153,7 @@ def write_raw_dataset(root: Path, dataset_id: int, manifest: dict, slab: bool) -
         lut[ids[name]] = i
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     image = folder / "imagesTr" / "proxy_000_0000.nii.gz"
-    tmp = image.with_name(".tmp-" + image.name)
-    tmp.write_bytes((source / "image.nii.gz").read_bytes())
-    os.replace(tmp, image)
+    write_atomic(image, lambda tmp: tmp.write_bytes((source / "image.nii.gz").read_bytes()))
     write_mask(lut[ref], scan, folder / "labelsTr" / "proxy_000.nii.gz")  # on the image's own grid
     ds = {"name": folder.name, "channel_names": {"0": "CT"},
           "labels": {"background": 0, **{n: i for i, n in enumerate(names, 1)}},

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.errors import MedvitError, one_line
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -29,7 +29,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # An error about many files (a dataset, a batch) lists them above its summary.
             for line in getattr(e, "details", ()):
                 click.echo(line, err=True)
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+            raise click.ClickException(one_line(str(e)) or type(e).__name__) from None
         except FileNotFoundError as e:
             raise click.ClickException(f"{e.filename}: no such file or folder") from None
 

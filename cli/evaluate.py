@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from medvit.cli._common import user_errors
-from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.errors import MedvitError, one_line
 
 DEFAULT_CSV = "evaluation.csv"
 # Per-case rows are printed too when there are this few cases and rows.
@@ -46,7 +46,7 @@ def _labels_from_json(path: Path) -> dict[int, str]:
     except FileNotFoundError:
         raise MedvitError(f"{path}: no such file") from None
     except (OSError, ValueError, TypeError) as e:
-        reason = " ".join(str(e).split())
+        reason = one_line(str(e))
         raise MedvitError(f"{path}: not a JSON object mapping label id to name ({reason})") from None
     # Background is never a structure to score; label files usually list it.
     return {k: v for k, v in labels.items() if k != 0}

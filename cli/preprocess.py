@@ -9,14 +9,10 @@ from pathlib import Path
 import click
 
 from medvit.cli._common import terminate_unwinds, user_errors
-from medvit.pipelines.data import (
-    FINGERPRINT_JSON,
-    PREPROCESSED_JSON,
-    PreprocessConfig,
-    load_dataset,
-    preprocess_dataset,
-)
+from medvit.pipelines.dataset_preprocessing import PreprocessConfig, preprocess_dataset
+from medvit.pipelines.datasets import PREPROCESSED_JSON, load_dataset
 from medvit.pipelines.errors import DatasetError
+from medvit.pipelines.fingerprint import FINGERPRINT_JSON
 from medvit.pipelines.preprocessing import INTENSITY_PRESETS
 from medvit.pipelines.verify import format_problems, verified_dataset
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from medvit.cli._common import device_option, model_arg_option, terminate_unwinds, user_errors
-from medvit.pipelines.preprocessing import INTENSITY_PRESETS
+from medvit.pipelines.preprocessing import DEFAULT_SPACING, INTENSITY_PRESETS
 from medvit.pipelines.recipes import recipe_names
 
 
@@ -27,7 +27,7 @@ from medvit.pipelines.recipes import recipe_names
               show_default=True, help="2D models: the slices they are trained on (and segment).")
 @click.option("--slab", default=1, show_default=True,
               help="2D models: odd number of neighbouring slices given as input channels.")
-@click.option("--spacing", nargs=3, type=float, default=(1.5, 1.5, 2.0), show_default=True,
+@click.option("--spacing", nargs=3, type=float, default=DEFAULT_SPACING, show_default=True,
               help="Target voxel size in mm (ignored for a preprocessed folder).")
 @click.option("--intensity", type=click.Choice(INTENSITY_PRESETS), default=None,
               help="Intensity preset (default: from the dataset's modality); ct-fingerprint: clip to the "
@@ -53,7 +53,7 @@ def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice
     holding declared values, one channel, finite, no duplicates); a dataset with
     problems is refused with all of them listed, before training starts.
     """
-    from medvit.pipelines.inference import parse_axis
+    from medvit.pipelines.slicing import parse_axis
     from medvit.pipelines.train import TrainConfig, train as run
 
     cfg = TrainConfig(

@@ -1,3 +1,3 @@
-"""MONAI-based workflows: io, transforms, data, train, segment, evaluate, export."""
+"""Workflows: read scans, check and plan datasets, preprocess, train, segment, evaluate, convert weights."""
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ and Pillow pick the format from it.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -19,6 +20,12 @@ from typing import Any
 def temporary_name(path: Path) -> Path:
     """A hidden name beside `path` that ends like it (`.tmp-<hex>-<name>`)."""
     return path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
+
+
+def remove_temporaries(path: Path) -> None:
+    """Remove the temporary files a killed writer of `path` left beside it (SIGKILL runs no clean-up)."""
+    for tmp in path.parent.glob(f".tmp-*-{glob.escape(path.name)}"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:

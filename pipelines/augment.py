@@ -35,8 +35,8 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from medvit.pipelines.inference import in_plane
 from medvit.pipelines.recipes import Recipe, enlarged, mirror_axes
+from medvit.pipelines.slicing import in_plane
 from medvit.pipelines.transforms import SlabToChannelsd
 
 KEYS = ["image", "label"]

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 import medvit
 from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.errors import CheckpointError, short_reason
-from medvit.pipelines.preprocessing import Preprocessing
+from medvit.pipelines.preprocessing import DEFAULT_CT_WINDOW, Preprocessing
 
 CARD_KEY = "medvit"
 FORMAT_VERSION = 1
@@ -43,7 +43,7 @@ class ModelCard:
         preprocessing: `Preprocessing.to_dict()`.
         patch_size: Sliding-window size (the model's input size; 2 entries for 2D models).
         slicing: For 2D models, how volumes are sliced: {"axis": 0|1|2, "slab": odd n}
-            (see `medvit.pipelines.inference.SliceSpec`); None for 3D models.
+            (see `medvit.pipelines.slicing.SliceSpec`); None for 3D models.
         extra: Training progress and anything else (epoch, step, best Dice ...).
         postprocessing: Connected-component rules chosen on validation, applied to the
             masks `medvit segment` writes (`medvit.pipelines.postprocess`); None in
@@ -147,7 +147,7 @@ def _preprocessing_problem(prep: Any) -> str | None:
         isinstance(spacing, list) and len(spacing) == 3 and all(_is_number(v) and v > 0 for v in spacing)
     ):
         return "preprocessing spacing must be three positive numbers or null"
-    window = prep.get("ct_window", [-175.0, 250.0])
+    window = prep.get("ct_window", list(DEFAULT_CT_WINDOW))
     if not (isinstance(window, list) and len(window) == 2 and all(_is_number(v) for v in window)
             and window[0] < window[1]):  # fmt: skip
         return "preprocessing ct_window must be two increasing numbers"

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import secrets
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,9 +34,9 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from scipy.ndimage import find_objects
 from tqdm.auto import tqdm
 
-from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.io import Scan, find_scans, is_dicom_folder, read_scan
-from medvit.pipelines.io import scan_stem
+from medvit.pipelines.atomic import write_atomic
+from medvit.pipelines.errors import MedvitError, one_line
+from medvit.pipelines.io import Scan, find_scans, is_dicom_folder, read_scan, scan_stem
 
 __all__ = [
     "CSV_COLUMNS",
@@ -81,20 +79,18 @@ class EvalConfig:
     hd_percentile: float = 95.0
 
 
-def _user_error(message: str) -> MedvitError:
-    return MedvitError(" ".join(message.split()))
-
-
 def _check_config(config: EvalConfig) -> None:
     p = config.hd_percentile
     if not (isinstance(p, (int, float)) and 0 < p <= 100):
-        raise _user_error(f"HD percentile must be in (0, 100], got {p!r}")
+        raise MedvitError(one_line(f"HD percentile must be in (0, 100], got {p!r}"))
     if config.labels is not None:
         if not config.labels:
-            raise _user_error("the label list is empty; give at least one label id, or none to use all")
+            raise MedvitError("the label list is empty; give at least one label id, or none to use all")
         for label_id in config.labels:
             if int(label_id) != label_id or not 0 < label_id <= MAX_LABEL:
-                raise _user_error(f"label id {label_id!r} must be an integer from 1 to {MAX_LABEL} (0 is background)")
+                raise MedvitError(
+                    one_line(f"label id {label_id!r} must be an integer from 1 to {MAX_LABEL} (0 is background)")
+                )
 
 
 def _labels_of(scan: Scan) -> np.ndarray:
@@ -104,16 +100,16 @@ def _labels_of(scan: Scan) -> np.ndarray:
         return array.view(np.uint8)
     if array.dtype.kind == "f":
         if array.size and not np.array_equal(array, np.round(array)):
-            raise _user_error(f"{scan.path}: not a label mask (has non-integer values; is it an image?)")
+            raise MedvitError.at(scan.path, "not a label mask (has non-integer values; is it an image?)")
         low = float(array.min()) if array.size else 0.0
         high = float(array.max()) if array.size else 0.0
     else:
         low = int(array.min()) if array.size else 0
         high = int(array.max()) if array.size else 0
     if low < 0:
-        raise _user_error(f"{scan.path}: not a label mask (has negative value {low:g}; is it an image?)")
+        raise MedvitError.at(scan.path, f"not a label mask (has negative value {low:g}; is it an image?)")
     if high > MAX_LABEL:
-        raise _user_error(f"{scan.path}: not a label mask (label {high:g} is above {MAX_LABEL}; is it an image?)")
+        raise MedvitError.at(scan.path, f"not a label mask (label {high:g} is above {MAX_LABEL}; is it an image?)")
     if array.dtype.kind == "f" or array.dtype.itemsize > 4:
         return array.astype(np.int32)
     return array
@@ -122,7 +118,7 @@ def _labels_of(scan: Scan) -> np.ndarray:
 def _check_same_grid(pred: Scan, gt: Scan) -> None:
     where = f"prediction {pred.path} and reference {gt.path}"
     if pred.shape != gt.shape:
-        raise _user_error(f"{where} are not on the same grid: shape {pred.shape} vs {gt.shape}")
+        raise MedvitError(one_line(f"{where} are not on the same grid: shape {pred.shape} vs {gt.shape}"))
     diff = np.abs(pred.affine - gt.affine)
     if not np.allclose(pred.affine, gt.affine, rtol=0.0, atol=GRID_ATOL_MM):
         details = []
@@ -135,7 +131,7 @@ def _check_same_grid(pred: Scan, gt: Scan) -> None:
             op, og = np.round(pred.affine[:3, 3], 3), np.round(gt.affine[:3, 3], 3)
             details.append(f"origin {tuple(float(v) for v in op)} vs {tuple(float(v) for v in og)} mm")
         details.append(f"affines differ by up to {diff.max():.4g} mm")
-        raise _user_error(f"{where} are not on the same grid: {'; '.join(details)}")
+        raise MedvitError(one_line(f"{where} are not on the same grid: {'; '.join(details)}"))
 
 
 def _bbox(a: slice | None, b: slice | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -241,7 +237,7 @@ def _by_stem(paths: Sequence[Path], folder: Path) -> dict[str, Path]:
     for path in paths:
         stem = scan_stem(path)
         if stem in out:
-            raise _user_error(f"{folder}: two masks for case {stem!r} ({out[stem].name} and {path.name})")
+            raise MedvitError.at(folder, f"two masks for case {stem!r} ({out[stem].name} and {path.name})")
         out[stem] = path
     return out
 
@@ -287,11 +283,11 @@ def pair_cases(pred: str | Path, gt: str | Path) -> list[tuple[str, Path, Path]]
     lone_preds = [p for s, p in pred_by_stem.items() if s not in matches.values()]
     lone_gts = [p for s, p in gt_by_stem.items() if s not in matches]
     if not pairs:
-        raise _user_error(
+        raise MedvitError(one_line(
             f"no prediction in {pred} matches a reference mask in {gt} by name "
             f"(predictions: {_names(preds)}; references: {_names(gts)}; "
             f"a prediction matches as <case> or <case>{PRED_SUFFIX})"
-        )
+        ))
     if not pred_single and not gt_single:
         if lone_gts:
             warnings.warn(
@@ -350,22 +346,18 @@ def write_csv(rows: Sequence[dict], csv_path: str | Path) -> Path:
     """
     csv_path = Path(csv_path)
     if csv_path.is_dir():
-        raise _user_error(f"{csv_path}: CSV output path is a folder")
-    tmp = csv_path.parent / f".tmp-{secrets.token_hex(6)}-{csv_path.name}"
-    try:
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        raise MedvitError.at(csv_path, "CSV output path is a folder")
+
+    def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, csv_path)
+
+    try:
+        return write_atomic(csv_path, write)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise _user_error(f"{csv_path}: cannot write CSV ({e.strerror or e})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return csv_path
+        raise MedvitError.at(csv_path, f"cannot write CSV ({e.strerror or e})") from None
 
 
 def evaluate(

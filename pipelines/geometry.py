@@ -1,13 +1,14 @@
 """Model-space geometry for inference, computed as MONAI computes it, without importing MONAI.
 
-`medvit segment` needs only three things from the preprocessing: the model-space grid
-(MONAI's `Orientationd` + `Spacingd` rules: `zoom_affine` and `compute_shape_offset`), the
-volume sampled on it (trilinear, edge values outside, like `Spacingd`'s bilinear/border
-resampling) and the intensity preset. Importing MONAI costs ~300 MB of memory and seconds
-of start-up, more than the whole inference of a small scan, so these are written here and
-tested against MONAI's transforms (`tests/pipelines/test_geometry.py`). Sampling goes slab
-by slab straight from the scan's own array, so a large scan is never copied to float32 in
-full; the same sampler maps probabilities back onto the scan's grid (`stitch`).
+`medvit segment` needs three things from the preprocessing: the model-space grid (MONAI's
+`Orientationd` + `Spacingd` rules: `zoom_affine` and `compute_shape_offset`) and the volume
+sampled on it (trilinear, edge values outside, like `Spacingd`'s bilinear/border
+resampling), both here, and the intensity preset (`intensity`). Importing MONAI costs
+~300 MB of memory and seconds of start-up, more than the whole inference of a small scan,
+so these are written here and tested against MONAI's transforms
+(`tests/pipelines/test_geometry.py`). Sampling goes slab by slab straight from the scan's
+own array, so a large scan is never copied to float32 in full; the same sampler maps
+probabilities back onto the scan's grid (`stitch`).
 """
 
 from __future__ import annotations
@@ -154,36 +155,3 @@ def _reindex(array: np.ndarray, voxel_map: np.ndarray, shape: Sequence[int]) -> 
     view = np.transpose(array, [src for src, _, _ in index])
     view = view[np.ix_(*[start + step * np.arange(n) for (_, start, step), n in zip(index, shape)])]
     return torch.from_numpy(np.ascontiguousarray(view, dtype=np.float32))[None]
-
-
-def scale_intensity(
-    x: torch.Tensor, preset: str, ct_window: Sequence[float], ct_norm: Sequence[float] | None = None
-) -> torch.Tensor:
-    """The intensity presets of `Preprocessing`, in place: MONAI's ScaleIntensityRange (clip)
-    for `ct`, clipping to `ct_norm`'s (low, high) and z-scoring with its (mean, std) for
-    `ct-fingerprint`, NormalizeIntensity over the non-zero voxels for `mr`."""
-    if preset == "ct":
-        lo, hi = ct_window
-        return x.sub_(lo).div_(hi - lo).clamp_(0.0, 1.0)
-    if preset == "ct-fingerprint":
-        if ct_norm is None:
-            raise ValueError("the ct-fingerprint preset needs its (low, high, mean, std)")
-        lo, hi, mean, std = ct_norm
-        return x.clamp_(lo, hi).sub_(mean).div_(std)
-    if preset == "mr":
-        for c in x:
-            nz = c[c != 0]
-            if nz.numel():
-                mean, std = nz.mean(), nz.std(correction=0)
-                c[c != 0] = (nz - mean) / (std if std > 0 else 1.0)
-        return x
-    return x
-
-
-def gaussian_weights(roi: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """MONAI's gaussian importance map (sigma 0.125 x window), floored at its smallest value."""
-    w = torch.ones((), device=device)
-    for r in roi:
-        x = torch.arange(-(r - 1) / 2.0, (r - 1) / 2.0 + 1, dtype=torch.float32, device=device)
-        w = w.unsqueeze(-1) * torch.exp(x**2 / (-2 * (0.125 * r) ** 2))
-    return w.clamp(min=max(float(w.min()), 1e-3))

@@ -20,8 +20,6 @@ names the file. Headers are checked before voxels are read (`medvit.pipelines.sc
 
 from __future__ import annotations
 
-import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING
 import nibabel as nib
 import numpy as np
 
+from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.dicom import dicom_file_problem, quiet_itk as _quiet_itk, read_dicom_series
 from medvit.pipelines.errors import ScanError, short_reason
 from medvit.pipelines.nifti import read_nifti
@@ -48,7 +47,7 @@ from medvit.pipelines.scan_checks import (
 if TYPE_CHECKING:  # imported where used: NIfTI needs no SimpleITK, whose import costs ~60 MB
     import SimpleITK as sitk
 
-__all__ = ["SCAN_SUFFIXES", "Scan", "ScanError", "find_scans", "is_dicom_folder", "read_scan", "scan_stem", "write_mask"]
+__all__ = ["SCAN_SUFFIXES", "Scan", "find_scans", "is_dicom_folder", "read_scan", "scan_stem", "write_mask"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_FILE_SUFFIXES = {".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
@@ -433,20 +432,16 @@ def write_mask(mask: np.ndarray, scan: Scan, out_path: str | Path) -> Path:
     except OSError as exc:
         raise ScanError.at(out_path, f"cannot create output folder ({short_reason(exc)})") from None
 
-    # The temp name keeps the real suffix: both writers pick the format from it.
-    tmp = out_path.parent / f".tmp-{secrets.token_hex(6)}-{out_path.name}"
+    # The temporary name keeps the real suffix: both writers pick the format from it.
+    geometry = scan._itk_geometry
     try:
-        if scan._itk_geometry is not None:
-            _write_itk(mask, scan._itk_geometry, tmp)
-        else:
-            _write_nibabel(mask, scan, tmp)
-        os.replace(tmp, out_path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, Exception) and not isinstance(exc, ScanError):
-            raise ScanError.at(out_path, f"cannot write mask ({short_reason(exc)})") from None
+        if geometry is not None:
+            return write_atomic(out_path, lambda tmp: _write_itk(mask, geometry, tmp))
+        return write_atomic(out_path, lambda tmp: _write_nibabel(mask, scan, tmp))
+    except ScanError:
         raise
-    return out_path
+    except Exception as exc:
+        raise ScanError.at(out_path, f"cannot write mask ({short_reason(exc)})") from None
 
 
 def _write_itk(mask: np.ndarray, geometry: _ItkGeometry, tmp: Path) -> None:

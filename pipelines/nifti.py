@@ -1,4 +1,4 @@
-"""NIfTI-1/2 reading that checks the raw header before nibabel sees it.
+"""NIfTI-1/2 reading that checks the raw header before nibabel sees it; writing new volumes.
 
 nibabel repairs some header faults on load (a negative or zero pixdim becomes positive, an
 unknown xform code becomes 0, ...) with a log line, and reads others literally (voxels at
@@ -17,6 +17,9 @@ field, when it cannot be trusted:
   voxels it declares, checked before they are read;
 - intensity scaling: a slope of 0 or non-finite means none (NIfTI standard; nibabel and
   ITK agree); a finite slope with a non-finite intercept is refused.
+
+:func:`write_nifti` writes a volume made in code (a preprocessed case, a phantom); masks
+of a scan are written by :func:`medvit.pipelines.io.write_mask` on the scan's own header.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.errors import ScanError, short_reason
 from medvit.pipelines.scan_checks import (
     check_grid,
@@ -40,7 +44,7 @@ from medvit.pipelines.scan_checks import (
     squeeze_to_3d,
 )
 
-__all__ = ["NiftiHeader", "check_nifti", "read_nifti"]
+__all__ = ["NiftiHeader", "check_nifti", "read_nifti", "write_nifti"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _SINGLE_FILE_MAGIC = {348: b"n+1", 540: b"n+2"}
@@ -250,3 +254,19 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
         # torch.from_numpy refuses big-endian arrays.
         array = array.astype(array.dtype.newbyteorder("="))
     return array, info.affine, info.image.header
+
+
+def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write `array` (i, j, k) with its own voxel type as NIfTI-1, atomically.
+
+    The affine is recorded as both qform and sform, scanner coordinates (code 1), in mm.
+
+    Returns:
+        `path`.
+    """
+    image = nib.Nifti1Image(array, affine)
+    image.set_data_dtype(array.dtype)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units(xyz="mm")
+    return write_atomic(path, lambda tmp: nib.save(image, str(tmp)))

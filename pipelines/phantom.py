@@ -15,13 +15,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.transform import Rotation
 
-from medvit.pipelines.atomic import write_atomic, write_json
+from medvit.pipelines.atomic import write_json
+from medvit.pipelines.nifti import write_nifti
 
 __all__ = ["LABELS", "Phantom", "make_phantom", "save_phantom", "write_phantom_dataset"]
 
@@ -305,15 +305,6 @@ def make_phantom(
     )
 
 
-def _save_nifti(data: np.ndarray, affine: np.ndarray, dtype: type, path: Path) -> None:
-    img = nib.Nifti1Image(data.astype(dtype, copy=False), affine)
-    img.set_data_dtype(dtype)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units(xyz="mm")
-    write_atomic(path, lambda tmp: nib.save(img, tmp))
-
-
 def save_phantom(phantom: Phantom, image_path: str | os.PathLike, label_path: str | os.PathLike) -> None:
     """Write a phantom as two NIfTI files on the same grid.
 
@@ -331,8 +322,8 @@ def save_phantom(phantom: Phantom, image_path: str | os.PathLike, label_path: st
             raise ValueError(f"{path}: phantom files must end in .nii or .nii.gz")
     if phantom.image.shape != phantom.labels.shape:
         raise ValueError(f"phantom image shape {phantom.image.shape} differs from labels shape {phantom.labels.shape}")
-    _save_nifti(phantom.image, phantom.affine, np.int16, paths[0])
-    _save_nifti(phantom.labels, phantom.affine, np.uint8, paths[1])
+    write_nifti(paths[0], phantom.image.astype(np.int16, copy=False), phantom.affine)
+    write_nifti(paths[1], phantom.labels.astype(np.uint8, copy=False), phantom.affine)
 
 
 def _case_seed(seed: int, index: int) -> int:

@@ -9,6 +9,16 @@ from typing import Any
 from medvit.pipelines.errors import MedvitError
 
 INTENSITY_PRESETS = ("ct", "mr", "none", "ct-fingerprint")
+# The defaults of training and conversion: voxel size in mm (RAS x, y, z), and the HU window
+# of the `ct` preset (abdominal soft tissue).
+DEFAULT_SPACING: tuple[float, float, float] = (1.5, 1.5, 2.0)
+DEFAULT_CT_WINDOW: tuple[float, float] = (-175.0, 250.0)
+
+
+def default_intensity(modality: str | None) -> str:
+    """The intensity preset for a dataset's modality: `ct` for CT (or none given), `mr` for MR, else `none`."""
+    name = (modality or "CT").upper()
+    return "ct" if name == "CT" else "mr" if name in ("MR", "MRI") else "none"
 
 
 @dataclass
@@ -27,9 +37,9 @@ class Preprocessing:
         ct_std: `ct-fingerprint`: the foreground's HU standard deviation.
     """
 
-    spacing: tuple[float, float, float] | None = (1.5, 1.5, 2.0)
+    spacing: tuple[float, float, float] | None = DEFAULT_SPACING
     intensity: str = "ct"
-    ct_window: tuple[float, float] = (-175.0, 250.0)
+    ct_window: tuple[float, float] = DEFAULT_CT_WINDOW
     orientation: str = "RAS"
     ct_clip: tuple[float, float] | None = None
     ct_mean: float | None = None
@@ -59,7 +69,7 @@ class Preprocessing:
 
     def with_fingerprint(self, fingerprint: Mapping[str, Any]) -> Preprocessing:
         """This preprocessing with the `ct-fingerprint` statistics of a dataset fingerprint
-        (`medvit.pipelines.data.compute_fingerprint`); unchanged for the other presets.
+        (`medvit.pipelines.fingerprint.compute_fingerprint`); unchanged for the other presets.
 
         Raises:
             MedvitError: The fingerprint has no foreground intensities.

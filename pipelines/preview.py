@@ -9,8 +9,8 @@ slightly oblique scan all give the same picture; nothing is resampled), then sho
 - sagittal: seen from the patient's left, anterior on the image's left, head up;
 
 with square pixels in millimetres. Below the views, a legend gives each label's colour
-and name (and says which labels the mask does not contain). The legend is also stored in
-the PNG as the text chunk `medvit:legend` (JSON), so programs can read it back.
+(`palette`) and name (and says which labels the mask does not contain). The legend is also
+stored in the PNG as the text chunk `medvit:legend` (JSON), so programs can read it back.
 """
 
 from __future__ import annotations
@@ -27,16 +27,10 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from medvit.pipelines.atomic import write_atomic
+from medvit.pipelines.palette import label_colour
 
-__all__ = ["LEGEND_KEY", "LegendEntry", "Preview", "label_colour", "render_preview", "write_preview"]
+__all__ = ["LEGEND_KEY", "LegendEntry", "Preview", "render_preview", "write_preview"]
 
-# A distinct colour per label id (cycled), background transparent. Every colour has two
-# channels at least 10 apart, so an overlaid pixel is never grey.
-_PALETTE = np.array(
-    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]],
-    dtype=np.float32,
-)
 OVERLAY_ALPHA = 0.45
 VIEW_HEIGHT = 256  # pixels; each view is scaled to this height with its physical aspect
 GAP = 4  # black pixels between views
@@ -90,11 +84,6 @@ class Preview:
     pixels: np.ndarray
     panels: dict[str, tuple[int, int, int, int]]
     legend: list[LegendEntry]
-
-
-def label_colour(label: int) -> tuple[int, int, int]:
-    """The colour the preview gives a label id."""
-    return tuple(int(c) for c in _PALETTE[(int(label) - 1) % len(_PALETTE)])
 
 
 def _to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ exists; `skip_existing` resumes a killed batch from there.
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import os
@@ -26,13 +25,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medvit.pipelines.atomic import write_json
+from medvit.pipelines.atomic import remove_temporaries, write_json
 from medvit.pipelines.checkpoint import ModelCard, load_checkpoint
-from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.inference import SliceSpec
+from medvit.pipelines.errors import MedvitError, one_line
+from medvit.pipelines.geometry import model_grid, resample_scan
+from medvit.pipelines.intensity import scale_intensity
 from medvit.pipelines.io import Scan, find_scans, read_scan, scan_stem, write_mask
+from medvit.pipelines.postprocess import apply_postprocessing
+from medvit.pipelines.preprocessing import Preprocessing
 from medvit.pipelines.preview import write_preview
+from medvit.pipelines.recipes import is_lateralised, left_right_axis
 from medvit.pipelines.runtime import autocast, inference_dtype, resolve_device, return_freed_memory
+from medvit.pipelines.slicing import SliceSpec
 from medvit.pipelines.stitch import (
     accumulator_device,
     invert_argmax,
@@ -40,10 +44,6 @@ from medvit.pipelines.stitch import (
     stream_probabilities,
     stream_slice_probabilities,
 )
-from medvit.pipelines.geometry import model_grid, resample_scan, scale_intensity
-from medvit.pipelines.postprocess import apply_postprocessing
-from medvit.pipelines.preprocessing import Preprocessing
-from medvit.pipelines.recipes import is_lateralised, left_right_axis
 
 
 @dataclass
@@ -410,8 +410,7 @@ def _remove_temporaries(out: Path, stem: str) -> None:
     if not out.is_dir():
         return
     for suffix in ("_seg.nii.gz", "_volumes.json", "_preview.png"):
-        for tmp in out.glob(f".tmp-*-{glob.escape(stem)}{suffix}"):
-            tmp.unlink(missing_ok=True)
+        remove_temporaries(out / f"{stem}{suffix}")
 
 
 def _finished(out: Path, path: Path, preview: bool) -> SegmentResult | None:
@@ -430,7 +429,7 @@ def _finished(out: Path, path: Path, preview: bool) -> SegmentResult | None:
 
 
 def _problem_line(path: Path, exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    text = one_line(str(exc))
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
         text = f"out of memory ({text})" if text else "out of memory"
     return text if text.startswith(str(path)) else f"{path}: {text}"

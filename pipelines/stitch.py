@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from medvit.pipelines.geometry import gaussian_weights, sample_slab, slabs
-from medvit.pipelines.inference import SliceSpec, slab_stack
+from medvit.pipelines.geometry import sample_slab, slabs
 from medvit.pipelines.runtime import reuse_large_blocks
+from medvit.pipelines.slicing import SliceSpec, slab_stack
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -40,6 +40,15 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     interval = max(int(roi * (1 - overlap)), 1)
     count = next(d for d in range(math.ceil(size / interval)) if d * interval + roi >= size) + 1
     return [min(i * interval, size - roi) for i in range(count)]
+
+
+def gaussian_weights(roi: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """MONAI's gaussian importance map (sigma 0.125 x window), floored at its smallest value."""
+    w = torch.ones((), device=device)
+    for r in roi:
+        x = torch.arange(-(r - 1) / 2.0, (r - 1) / 2.0 + 1, dtype=torch.float32, device=device)
+        w = w.unsqueeze(-1) * torch.exp(x**2 / (-2 * (0.125 * r) ** 2))
+    return w.clamp(min=max(float(w.min()), 1e-3))
 
 
 def stream_probabilities(
@@ -162,7 +171,7 @@ def stream_slice_probabilities(
     progress: bool = False,
     slice_batch: int = 16,
 ) -> torch.Tensor:
-    """Softmax probabilities `(K, X, Y, Z)` of a 2D model run slice by slice (see `inference`).
+    """Softmax probabilities `(K, X, Y, Z)` of a 2D model run slice by slice (see `slicing`).
 
     Each batch of `slice_batch` slab-stacked slices is stitched in plane as MONAI's
     `sliding_window_inference` (gaussian) would stitch it (`slice_windows`).

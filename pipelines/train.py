@@ -38,18 +38,20 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 import medvit
-from medvit.pipelines.atomic import write_atomic
+from medvit.pipelines.atomic import remove_temporaries, write_atomic
 from medvit.pipelines.augment import train_transforms
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
-from medvit.pipelines.data import DatasetSpec, compute_fingerprint
-from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.inference import SliceSpec, in_plane
+from medvit.pipelines.datasets import DatasetSpec
+from medvit.pipelines.errors import MedvitError, one_line
+from medvit.pipelines.fingerprint import compute_fingerprint
 from medvit.pipelines.postprocess import ValidationCase, determine_postprocessing
+from medvit.pipelines.preprocessing import DEFAULT_SPACING, Preprocessing, default_intensity
 from medvit.pipelines.recipes import get_recipe, lr_lambda, schedule_factor
 from medvit.pipelines.runtime import autocast, resolve_device
+from medvit.pipelines.slicing import SliceSpec, in_plane
 from medvit.pipelines.stitch import stream_probabilities, stream_slice_probabilities
 from medvit.pipelines.train_images import overlay_slice
-from medvit.pipelines.transforms import Preprocessing, preprocess_transforms
+from medvit.pipelines.transforms import preprocess_transforms
 from medvit.pipelines.verify import format_problems, verified_dataset
 
 STATE_FILE = "last_state.pt"
@@ -72,7 +74,7 @@ class TrainConfig:
     patch_size: tuple[int, int, int] = (96, 96, 96)
     slice_axis: int = 2
     slab: int = 1
-    spacing: tuple[float, float, float] | None = (1.5, 1.5, 2.0)
+    spacing: tuple[float, float, float] | None = DEFAULT_SPACING
     intensity: str | None = None
     batch_size: int = 2
     samples_per_volume: int = 2
@@ -191,8 +193,7 @@ class Trainer:
         if self.spec.layout == "preprocessed":
             recorded = Preprocessing.from_dict(self.spec.preprocessing or {})
             return Preprocessing(spacing=None, intensity="none"), recorded
-        modality = (self.spec.modality or "CT").upper()
-        intensity = self.cfg.intensity or ("ct" if modality == "CT" else "mr" if modality in ("MR", "MRI") else "none")
+        intensity = self.cfg.intensity or default_intensity(self.spec.modality)
         prep = Preprocessing(spacing=self.cfg.spacing, intensity=intensity)
         if intensity == "ct-fingerprint":
             prep = prep.with_fingerprint(compute_fingerprint(self.spec))
@@ -280,7 +281,7 @@ class Trainer:
             state = torch.load(state_path, map_location=self.device, weights_only=True)
             card = ModelCard.from_json(state["card"], state_path)
         except (KeyError, RuntimeError, OSError, EOFError) as e:
-            reason = " ".join(str(e).split())[:160]
+            reason = one_line(str(e))[:160]
             raise MedvitError(f"{state_path}: not a resumable training state ({reason})") from None
         if card.model_name != self.cfg.model or card.model_args != json.loads(json.dumps(self.model_args)):
             raise MedvitError(
@@ -355,8 +356,7 @@ class Trainer:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             for name in _RUN_FILES:
-                for stale in self.out.glob(f".tmp-*-{name}"):
-                    stale.unlink(missing_ok=True)
+                remove_temporaries(self.out / name)
             run_info = {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps}
             text = json.dumps(run_info, default=str, indent=2)
             write_atomic(self.out / "config.json", lambda tmp: tmp.write_text(text))

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_COLOURS = torch.tensor(
-    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]],
-    dtype=torch.float32,
-) / 255.0
+from medvit.pipelines.palette import label_colour
 
 
 def overlay_slice(image: torch.Tensor, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -29,7 +26,7 @@ def overlay_slice(image: torch.Tensor, pred: torch.Tensor, label: torch.Tensor) 
             if cls == 0:
                 continue
             sel = mask == cls
-            colour = _COLOURS[(int(cls) - 1) % len(_COLOURS)].view(3, 1)
+            colour = torch.tensor(label_colour(cls), dtype=torch.float32).view(3, 1) / 255.0
             rgb[:, sel] = 0.5 * rgb[:, sel] + 0.5 * colour
         panels.append(torch.rot90(rgb, 1, (1, 2)))
     return torch.cat(panels, dim=2).clamp(0, 1)

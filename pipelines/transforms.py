@@ -2,8 +2,8 @@
 
 Spatial steps (orientation to RAS, resampling to the target spacing, foreground crop)
 are MONAI invertible transforms. Training and preprocessing use them; `segment` computes
-the same model-space grid and values without importing MONAI (`geometry`, tested equal
-to these transforms) and maps predictions back through that grid's affine.
+the same model-space grid and values without importing MONAI (`geometry`, `intensity`,
+tested equal to these transforms) and maps predictions back through that grid's affine.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from monai.transforms import (
     Spacingd,
 )
 
-from medvit.pipelines.inference import SliceSpec, slab_stack
-from medvit.pipelines.preprocessing import Preprocessing
 from medvit.pipelines.io import Scan, read_scan
+from medvit.pipelines.preprocessing import Preprocessing
+from medvit.pipelines.slicing import SliceSpec, slab_stack
 
 
 def scan_to_tensor(scan: Scan, dtype: torch.dtype = torch.float32) -> MetaTensor:
@@ -81,7 +81,7 @@ def intensity_transform(prep: Preprocessing, key: str = "image") -> MapTransform
         lo, hi = prep.ct_window
         return ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
     if prep.intensity == "ct-fingerprint":
-        # clip, then z-score: one linear map of the clipped range (geometry.scale_intensity)
+        # clip, then z-score: one linear map of the clipped range (intensity.scale_intensity)
         lo, hi, mean, std = prep.ct_norm()
         return ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=(lo - mean) / std, b_max=(hi - mean) / std, clip=True)
     if prep.intensity == "mr":
@@ -128,7 +128,7 @@ class SlabToChannelsd(MapTransform):
     """Turn a thin 3D crop into a 2D training sample.
 
     The image `(C, X, Y, Z)` with `slab` slices along `axis` becomes `(slab * C, *plane)`,
-    stacked as inference stacks slabs (`medvit.pipelines.inference.slab_stack`); the label
+    stacked as inference stacks slabs (`medvit.pipelines.slicing.slab_stack`); the label
     becomes its centre slice `(1, *plane)`.
     """
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medvit.pipelines.data import DatasetSpec, load_dataset
-from medvit.pipelines.errors import DatasetError, MedvitError, Problem, short_reason
+from medvit.pipelines.datasets import DatasetSpec, load_dataset
+from medvit.pipelines.errors import DatasetError, MedvitError, Problem, one_line, short_reason
 from medvit.pipelines.io import NIFTI_SUFFIXES, read_scan
 from medvit.pipelines.nifti import check_nifti
 
@@ -92,7 +92,7 @@ def verify_dataset(data: str | Path | DatasetSpec, progress: bool = False) -> li
         try:
             spec = load_dataset(data, problems)
         except DatasetError as exc:
-            return [getattr(exc, "problem", None) or Problem(Path(data), str(exc))]
+            return [exc.problem or Problem(Path(data), str(exc))]
     from tqdm.auto import tqdm
 
     expected = set(range(len(spec.labels) + 1)) if spec.remapped else {0, *spec.labels}
@@ -263,7 +263,7 @@ def _label_values(array: np.ndarray, chunk: int = 2**23) -> list[int] | None:
 
 def _problem(path: Path, exc: MedvitError) -> Problem:
     """A read error as a problem; the reader's message already starts with the file."""
-    text = " ".join(str(exc).split())
+    text = one_line(str(exc))
     prefix = f"{path}: "
     return Problem(path, text[len(prefix):] if text.startswith(prefix) else text)
 

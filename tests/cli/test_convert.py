@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 from types import ModuleType
 
 import pytest
@@ -91,3 +93,15 @@ def test_convert_refuses_pickled_code_and_mismatches(tmp_path, monai_unetr) -> N
     (tmp_path / "text.pt").write_text(json.dumps({"a": 1}))
     res = run("convert", tmp_path / "text.pt", "-o", tmp_path / "o.safetensors", "--from", "monai", "--model", "unetr_base")
     assert res.exit_code != 0 and "text.pt" in res.output
+
+
+def test_convert_does_not_import_monai() -> None:
+    """`medvit convert` maps MONAI's weights with medvit's own code: MONAI (~300 MB, seconds
+    to import) is not loaded by the command nor by the conversion it runs."""
+    code = (
+        "import sys, medvit.cli.convert, medvit.pipelines.convert_weights; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'monai'))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from medvit.cli.main import main
-from medvit.pipelines.data import load_dataset
+from medvit.pipelines.datasets import load_dataset
 from medvit.pipelines.phantom import write_phantom_dataset
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from medvit.pipelines.atomic import temporary_name, write_atomic, write_json
+from medvit.pipelines.atomic import remove_temporaries, temporary_name, write_atomic, write_json
 
 
 def test_temporary_name_is_hidden_beside_the_target_and_keeps_its_suffix(tmp_path) -> None:
@@ -35,3 +35,13 @@ def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path) -> None
         write_atomic(target, half_then_fail)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["mask.nii.gz"]
+
+
+def test_remove_temporaries_takes_only_those_of_the_target(tmp_path) -> None:
+    target = tmp_path / "ct[1]_seg.nii.gz"  # glob characters in the name are taken literally
+    left = [temporary_name(target), temporary_name(target)]
+    other = temporary_name(tmp_path / "ct1_seg.nii.gz")
+    for path in (*left, other, target):
+        path.write_bytes(b"x")
+    remove_temporaries(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, target.name])

@@ -11,16 +11,11 @@ import numpy as np
 import pytest
 from nibabel.orientations import aff2axcodes
 
-from medvit.pipelines.data import (
-    Case,
-    DatasetSpec,
-    PreprocessConfig,
-    compute_fingerprint,
-    load_dataset,
-    plan_from_fingerprint,
-    preprocess_dataset,
-)
+from medvit.pipelines.dataset_preprocessing import PreprocessConfig, preprocess_dataset
+from medvit.pipelines.datasets import Case, DatasetSpec, load_dataset
 from medvit.pipelines.errors import DatasetError, MedvitError
+from medvit.pipelines.fingerprint import compute_fingerprint
+from medvit.pipelines.planning import plan_from_fingerprint
 from medvit.pipelines.phantom import LABELS, write_phantom_dataset
 
 SHAPE = (48, 40, 20)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.io import ScanError, find_scans, read_scan
+from medvit.pipelines.errors import MedvitError, ScanError
+from medvit.pipelines.io import find_scans, read_scan
 
 SERIES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct_dicom"
 N_SLICES, SPACING = 20, 2.0

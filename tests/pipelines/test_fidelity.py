@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from medvit.pipelines.export import ConvertConfig, convert
+from medvit.pipelines.convert_weights import ConvertConfig, convert
 from medvit.pipelines.io import read_scan
 from medvit.pipelines.segment import SegmentConfig, Segmenter
 

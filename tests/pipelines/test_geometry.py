@@ -7,9 +7,12 @@ import pytest
 import torch
 from monai.data.utils import compute_importance_map
 
-from medvit.pipelines.geometry import gaussian_weights, model_grid, resample_scan, scale_intensity
+from medvit.pipelines.geometry import model_grid, resample_scan
+from medvit.pipelines.intensity import scale_intensity
 from medvit.pipelines.io import Scan
-from medvit.pipelines.transforms import Preprocessing, preprocess_transforms
+from medvit.pipelines.preprocessing import Preprocessing
+from medvit.pipelines.stitch import gaussian_weights
+from medvit.pipelines.transforms import preprocess_transforms
 
 
 def _scan(affine: np.ndarray, shape=(23, 17, 11), dtype=np.int16, seed=0) -> Scan:

@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 
 from medvit.pipelines import io as scan_io
-from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.io import Scan, ScanError, find_scans, is_dicom_folder, read_scan, write_mask
+from medvit.pipelines.errors import MedvitError, ScanError
+from medvit.pipelines.io import Scan, find_scans, is_dicom_folder, read_scan, write_mask
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SHAPE = (12, 10, 8)

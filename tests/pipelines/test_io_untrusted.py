@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from medvit.pipelines import scan_checks
-from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.io import ScanError, read_scan
+from medvit.pipelines.errors import MedvitError, ScanError
+from medvit.pipelines.io import read_scan
 
 SHAPE = (6, 5, 4)
 AFFINE = np.array([[-0.8, 0.0, 0.0, 40.0], [0.0, 0.9, 0.0, -20.0], [0.0, 0.0, 2.5, 7.0], [0.0, 0.0, 0.0, 1.0]])

@@ -7,13 +7,16 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from nibabel.orientations import axcodes2ornt, ornt_transform
 from PIL import Image, ImageDraw
 
 from medvit.pipelines import preview as pv
 from medvit.pipelines.io import read_scan
-from medvit.pipelines.preview import LEGEND_KEY, label_colour, render_preview, write_preview
+from medvit.pipelines.palette import label_colour
+from medvit.pipelines.preview import LEGEND_KEY, render_preview, write_preview
 from medvit.pipelines.segment import SegmentConfig, Segmenter
+from medvit.pipelines.train_images import overlay_slice
 
 # A RAS grid with a different voxel size along each axis, so a wrong aspect shows.
 SHAPE = (30, 24, 12)
@@ -177,3 +180,14 @@ def test_segmenter_passes_the_kept_label_names(tmp_path, tiny_checkpoint, phanto
     mask = np.asarray(nib.load(result.mask).dataobj)
     assert [e["found"] for e in stored] == [bool((mask == 2).any()), bool((mask == 4).any())]
     assert read_scan(img).shape == mask.shape
+
+
+def test_training_images_use_the_preview_colours() -> None:
+    """TensorBoard's validation pictures colour each label as the preview PNG does."""
+    label = torch.zeros(4, 4, 1, dtype=torch.long)
+    label[:, :2] = 9  # beyond the first six colours
+    picture = overlay_slice(torch.zeros(4, 4, 1), torch.zeros_like(label), label)  # grey 0: pure half colour
+    reference = picture[:, :, :4]  # left panel, rotated: label 9 in some pixels
+    expected = 0.5 * torch.tensor(label_colour(9), dtype=torch.float32) / 255.0
+    coloured = reference.flatten(1).T[(reference.flatten(1) > 0).any(0)]
+    assert len(coloured) == 8 and torch.allclose(coloured, expected.expand_as(coloured))

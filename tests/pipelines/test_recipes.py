@@ -14,7 +14,8 @@ from scipy import ndimage
 
 from medvit.pipelines.augment import train_transforms
 from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.geometry import model_grid, resample_scan, scale_intensity
+from medvit.pipelines.geometry import model_grid, resample_scan
+from medvit.pipelines.intensity import scale_intensity
 from medvit.pipelines.io import Scan, read_scan
 from medvit.pipelines.preprocessing import Preprocessing
 from medvit.pipelines.recipes import (

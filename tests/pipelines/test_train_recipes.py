@@ -12,8 +12,10 @@ from monai.transforms import RandCropByLabelClassesd, RandCropByPosNegLabeld, Ra
 
 from medvit.cli.main import main
 from medvit.pipelines.checkpoint import read_card
-from medvit.pipelines.data import PreprocessConfig, compute_fingerprint, load_dataset, preprocess_dataset
+from medvit.pipelines.dataset_preprocessing import PreprocessConfig, preprocess_dataset
+from medvit.pipelines.datasets import load_dataset
 from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.fingerprint import compute_fingerprint
 from medvit.pipelines.io import read_scan
 from medvit.pipelines.phantom import write_phantom_dataset
 from medvit.pipelines.segment import Segmenter, SegmentConfig

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medvit.pipelines.data import load_dataset
+from medvit.pipelines.datasets import load_dataset
 from medvit.pipelines.verify import DatasetProblems, verified_dataset, verify_dataset
 
 SHAPE = (10, 8, 6)
@@ -245,7 +245,7 @@ def test_nnunet_count_and_listed_channels(tmp_path) -> None:
 
 
 def test_preprocessed_folder_labels_are_class_indices(tmp_path) -> None:
-    from medvit.pipelines.data import PreprocessConfig, preprocess_dataset
+    from medvit.pipelines.dataset_preprocessing import PreprocessConfig, preprocess_dataset
 
     src = msd(tmp_path / "src", n=2)
     out = preprocess_dataset(load_dataset(src), tmp_path / "pre", PreprocessConfig(intensity="none"), progress=False)

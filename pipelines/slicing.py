@@ -1,4 +1,4 @@
-"""How 2D models see volumes, shared by inference (`stitch`) and training (`transforms`).
+"""Slicing volumes for 2D models, shared by inference (`stitch`) and training (`transforms`).
 
 A 2D model runs slice by slice along one axis of the model-space volume: each slice, with
 `slab - 1` neighbours stacked as channels (edge slices repeated at the borders), is a batch

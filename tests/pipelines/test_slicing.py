@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from medvit.pipelines.errors import MedvitError
-from medvit.pipelines.inference import SliceSpec, parse_axis, slab_stack
+from medvit.pipelines.slicing import SliceSpec, parse_axis, slab_stack
 from medvit.pipelines.io import read_scan
 from medvit.pipelines.segment import SegmentConfig, Segmenter
 from medvit.pipelines.stitch import stream_slice_probabilities

@@ -1,7 +1,8 @@
-"""Turn MONAI- or timm-trained weights into a medvit checkpoint (`medvit convert`).
+"""Convert MONAI- or timm-trained weights into a medvit checkpoint (`medvit convert`).
 
 The source file is read without unpickling code: safetensors, or a torch file through
-`torch.load(weights_only=True)`, which only rebuilds tensors and plain containers.
+`torch.load(weights_only=True)`, which only rebuilds tensors and plain containers. MONAI
+is not imported: the weights are mapped by `medvit.convert`, which is pure PyTorch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import medvit
 from medvit.convert import load_monai, load_timm
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
 from medvit.pipelines.errors import CheckpointError, MedvitError
-from medvit.pipelines.transforms import Preprocessing
+from medvit.pipelines.preprocessing import DEFAULT_CT_WINDOW, DEFAULT_SPACING, Preprocessing
 
 SOURCES = ("monai", "timm")
 # Keys under which training scripts commonly nest the weights.
@@ -51,10 +52,10 @@ class ConvertConfig:
     num_classes: int | None = None
     in_chans: int | None = None
     img_size: Sequence[int] | None = None
-    spacing: Sequence[float] | None = (1.5, 1.5, 2.0)
+    spacing: Sequence[float] | None = DEFAULT_SPACING
     intensity: str = "ct"
     labels: Sequence[str] | None = None
-    ct_window: Sequence[float] = (-175.0, 250.0)
+    ct_window: Sequence[float] = DEFAULT_CT_WINDOW
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
