@@ -55,9 +55,7 @@ class TalkingHeadAttn(Attention):
         self, x: torch.Tensor, return_attn: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.qkv_heads(x)
         attn = (q * self.scale) @ k.transpose(-2, -1)
         # heads are the last axis for the mixing linears: (B, heads, N, N) -> (B, N, N, heads)
         attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from medvit.layers.helpers import conv_nd, to_ntuple
-from medvit.layers.patch_embed import grid_for
+from medvit.layers.patch_embed import PatchEmbed, grid_for
 
 
 class HybridEmbed(nn.Module):
@@ -69,15 +69,8 @@ class HybridEmbed(nn.Module):
             backbone.num_features, embed_dim, kernel, stride=kernel, bias=bias
         )
 
-    def dynamic_grid(self, size: Sequence[int]) -> tuple[int, ...]:
-        """Token grid for an input of spatial `size`, validating it."""
-        size = tuple(size)
-        if self.strict_img_size and size != self.img_size:
-            raise ValueError(
-                f"input size {size} does not match the model's img_size {self.img_size}"
-                " (create the model with this img_size, or dynamic_img_size=True)"
-            )
-        return grid_for(size, self.patch_size, "input size")
+    # the same input validation as the plain patch embedding
+    dynamic_grid = PatchEmbed.dynamic_grid
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Tokens (or a map, when not `flatten`) from a backbone feature map computed elsewhere.

@@ -69,9 +69,7 @@ class LongformerAttention1d(Attention):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         b, n, c = x.shape
         mask = longformer_mask_1d(n, self.window_size, self.num_global, x.device)
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.qkv_heads(x)
         attn = None
         if return_attn:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf"))

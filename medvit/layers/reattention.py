@@ -60,9 +60,7 @@ class ReAttention(Attention):
         self, x: torch.Tensor, return_attn: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.qkv_heads(x)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         attn = self.mix(self.attn_drop(attn))
         x = (attn @ v).transpose(1, 2).reshape(b, n, c)

@@ -25,7 +25,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
+import torch.nn as nn
 
+from medvit.layers.pooling import pool_tokens
 from medvit.layers.token_map import tokens_to_map
 
 OUTPUT_FORMATS = ("NCHW", "NLC")
@@ -90,6 +92,24 @@ def feature_take_last(
     # with nothing to take there is no block to stop at; run them all
     last = max(take) if (stop_early and intermediates_only and take) else num_blocks - 1
     return take, last
+
+
+class TokenPoolHead:
+    """`forward_head` of a token model: `pool_tokens`, head dropout, then the classifier.
+
+    A mixin for an `nn.Module` that sets `global_pool`, `num_prefix_tokens`, `head_drop`
+    and `head`.
+    """
+
+    global_pool: str
+    num_prefix_tokens: int
+    head_drop: nn.Module
+    head: nn.Module
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the tokens and classify (or return the pooled vector with `pre_logits`)."""
+        x = self.head_drop(pool_tokens(x, self.global_pool, self.num_prefix_tokens))
+        return x if pre_logits else self.head(x)
 
 
 def format_intermediate(

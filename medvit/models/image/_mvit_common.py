@@ -14,7 +14,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from medvit.models._features import feature_take_last
+from medvit.models._features import TokenPoolHead, feature_take_last
 
 
 def check_network_stride(img_size: tuple[int, ...], stride: int | Sequence[int]) -> None:
@@ -71,7 +71,7 @@ def pool_tokens(
     return torch.cat((cls_tok, x), dim=1) if has_cls_token else x
 
 
-class MultiScaleBackbone(nn.Module):
+class MultiScaleBackbone(TokenPoolHead, nn.Module):
     """Interface of the MViT families: pooling head, classifier reset and stage outputs.
 
     A subclass builds `patch_embed` and its blocks, appends one entry per stage to
@@ -144,14 +144,6 @@ class MultiScaleBackbone(nn.Module):
         for i in range(len(self.stage_channels)):
             x, feat_size = self._forward_stage(i, x, feat_size)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "token":
-            x = x[:, 0]
-        elif self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens :].mean(1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

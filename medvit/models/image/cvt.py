@@ -21,7 +21,7 @@ from medvit.layers.conv_projection import ConvEmbed, ConvProjAttention
 from medvit.layers.drop import DropPath, drop_path_schedule
 from medvit.layers.helpers import check_spatial_dims, to_ntuple
 from medvit.layers.mlp import Mlp
-from medvit.models._features import check_output_fmt, feature_take_indices
+from medvit.models._features import TokenPoolHead, check_output_fmt, feature_take_indices
 from medvit.registry import register_model
 
 POOL_TYPES = ("token", "avg", "")
@@ -98,7 +98,7 @@ class CvtStage(nn.Module):
         return x, (cls if self.cls_token is not None else None)
 
 
-class ConvolutionalVisionTransformer(nn.Module):
+class ConvolutionalVisionTransformer(TokenPoolHead, nn.Module):
     """CvT classifier/backbone.
 
     Args:
@@ -208,14 +208,6 @@ class ConvolutionalVisionTransformer(nn.Module):
         """Class token and patch tokens of the last stage after the final norm, `(B, 1 + N, D)`."""
         maps, cls = self._run(x)
         return self.norm(torch.cat([cls, maps[-1].flatten(2).transpose(1, 2)], dim=1))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "token":
-            x = x[:, 0]
-        elif self.global_pool == "avg":
-            x = x[:, self.num_prefix_tokens :].mean(1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from medvit.layers import Block, check_pool_type, drop_path_schedule, grid_for, pool_tokens
+from medvit.layers import Block, check_pool_type, drop_path_schedule, grid_for
 from medvit.layers.helpers import to_ntuple
-from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
+from medvit.models._features import TokenPoolHead, collect_intermediates, feature_take_last, format_intermediate
 from medvit.registry import register_model
 
 _POOLS = ("token", "avg", "")
@@ -135,7 +135,7 @@ class TNTBlock(nn.Module):
         return pixel_embed, self.outer(patch_embed)
 
 
-class TNT(nn.Module):
+class TNT(TokenPoolHead, nn.Module):
     """Transformer in Transformer.
 
     Args:
@@ -269,11 +269,6 @@ class TNT(nn.Module):
         for blk in self.blocks:
             pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
         return self.norm(patch_embed)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the patch tokens and classify (or return the pooled vector with `pre_logits`)."""
-        x = self.head_drop(pool_tokens(x, self.global_pool, self.num_prefix_tokens))
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from medvit.layers import Block, DropPath, LayerScale, grid_for, pool_tokens
+from medvit.layers import Block, DropPath, LayerScale, grid_for
 from medvit.layers.attention_variants import XCA
 from medvit.layers.class_attention import ClassAttentionBlock
 from medvit.layers.helpers import to_ntuple
-from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
+from medvit.models._features import TokenPoolHead, collect_intermediates, feature_take_last, format_intermediate
 from medvit.registry import register_model
 
 _POOLS = ("token", "avg", "")
@@ -226,7 +226,7 @@ class XCiTClassAttentionBlock(ClassAttentionBlock):
         return x + self.drop_path2(y)
 
 
-class Xcit(nn.Module):
+class Xcit(TokenPoolHead, nn.Module):
     """XCiT: conv stem, Fourier position encoding, XCA blocks, class attention, head.
 
     Args:
@@ -362,11 +362,6 @@ class Xcit(nn.Module):
         for blk in self.blocks:
             x = blk(x, grid)
         return self.norm(self.forward_cls(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the tokens and classify (or return the pooled vector with `pre_logits`)."""
-        x = self.head_drop(pool_tokens(x, self.global_pool, self.num_prefix_tokens))
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

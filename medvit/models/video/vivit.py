@@ -21,16 +21,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from medvit.layers import Attention, Block, PatchEmbed, check_pool_type, drop_path_schedule, pool_tokens
+from medvit.layers import Attention, Block, PatchEmbed, check_pool_type, drop_path_schedule
 from medvit.layers.factorised_attention import FactorisedDotProductAttention, FactorisedSelfAttentionBlock
 from medvit.layers.helpers import to_ntuple
-from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
+from medvit.models._features import TokenPoolHead, collect_intermediates, feature_take_last, format_intermediate
 from medvit.registry import register_model
 
 ATTENTION_TYPES = ("st", "fe", "fsa", "fdp")
 
 
-class ViViT(nn.Module):
+class ViViT(TokenPoolHead, nn.Module):
     """Video Vision Transformer on clips `(B, C, T, H, W)`.
 
     Args:
@@ -192,11 +192,6 @@ class ViViT(nn.Module):
         if self.attention_type == "fe":
             return self._temporal(x, b)
         return x.flatten(1, 2) if x.ndim == 4 else x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the tokens and classify (or return the pooled vector with `pre_logits`)."""
-        x = self.head_drop(pool_tokens(x, self.global_pool, self.num_prefix_tokens))
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
