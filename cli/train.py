@@ -34,6 +34,9 @@ from medvit.pipelines.recipes import recipe_names
               "training foreground's 0.5/99.5 percentiles and z-score (nnU-Net's CT scheme).")
 @click.option("--recipe", default="default", show_default=True,
               help=f"Training recipe (augmentation, crop sampling, schedule): {', '.join(recipe_names())}.")
+@click.option("--deep-supervision", is_flag=True,
+              help="Also train 1x1 heads on the decoder's coarser levels, loss weights 1, 1/2, 1/4, ... "
+              "normalised (nnU-Net); UNETR and Swin-UNETR models. Segmentation uses the main head only.")
 @click.option("--batch-size", default=2, show_default=True)
 @click.option("--samples-per-volume", default=2, show_default=True, help="Random crops per volume and pass.")
 @click.option("--lr", default=1e-4, show_default=True)
@@ -46,7 +49,7 @@ from medvit.pipelines.recipes import recipe_names
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice_axis, slab, spacing, intensity, recipe,
-          batch_size, samples_per_volume, lr, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
+          deep_supervision, batch_size, samples_per_volume, lr, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
     """Train on DATA: a dataset.json (MSD or nnU-Net v2) or a `medvit preprocess` folder.
 
     DATA is verified first (every file readable, labels on their images' grids and
@@ -61,6 +64,7 @@ def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice
         patch_size=tuple(patch_size), slice_axis=parse_axis(slice_axis), slab=slab, spacing=tuple(spacing), intensity=intensity, batch_size=batch_size,
         samples_per_volume=samples_per_volume, lr=lr, val_fraction=val_fraction, val_every=val_every,
         device=device, amp=amp, resume=resume, seed=seed, progress=not quiet, recipe=recipe,
+        deep_supervision=deep_supervision,
     )
     with terminate_unwinds():
         result = run(cfg)

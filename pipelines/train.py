@@ -32,12 +32,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from monai.data import CacheDataset, DataLoader, list_data_collate
-from monai.losses import DiceCELoss
+from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import compute_dice
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 import medvit
+from medvit.models.volume.unetr import variant_accepts
 from medvit.pipelines.atomic import remove_temporaries, write_atomic
 from medvit.pipelines.augment import train_transforms
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
@@ -90,6 +91,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     recipe: str = "default"
+    deep_supervision: bool = False
 
 
 @dataclass
@@ -104,6 +106,18 @@ class TrainResult:
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warmup to 1, then cosine decay to 0 at `total`."""
     return schedule_factor("cosine", step, total, warmup)
+
+
+def deep_supervision_loss(levels: int) -> DeepSupervisionLoss:
+    """DiceCE summed over a deeply supervised model's outputs (full resolution first), as nnU-Net.
+
+    Output `i` weighs `2**-i`, the weights normalised to sum 1 (Isensee et al. 2021; the
+    model has no head on the coarsest decoder level, which nnU-Net weighs 0). MONAI resizes
+    the label map to each output's size by nearest-neighbour interpolation (`nearest-exact`).
+    """
+    weights = [0.5**i for i in range(levels)]
+    total = sum(weights)
+    return DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True), weights=[w / total for w in weights])
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -177,7 +191,9 @@ class Trainer:
             self.optimizer, lr_lambda(self.recipe.schedule, self.total_steps, self.warmup)
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and self.device.type == "cuda")
-        self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
+        if self.model_args.get("deep_supervision"):
+            self.loss_fn = deep_supervision_loss(1 + len(self.model.aux_heads))
         self.step, self.epoch, self.best = 0, 0, -1.0
         self.last_dice: dict[str, float] = {}
         if config.resume:
@@ -203,6 +219,12 @@ class Trainer:
         """The model at the run's patch size; a 2D model gets in-plane windows and slab channels."""
         args = dict(self.cfg.model_args)
         try:
+            if self.cfg.deep_supervision:
+                if not variant_accepts(self.cfg.model, "deep_supervision"):
+                    raise MedvitError(
+                        f"--deep-supervision needs a decoder with several scales; {self.cfg.model} has one"
+                    )
+                args["deep_supervision"] = True
             with torch.device("meta"):  # only to learn whether the model is 2D or 3D
                 dims = getattr(medvit.create_model(self.cfg.model, **args), "spatial_dims", 3)
             self.window = tuple(int(p) for p in self.cfg.patch_size)
@@ -216,6 +238,8 @@ class Trainer:
             args.update(img_size=self.window, num_classes=self.num_classes, in_chans=in_chans)
             self.model_args = args
             return medvit.create_model(self.cfg.model, **args)
+        except MedvitError:
+            raise
         except (ValueError, TypeError) as e:
             raise MedvitError(f"cannot build model {self.cfg.model!r} for this run: {e}") from None
 

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from medvit.cli.main import main
+from medvit.pipelines.checkpoint import load_checkpoint, read_card
 from medvit.pipelines.phantom import write_phantom_dataset
 
 TINY_ARGS = [
@@ -161,3 +162,24 @@ def test_train_bad_settings(tmp_path, dataset, extra, fragment) -> None:
 def test_train_missing_dataset(tmp_path) -> None:
     res = run(["train", tmp_path / "nothing.json", "-o", tmp_path / "run", *TINY_ARGS])
     assert_user_error(res, "nothing.json")
+
+
+def test_train_deep_supervision_then_segment(tmp_path, dataset, phantom_scan) -> None:
+    run_dir = tmp_path / "run"
+    res = run(["train", dataset, "-o", run_dir, *TINY_ARGS, "--deep-supervision", "--max-steps", "2", "--batch-size", "1"])
+    assert res.exit_code == 0, res.output
+    assert "trained 2 steps" in res.output
+    assert read_card(run_dir / "best.safetensors").model_args["deep_supervision"] is True
+    model, _ = load_checkpoint(run_dir / "best.safetensors")  # strict: the aux heads load too
+    assert len(model.aux_heads) == 2
+    img, _ = phantom_scan
+    res = run(["segment", img, "--model", run_dir / "best.safetensors", "-o", tmp_path / "seg", "-q"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "seg" / "phantom_seg.nii.gz").exists()
+
+
+def test_train_deep_supervision_refused_for_a_single_scale_decoder(tmp_path, dataset) -> None:
+    args = ["--model", "segformer_b0", "--patch-size", "32", "32", "1", "-q", "--max-steps", "1"]
+    res = run(["train", dataset, "-o", tmp_path / "run", *args, "--deep-supervision"])
+    assert_user_error(res, "--deep-supervision needs a decoder with several scales; segformer_b0 has one")
+    assert not (tmp_path / "run" / "last.safetensors").exists()

@@ -10,12 +10,13 @@ import sys
 
 import pytest
 import torch
+from monai.losses import DiceCELoss
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from medvit.pipelines.checkpoint import load_checkpoint, read_card
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.phantom import write_phantom_dataset
-from medvit.pipelines.train import TrainConfig, Trainer, lr_factor, train
+from medvit.pipelines.train import TrainConfig, Trainer, deep_supervision_loss, lr_factor, train
 
 from helpers import TINY_UNETR_ARGS
 
@@ -137,3 +138,33 @@ def test_ddp_two_cpu_processes_with_gloo(dataset, tmp_path) -> None:
     assert info["world_size"] == 2
     assert read_card(out / "last.safetensors").extra["step"] == info["total_steps"] == 4
     assert "trained 4 steps" in proc.stdout
+
+
+def test_deep_supervision_loss_is_nnunet_weighted_dice_ce_on_nearest_downsampled_labels() -> None:
+    torch.manual_seed(0)
+    label = torch.randint(0, 3, (2, 1, 16, 16, 8)).float()
+    outs = [torch.randn(2, 3, 16 >> i, 16 >> i, 8 >> i) for i in range(3)]
+    # nearest neighbour of a factor-f downsampling: the voxel at f*j + f//2 (centre-aligned)
+    targets = [label, label[:, :, 1::2, 1::2, 1::2], label[:, :, 2::4, 2::4, 2::4]]
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    expected = sum(w * dice_ce(o, t) for w, o, t in zip((4 / 7, 2 / 7, 1 / 7), outs, targets))
+    assert torch.allclose(deep_supervision_loss(3)(outs, label), expected, rtol=1e-6, atol=0)
+    assert deep_supervision_loss(3).weights == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+
+
+def test_deep_supervision_trains_aux_heads_and_records_them_in_the_card(dataset, tmp_path) -> None:
+    trainer = Trainer(config(dataset, tmp_path, epochs=1, deep_supervision=True))
+    assert trainer.model_args["deep_supervision"] is True and len(trainer.model.aux_heads) == 2
+    assert trainer.loss_fn.weights == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    before = trainer.model.aux_heads[1].weight.detach().clone()
+    trainer.run()
+    assert not torch.equal(before, trainer.model.aux_heads[1].weight)
+    assert read_card(tmp_path / "last.safetensors").model_args["deep_supervision"] is True
+    model, _ = load_checkpoint(tmp_path / "last.safetensors")
+    assert len(model.aux_heads) == 2 and not model.training
+
+
+def test_deep_supervision_needs_a_multi_scale_decoder(dataset, tmp_path) -> None:
+    with pytest.raises(MedvitError) as err:
+        Trainer(config(dataset, tmp_path, model="segformer_b0", model_args={}, deep_supervision=True))
+    assert str(err.value) == "--deep-supervision needs a decoder with several scales; segformer_b0 has one"

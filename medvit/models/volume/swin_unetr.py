@@ -24,6 +24,7 @@ from medvit.layers import ConvBlock, UpBlock
 from medvit.layers.conv_blocks import PointwiseConv
 from medvit.layers.helpers import to_ntuple
 from medvit.models.image.swin import SwinTransformer
+from medvit.models.volume.unetr import deep_supervision_heads, run_decoder
 from medvit.registry import register_model
 
 PATCH_SIZE = 2
@@ -53,6 +54,13 @@ class SwinUNETR(nn.Module):
         normalize: Layer-normalise (without parameters) every encoder map the decoder reads.
         norm: Decoder norm, `instance` or `batch`.
         res_block: Residual decoder conv blocks.
+        deep_supervision: Add 1x1 heads on the decoder levels between full resolution and
+            the coarsest (nnU-Net's deep supervision); in training mode `forward` then
+            returns `[logits, aux_level1, aux_level2, ...]`, finest first. In eval mode the
+            output is the full-resolution logits as without it.
+
+    Attributes:
+        aux_heads: The deep supervision heads (level 1 first), or None.
     """
 
     def __init__(
@@ -73,6 +81,7 @@ class SwinUNETR(nn.Module):
         normalize: bool = True,
         norm: str = "instance",
         res_block: bool = True,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -129,6 +138,8 @@ class SwinUNETR(nn.Module):
             UpBlock(spatial_dims, widths[i + 1], widths[i], **kw) for i in reversed(range(len(widths) - 1))
         )
         self.head = PointwiseConv(spatial_dims, feature_size, num_classes)
+        # decoder level i (stride 2**i) is widths[i] wide; the last width is the bottleneck's
+        self.aux_heads = deep_supervision_heads(spatial_dims, widths[:-1], num_classes) if deep_supervision else None
         # oneDNN's channels-last convolutions are ~2x faster on CPUs; the decoder runs in it
         self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
         for part in (self.stem, self.skips, self.bottleneck, self.ups):
@@ -156,7 +167,7 @@ class SwinUNETR(nn.Module):
             maps.append(tokens.reshape(x.shape[0], *grid, tokens.shape[-1]).movedim(-1, 1))
         return maps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self._check_input(x)
         maps = self.encoder_maps(x)
         skips = [self.stem(x.contiguous(memory_format=self.memory_format))]
@@ -164,9 +175,10 @@ class SwinUNETR(nn.Module):
         # the last merged input is a skip as it is; the final merge feeds the bottleneck
         skips.append(maps[-2])
         y = self.bottleneck(maps[-1])
-        for up, skip in zip(self.ups, reversed(skips)):
-            y = up(y, skip)
-        return self.head(y).contiguous()
+        deep = self.aux_heads is not None and self.training
+        y, aux = run_decoder(self.ups, y, skips, self.aux_heads if deep else None)
+        out = self.head(y).contiguous()
+        return [out, *aux] if deep else out
 
 
 @register_model

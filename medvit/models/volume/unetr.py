@@ -39,8 +39,8 @@ def is_hierarchical(encoder: nn.Module) -> bool:
     return hasattr(encoder, "stage_channels") and hasattr(encoder, "stage_strides")
 
 
-def _takes_class_token(name: str) -> bool:
-    """Whether a registered variant's class accepts `class_token` (single-scale ViTs do).
+def variant_accepts(name: str, argument: str) -> bool:
+    """Whether a registered variant's class accepts the constructor argument `argument`.
 
     The class is the one the variant function names as its return type. It accepts the
     argument when its `__init__` names it, or passes `**kwargs` on to a base class that
@@ -58,11 +58,48 @@ def _takes_class_token(name: str) -> bool:
         if "__init__" not in vars(base):
             continue
         params = inspect.signature(base.__init__).parameters
-        if "class_token" in params:
+        if argument in params:
             return True
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return False
     return False
+
+
+def _takes_class_token(name: str) -> bool:
+    """Whether a registered variant's class accepts `class_token` (single-scale ViTs do)."""
+    return variant_accepts(name, "class_token")
+
+
+def deep_supervision_heads(spatial_dims: int, widths: Sequence[int], num_classes: int) -> nn.ModuleList:
+    """1x1 heads on the decoder levels between full resolution and the coarsest, finest first.
+
+    nnU-Net (Isensee et al. 2021) supervises every decoder output but the coarsest one;
+    level `i` (stride `2**i`) has `widths[i]` channels, level 0 is the main head's.
+
+    Raises:
+        ValueError: The decoder has fewer than 3 levels (no level between the two).
+    """
+    if len(widths) < 3:
+        raise ValueError(f"deep_supervision needs a decoder of 3 or more levels, this one has {len(widths)}")
+    return nn.ModuleList(PointwiseConv(spatial_dims, widths[i], num_classes) for i in range(1, len(widths) - 1))
+
+
+def run_decoder(
+    ups: nn.ModuleList, y: torch.Tensor, skips: Sequence[torch.Tensor], aux_heads: nn.ModuleList | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Upsample `y` through `ups` (coarsest first), fusing `skips` (finest first).
+
+    Returns:
+        The full-resolution features and, with `aux_heads` (from `deep_supervision_heads`),
+        their logits at levels 1, 2, ... (finest first); else an empty list.
+    """
+    aux: list[torch.Tensor] = []
+    for k, (up, skip) in enumerate(zip(ups, reversed(skips))):
+        y = up(y, skip)
+        level = len(ups) - 1 - k
+        if aux_heads is not None and 1 <= level <= len(aux_heads):
+            aux.append(aux_heads[level - 1](y).contiguous())
+    return y, aux[::-1]
 
 
 def _build_encoder(
@@ -105,10 +142,15 @@ class UNETR(nn.Module):
         res_block: Residual decoder conv blocks.
         conv_block: Conv blocks in the skip upsampling paths (single-scale encoders).
         encoder_args: Extra arguments for the encoder (ignored for a built module).
+        deep_supervision: Add 1x1 heads on the decoder levels between full resolution and
+            the coarsest (nnU-Net's deep supervision); in training mode `forward` then
+            returns `[logits, aux_level1, aux_level2, ...]`, finest first. In eval mode the
+            output is the full-resolution logits as without it.
 
     Attributes:
         hierarchical: Whether the encoder's stage maps feed the decoder.
         stride: Total downsampling; inputs must be multiples of it.
+        aux_heads: The deep supervision heads (level 1 first), or None.
     """
 
     def __init__(
@@ -124,6 +166,7 @@ class UNETR(nn.Module):
         res_block: bool = True,
         conv_block: bool = True,
         encoder_args: dict[str, Any] | None = None,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
@@ -151,6 +194,8 @@ class UNETR(nn.Module):
         if any(s % self.stride for s in self.img_size):
             raise ValueError(f"img_size {self.img_size} is not a multiple of the total stride {self.stride}")
         self.head = PointwiseConv(spatial_dims, feature_size, num_classes)
+        widths = [feature_size * 2**i for i in range(num_up)]
+        self.aux_heads = deep_supervision_heads(spatial_dims, widths, num_classes) if deep_supervision else None
         # oneDNN's channels-last convolutions are ~2x faster on CPUs; the decoder runs in it
         self.memory_format = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
         if spatial_dims > 1:
@@ -233,16 +278,17 @@ class UNETR(nn.Module):
                 f" stride {self.stride}"
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self._check_input(x)
         fmt = self.memory_format if self.spatial_dims > 1 else torch.contiguous_format
         if self.hierarchical:
             y, skips = self._hierarchical_skips(x, fmt)
         else:
             y, skips = self._single_scale_skips(x, fmt)
-        for up, skip in zip(self.ups, reversed(skips)):
-            y = up(y, skip)
-        return self.head(y).contiguous()
+        deep = self.aux_heads is not None and self.training
+        y, aux = run_decoder(self.ups, y, skips, self.aux_heads if deep else None)
+        out = self.head(y).contiguous()
+        return [out, *aux] if deep else out
 
     def _single_scale_skips(
         self, x: torch.Tensor, fmt: torch.memory_format
