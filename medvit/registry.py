@@ -19,10 +19,11 @@ import difflib
 import fnmatch
 import functools
 import importlib
+import inspect
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -104,6 +105,31 @@ def import_all() -> dict[str, Callable[..., nn.Module]]:
     for module in sorted(set(catalog().values())):
         importlib.import_module(module)
     return dict(_MODELS)
+
+
+def variant_accepts(name: str, argument: str) -> bool:
+    """Whether a registered variant's class accepts the constructor argument `argument`.
+
+    The class is the one the variant function names as its return type. It accepts the
+    argument when its `__init__` names it, or passes `**kwargs` on to a base class that
+    does. Imports the variant's family; builds nothing.
+
+    Raises:
+        ValueError: The name is not registered.
+        TypeError: The variant function names no model class as its return type.
+    """
+    cls = get_type_hints(model_entrypoint(name)).get("return")
+    if not isinstance(cls, type):
+        raise TypeError(f"the variant function {name!r} names no model class as its return type")
+    for base in cls.__mro__:
+        if "__init__" not in vars(base):
+            continue
+        params = inspect.signature(base.__init__).parameters
+        if argument in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
 
 
 def _check_name(name: str) -> None:

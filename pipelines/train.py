@@ -38,7 +38,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 import medvit
-from medvit.models.volume.unetr import variant_accepts
 from medvit.pipelines.atomic import remove_temporaries, write_atomic
 from medvit.pipelines.augment import train_transforms
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
@@ -54,6 +53,7 @@ from medvit.pipelines.stitch import stream_probabilities, stream_slice_probabili
 from medvit.pipelines.train_images import overlay_slice
 from medvit.pipelines.transforms import preprocess_transforms
 from medvit.pipelines.verify import format_problems, verified_dataset
+from medvit.registry import variant_accepts
 
 STATE_FILE = "last_state.pt"
 # Files a run folder gets; a temporary one of these left by a killed run is removed at start.

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import medvit
-from medvit.models.volume.unetr import UNETR, variant_accepts
+from medvit.models.volume.unetr import UNETR
+from medvit.registry import variant_accepts
 from tiny_configs import tiny_overrides
 
 # (variant, spatial dims, decoder levels supervised: the main output and the aux heads)

@@ -20,10 +20,9 @@ registered encoder plugs into the same decoder:
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
-from typing import Any, get_type_hints
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,38 +30,12 @@ import torch.nn as nn
 from medvit.layers import ConvBlock, ProjectionUpsample, UpBlock
 from medvit.layers.conv_blocks import PointwiseConv
 from medvit.layers.helpers import check_spatial_dims, conv_nd, to_ntuple
-from medvit.registry import create_model, model_entrypoint, register_model
+from medvit.registry import create_model, register_model, variant_accepts
 
 
 def is_hierarchical(encoder: nn.Module) -> bool:
     """Whether the encoder exposes per-stage maps (`stage_channels`, `stage_strides`)."""
     return hasattr(encoder, "stage_channels") and hasattr(encoder, "stage_strides")
-
-
-def variant_accepts(name: str, argument: str) -> bool:
-    """Whether a registered variant's class accepts the constructor argument `argument`.
-
-    The class is the one the variant function names as its return type. It accepts the
-    argument when its `__init__` names it, or passes `**kwargs` on to a base class that
-    does. Imports the variant's family; builds nothing.
-
-    Raises:
-        ValueError: The name is not registered.
-        TypeError: The variant function names no model class as its return type.
-    """
-    build = model_entrypoint(name)
-    cls = get_type_hints(build).get("return")
-    if not isinstance(cls, type):
-        raise TypeError(f"the variant function {name!r} names no model class as its return type")
-    for base in cls.__mro__:
-        if "__init__" not in vars(base):
-            continue
-        params = inspect.signature(base.__init__).parameters
-        if argument in params:
-            return True
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return False
-    return False
 
 
 def _takes_class_token(name: str) -> bool:
