@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import medvit
+from medvit import registry
 from medvit.models.image.pvt_v2 import PyramidVisionTransformerV2
 from medvit.models.image.swin import SwinTransformer
 from medvit.models.volume import unetr
@@ -137,7 +138,7 @@ def test_class_token_rule_needs_the_variant_class(monkeypatch: pytest.MonkeyPatc
     def unannotated(**kwargs):
         raise AssertionError("the rule builds nothing")
 
-    monkeypatch.setattr(unetr, "model_entrypoint", lambda name: unannotated)
+    monkeypatch.setattr(registry, "model_entrypoint", lambda name: unannotated)
     with pytest.raises(TypeError, match="'vit_x' names no model class"):
         unetr._takes_class_token("vit_x")
 
