@@ -40,6 +40,7 @@ from medvit.pipelines.recipes import recipe_names
 @click.option("--batch-size", default=2, show_default=True)
 @click.option("--samples-per-volume", default=2, show_default=True, help="Random crops per volume and pass.")
 @click.option("--lr", default=1e-4, show_default=True)
+@click.option("--weight-decay", default=1e-5, show_default=True, help="AdamW's decoupled weight decay.")
 @click.option("--val-fraction", default=0.2, show_default=True)
 @click.option("--val-every", default=1, show_default=True, help="Validate every N epochs.")
 @device_option()
@@ -49,7 +50,7 @@ from medvit.pipelines.recipes import recipe_names
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice_axis, slab, spacing, intensity, recipe,
-          deep_supervision, batch_size, samples_per_volume, lr, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
+          deep_supervision, batch_size, samples_per_volume, lr, weight_decay, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
     """Train on DATA: a dataset.json (MSD or nnU-Net v2) or a `medvit preprocess` folder.
 
     DATA is verified first (every file readable, labels on their images' grids and
@@ -62,7 +63,7 @@ def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice
     cfg = TrainConfig(
         data=data, out_dir=out_dir, model=model, model_args=model_args, epochs=epochs, max_steps=max_steps,
         patch_size=tuple(patch_size), slice_axis=parse_axis(slice_axis), slab=slab, spacing=tuple(spacing), intensity=intensity, batch_size=batch_size,
-        samples_per_volume=samples_per_volume, lr=lr, val_fraction=val_fraction, val_every=val_every,
+        samples_per_volume=samples_per_volume, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction, val_every=val_every,
         device=device, amp=amp, resume=resume, seed=seed, progress=not quiet, recipe=recipe,
         deep_supervision=deep_supervision,
     )

@@ -183,3 +183,18 @@ def test_train_deep_supervision_refused_for_a_single_scale_decoder(tmp_path, dat
     res = run(["train", dataset, "-o", tmp_path / "run", *args, "--deep-supervision"])
     assert_user_error(res, "--deep-supervision needs a decoder with several scales; segformer_b0 has one")
     assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_train_options_reach_the_training_config(tmp_path, dataset, monkeypatch) -> None:
+    import medvit.pipelines.train as training
+
+    seen = {}
+
+    def capture(cfg):
+        seen["cfg"] = cfg
+        raise training.MedvitError("stopped after reading the options")
+
+    monkeypatch.setattr(training, "train", capture)
+    res = run(["train", dataset, "-o", tmp_path / "run", *TINY_ARGS, "--weight-decay", "0.05", "--lr", "3e-4"])
+    assert_user_error(res, "stopped after reading the options")
+    assert seen["cfg"].weight_decay == 0.05 and seen["cfg"].lr == 3e-4
