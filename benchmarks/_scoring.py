@@ -28,7 +28,7 @@ import numpy as np
 from medvit.pipelines.evaluate import EvalConfig, evaluate_pair
 from medvit.pipelines.io import read_scan
 
-from _proxy import ORGANS, label_names
+from _proxy import ORGANS, PROXY_COPIES, label_names
 
 GRID_ATOL_MM = 1e-3
 # Normal adult whole-organ volumes (ml) from CT volumetry, rounded outward: a total above
@@ -243,3 +243,25 @@ def volume_table(results: dict[str, dict]) -> str:
                     lines.append(f"  {name:13s} {t:8s} {e['predicted_ml']:8.1f} ml; inside {e['inside_reference_aorta_or_T12_ml']:6.1f}"
                                  f" ml; over {BANDS_MM[-1]:g} mm above T12 {high:6.1f} ml")
     return "\n".join(lines)
+
+
+def shifted_summary(scores: dict, organs: tuple[str, ...] = ORGANS) -> dict:
+    """One tool's Dice on the shifted copies (every proxy copy but the original), summarised.
+
+    Returns:
+        ``original`` (mean organ Dice on the labelled scan), ``mean`` and ``worst`` (the mean
+        and the lowest of the copies' mean organ Dice), ``per_organ`` (each organ's mean over
+        the copies), and ``copies`` (each copy's mean organ Dice).
+    """
+    cases = scores["cases"]
+
+    def case_mean(case: str) -> float:
+        labels = cases[case].get("labels", {})
+        return float(np.mean([labels[o]["dice"] if o in labels else 0.0 for o in organs]))
+
+    shifted = [c.name for c in PROXY_COPIES if c.name != "original"]
+    copies = {case: case_mean(case) for case in shifted}
+    per_organ = {o: float(np.mean([cases[c].get("labels", {}).get(o, {}).get("dice", 0.0) for c in shifted]))
+                 for o in organs}
+    return {"original": case_mean("original"), "mean": float(np.mean(list(copies.values()))),
+            "worst": min(copies.values()), "per_organ": per_organ, "copies": copies}

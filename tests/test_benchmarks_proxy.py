@@ -21,7 +21,7 @@ from scipy.ndimage import binary_erosion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import _proxy  # noqa: E402
-from _scoring import score_masks  # noqa: E402
+from _scoring import score_masks, shifted_summary  # noqa: E402
 
 NAMES = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver"}
 HU = {0: -1000, 1: 50, 2: 150, 3: 200, 5: 100}  # the image is HU[label]
@@ -206,3 +206,22 @@ def test_scoring_flags_off_grid_missing_and_hallucinated(proxy: Path, tmp_path: 
     assert kidney["predicted_outside_ml"] == pytest.approx(20 * 25 * EXTRA_BELOW * 12 / 1000, abs=0.05)
     assert kidney["reaches_mm_off_slab"] == pytest.approx(EXTRA_BELOW * 3.0)
     shutil.rmtree(masks)
+
+
+def test_shifted_summary_by_hand() -> None:
+    organs = ("spleen", "liver")
+    names = [c.name for c in _proxy.PROXY_COPIES]
+    # each copy scores spleen 0.5 and liver 0.9, except: the original 1.0 / 1.0 (not a shifted
+    # copy), `contrast` 0.1 / 0.9, and `noise` without a liver mask (0)
+    cases = {n: {"labels": {"spleen": {"dice": 0.5}, "liver": {"dice": 0.9}}} for n in names}
+    cases["original"]["labels"] = {"spleen": {"dice": 1.0}, "liver": {"dice": 1.0}}
+    cases["contrast"]["labels"]["spleen"]["dice"] = 0.1
+    del cases["noise"]["labels"]["liver"]
+    s = shifted_summary({"cases": cases}, organs)
+    assert len(s["copies"]) == 8 and "original" not in s["copies"]
+    assert s["original"] == 1.0
+    assert s["copies"]["contrast"] == pytest.approx(0.5) and s["copies"]["noise"] == pytest.approx(0.25)
+    assert s["worst"] == pytest.approx(0.25)
+    assert s["mean"] == pytest.approx((6 * 0.7 + 0.5 + 0.25) / 8)
+    assert s["per_organ"]["spleen"] == pytest.approx((7 * 0.5 + 0.1) / 8)
+    assert s["per_organ"]["liver"] == pytest.approx(7 * 0.9 / 8)
