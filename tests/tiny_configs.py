@@ -220,6 +220,8 @@ _TRANSUNET_ENCODER = dict(embed_dim=32, depth=2, num_heads=2, backbone_depths=(1
 _UNETR_VIT = dict(
     img_size=32, feature_size=4, skip_indices=(0, 1, 2), encoder_args=dict(embed_dim=32, depth=3, num_heads=2)
 )
+# four stages (stride 8): the fewest that deep supervision takes
+_UNET = dict(img_size=32, features=(4, 8, 8, 8), num_classes=3)
 _UNETR_PYRAMID = dict(img_size=32, feature_size=4, encoder_args=_SEG_PYRAMID)
 
 VIDEO_AND_VOLUME: dict[str, dict[str, Any]] = {
@@ -264,6 +266,8 @@ VIDEO_AND_VOLUME: dict[str, dict[str, Any]] = {
         img_size=32, head_channels=16, decoder_channels=(16, 8, 8, 4),
         encoder_args={**_TRANSUNET_ENCODER, "backbone_channels": (128, 128, 128)},
     ),
+    "unet_nnunet_2d": _UNET,
+    "unet_nnunet_3d": _UNET,
     "unetr_base": _UNETR_VIT,
     "unetr_small": _UNETR_VIT,
     "unetr_tiny": _UNETR_VIT,

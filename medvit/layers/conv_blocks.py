@@ -102,6 +102,11 @@ class ConvBlock(nn.Module):
         residual: Add a (1x1-projected when the width changes) shortcut before the last
             activation.
         act_layer: Activation (MONAI's blocks use LeakyReLU 0.01).
+        stride: Stride of the first convolution (nnU-Net's encoder stages downsample so);
+            only without `residual`.
+
+    Raises:
+        ValueError: `stride` > 1 with `residual`.
     """
 
     def __init__(
@@ -113,11 +118,14 @@ class ConvBlock(nn.Module):
         norm: str = "instance",
         residual: bool = True,
         act_layer: Callable[[], nn.Module] = partial(nn.LeakyReLU, 0.01, inplace=True),
+        stride: int = 1,
     ) -> None:
         super().__init__()
+        if stride != 1 and residual:
+            raise ValueError(f"a residual ConvBlock has no strided shortcut; got stride {stride}")
         conv = conv_nd(spatial_dims)
         pad = kernel_size // 2
-        self.conv1 = conv(in_chans, out_chans, kernel_size, padding=pad, bias=False)
+        self.conv1 = conv(in_chans, out_chans, kernel_size, stride=stride, padding=pad, bias=False)
         self.norm1 = make_norm(spatial_dims, norm, out_chans)
         self.conv2 = conv(out_chans, out_chans, kernel_size, padding=pad, bias=False)
         self.norm2 = make_norm(spatial_dims, norm, out_chans)
