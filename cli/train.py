@@ -37,6 +37,11 @@ from medvit.pipelines.recipes import recipe_names
 @click.option("--deep-supervision", is_flag=True,
               help="Also train 1x1 heads on the decoder's coarser levels, loss weights 1, 1/2, 1/4, ... "
               "normalised (nnU-Net); UNETR and Swin-UNETR models. Segmentation uses the main head only.")
+@click.option("--teacher", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Checkpoint of a trained model (any registered one, e.g. unet_nnunet_3d) with this run's labels, "
+              "preprocessing and input: adds DeiT's hard-label distillation to the loss.")
+@click.option("--distill-weight", default=0.5, show_default=True,
+              help="With --teacher: loss = (1-W) DiceCE(labels) + W CE(argmax of the teacher's logits).")
 @click.option("--batch-size", default=2, show_default=True)
 @click.option("--samples-per-volume", default=2, show_default=True, help="Random crops per volume and pass.")
 @click.option("--lr", default=1e-4, show_default=True)
@@ -50,7 +55,7 @@ from medvit.pipelines.recipes import recipe_names
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice_axis, slab, spacing, intensity, recipe,
-          deep_supervision, batch_size, samples_per_volume, lr, weight_decay, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
+          deep_supervision, teacher, distill_weight, batch_size, samples_per_volume, lr, weight_decay, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
     """Train on DATA: a dataset.json (MSD or nnU-Net v2) or a `medvit preprocess` folder.
 
     DATA is verified first (every file readable, labels on their images' grids and
@@ -65,7 +70,7 @@ def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice
         patch_size=tuple(patch_size), slice_axis=parse_axis(slice_axis), slab=slab, spacing=tuple(spacing), intensity=intensity, batch_size=batch_size,
         samples_per_volume=samples_per_volume, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction, val_every=val_every,
         device=device, amp=amp, resume=resume, seed=seed, progress=not quiet, recipe=recipe,
-        deep_supervision=deep_supervision,
+        deep_supervision=deep_supervision, teacher=teacher, distill_weight=distill_weight,
     )
     with terminate_unwinds():
         result = run(cfg)

@@ -2,7 +2,8 @@
 
 The training recipe (`medvit.pipelines.recipes`) sets augmentation, crop sampling and LR
 schedule; connected-component post-processing is chosen on every validation's predictions
-(`medvit.pipelines.postprocess`) and stored in the checkpoints' cards.
+(`medvit.pipelines.postprocess`) and stored in the checkpoints' cards. With a teacher
+checkpoint the loss adds DeiT's hard-label distillation term (`medvit.pipelines.distill`).
 
 One process per device; under `torchrun` (WORLD_SIZE > 1) the model is wrapped in
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs). Only rank 0 validates, logs to
@@ -42,6 +43,7 @@ from medvit.pipelines.atomic import remove_temporaries, write_atomic
 from medvit.pipelines.augment import train_transforms
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
 from medvit.pipelines.datasets import DatasetSpec
+from medvit.pipelines.distill import DEFAULT_DISTILL_WEIGHT, HardDistillationLoss, check_weight, load_teacher
 from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.fingerprint import compute_fingerprint
 from medvit.pipelines.postprocess import ValidationCase, determine_postprocessing
@@ -92,6 +94,8 @@ class TrainConfig:
     progress: bool = True
     recipe: str = "default"
     deep_supervision: bool = False
+    teacher: str | Path | None = None
+    distill_weight: float = DEFAULT_DISTILL_WEIGHT
 
 
 @dataclass
@@ -176,6 +180,12 @@ class Trainer:
             patch_size=self.window,
             slicing=None if self.slices is None else {"axis": self.slices.axis, "slab": self.slices.slab},
         )
+        self.teacher: nn.Module | None = None
+        self.distillation: dict[str, Any] = {}
+        if config.teacher is not None:
+            check_weight(config.distill_weight)  # before the (long) caching of the data
+            self.teacher = load_teacher(config.teacher, self.card, self.device)
+            self.distillation = {"teacher": Path(config.teacher).name, "weight": config.distill_weight}
         train_cases, val_cases = _split(self.spec, config.val_fraction, config.seed)
         self.train_loader = self._loader(train_cases)
         self.val_data = self._val_data(val_cases) if self.is_main else []
@@ -194,6 +204,8 @@ class Trainer:
         self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
         if self.model_args.get("deep_supervision"):
             self.loss_fn = deep_supervision_loss(1 + len(self.model.aux_heads))
+        if self.teacher is not None:
+            self.loss_fn = HardDistillationLoss(self.loss_fn, config.distill_weight)
         self.step, self.epoch, self.best = 0, 0, -1.0
         self.last_dice: dict[str, float] = {}
         if config.resume:
@@ -280,6 +292,8 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
     def _save(self, name: str) -> None:
         self.card.extra = {"step": self.step, "epoch": self.epoch, "best_dice": self.best, "last_dice": self.last_dice}
+        if self.distillation:
+            self.card.extra["distillation"] = dict(self.distillation)
         save_checkpoint(self.model, self.card, self.out / f"{name}.safetensors")
         if name == "last":
             # The weights travel with the optimiser: a kill between writing two files
@@ -334,7 +348,12 @@ class Trainer:
         y = batch["label"].to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.cfg.amp):
-            loss = self.loss_fn(self.ddp_model(x), y)
+            if self.teacher is None:
+                loss = self.loss_fn(self.ddp_model(x), y)
+            else:
+                with torch.no_grad():
+                    target = self.teacher(x)
+                loss = self.loss_fn(self.ddp_model(x), y, target)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
