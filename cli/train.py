@@ -36,7 +36,7 @@ from medvit.pipelines.recipes import recipe_names
               help=f"Training recipe (augmentation, crop sampling, schedule): {', '.join(recipe_names())}.")
 @click.option("--deep-supervision", is_flag=True,
               help="Also train 1x1 heads on the decoder's coarser levels, loss weights 1, 1/2, 1/4, ... "
-              "normalised (nnU-Net); UNETR and Swin-UNETR models. Segmentation uses the main head only.")
+              "normalised (nnU-Net); UNETR, Swin-UNETR and U-Net models. Segmentation uses the main head only.")
 @click.option("--teacher", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Checkpoint of a trained model (any registered one, e.g. unet_nnunet_3d) with this run's labels, "
               "preprocessing and input: adds DeiT's hard-label distillation to the loss.")

@@ -137,3 +137,13 @@ def test_teacher_with_other_labels_is_refused_in_one_line(dataset, teacher, tmp_
     assert msg.startswith(f"{other}: cannot teach this run: its labels") and "hepar" in msg and "\n" not in msg
     with pytest.raises(MedvitError, match="--distill-weight must be between 0 and 1"):
         Trainer(config(dataset, tmp_path / "run", teacher=teacher, distill_weight=-0.1))
+
+
+def test_deeply_supervised_unet_student_with_a_teacher(dataset, teacher, tmp_path) -> None:
+    cfg = config(
+        dataset, tmp_path, model="unet_nnunet_3d", model_args={"features": [4, 8, 8, 8]}, deep_supervision=True,
+        teacher=teacher, max_steps=1,
+    )
+    trainer = Trainer(cfg)
+    assert len(trainer.model.aux_heads) == 1 and trainer.loss_fn.base.weights == pytest.approx([2 / 3, 1 / 3])
+    assert trainer.run().steps == 1
