@@ -25,6 +25,7 @@ import torch.nn as nn
 from medvit.layers import ConvBlock, UpBlock
 from medvit.layers.conv_blocks import PointwiseConv
 from medvit.layers.helpers import check_spatial_dims, to_ntuple
+from medvit.models.volume.segformer import _check_size
 from medvit.models.volume.unetr import deep_supervision_heads, run_decoder
 from medvit.registry import register_model
 
@@ -103,11 +104,6 @@ class UNet(nn.Module):
         y, aux = run_decoder(self.ups, y, skips, self.aux_heads if deep else None)
         out = self.head(y).contiguous()
         return [out, *aux] if deep else out
-
-
-def _check_size(size: Sequence[int], stride: int, what: str) -> None:
-    if any(s % stride or s < stride for s in size):
-        raise ValueError(f"{what} {tuple(size)} must be a positive multiple of {stride} in every dimension")
 
 
 _3D: dict[str, Any] = dict(img_size=96, in_chans=1, num_classes=14, spatial_dims=3)
