@@ -36,19 +36,23 @@ LEVERS: dict[str, list[str]] = {
     "unetr_mit_b0_2d": ["--model", "unetr_mit_b0", "--model-arg", "spatial_dims=2"],
     "unetr_mit_b0_2d_deep_supervision": ["--model", "unetr_mit_b0", "--model-arg", "spatial_dims=2",
                                          "--deep-supervision"],
+    # a plain CNN with the same recipe, then the baseline distilled from it (DeiT's hard-label rule)
+    "cnn_unet_2d": ["--model", "unet_nnunet_2d"],
+    "distilled_from_cnn": ["--teacher", "{out}/cnn_unet_2d/last.safetensors"],
 }
 
 
 def run_lever(name: str, proxy: Path, out: Path, steps: int) -> dict:
     run = out / name
+    options = [o.format(out=out) for o in LEVERS[name]]
     cmd = [sys.executable, "-m", "medvit.cli", "train", str(proxy / "train_full" / "dataset.json"), "-o", str(run),
-           "-q", *BASE, "--max-steps", str(steps), *LEVERS[name]]
+           "-q", *BASE, "--max-steps", str(steps), *options]
     seconds, _ = run_logged(cmd, out / "logs" / f"{name}.log")
     checkpoint = run / "last.safetensors"
     masks = out / "masks" / name
     medvit_segment(proxy, checkpoint, masks, ["-q"])
     scores = report(proxy, masks, medvit_labels(checkpoint), name, None)
-    return {"options": LEVERS[name], "train_seconds": round(seconds, 1), "summary": shifted_summary(scores),
+    return {"options": options, "train_seconds": round(seconds, 1), "summary": shifted_summary(scores),
             "full_ct_spleen_outside_ml": scores.get("full_ct_outside_slab", {}).get("spleen", {}).get(
                 "predicted_outside_ml"),
             "patient3_spleen_ml": scores.get("patient3", {}).get("spleen", {}).get("predicted_ml")}
@@ -71,14 +75,16 @@ def main() -> None:
     p.add_argument("-o", "--out", type=Path, required=True)
     p.add_argument("--proxy", type=Path, default=None, help="an existing proxy set (default: OUT/proxy, built once)")
     p.add_argument("--only", nargs="+", choices=list(LEVERS), default=list(LEVERS),
-                   help="levers to run (the baseline is always run first)")
+                   help="levers to run, in this file's order (the baseline always runs first)")
     p.add_argument("--steps", type=int, default=1150)
     args = p.parse_args()
     proxy = args.proxy or args.out / "proxy"
     if not (proxy / "proxy.json").exists():
         build(proxy, 10, ())
     check_proxy(proxy)
-    names = ["baseline", *[n for n in args.only if n != "baseline"]]
+    if "distilled_from_cnn" in args.only and "cnn_unet_2d" not in args.only:
+        raise SystemExit("distilled_from_cnn needs its teacher: add cnn_unet_2d to --only")
+    names = ["baseline", *[n for n in LEVERS if n in args.only and n != "baseline"]]
     results = {name: run_lever(name, proxy, args.out, args.steps) for name in names}
     print(table(results))
     path = args.out / "levers.json"
