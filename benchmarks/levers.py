@@ -36,6 +36,9 @@ LEVERS: dict[str, list[str]] = {
     "unetr_mit_b0_2d": ["--model", "unetr_mit_b0", "--model-arg", "spatial_dims=2"],
     "unetr_mit_b0_2d_deep_supervision": ["--model", "unetr_mit_b0", "--model-arg", "spatial_dims=2",
                                          "--deep-supervision"],
+    # the same wall time as the other: UNETR-MiT's step costs about 3x SegFormer's on this CPU
+    "baseline_3450_steps": ["--max-steps", "3450"],
+    "unetr_mit_b0_2d_385_steps": ["--model", "unetr_mit_b0", "--model-arg", "spatial_dims=2", "--max-steps", "385"],
     # a plain CNN with the same recipe, then the baseline distilled from it (DeiT's hard-label rule)
     "cnn_unet_2d": ["--model", "unet_nnunet_2d"],
     "distilled_from_cnn": ["--teacher", "{out}/cnn_unet_2d/last.safetensors"],
