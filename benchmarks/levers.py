@@ -58,7 +58,7 @@ def run_lever(name: str, proxy: Path, out: Path, steps: int) -> dict:
     return {"options": options, "train_seconds": round(seconds, 1), "summary": shifted_summary(scores),
             "full_ct_spleen_outside_ml": scores.get("full_ct_outside_slab", {}).get("spleen", {}).get(
                 "predicted_outside_ml"),
-            "patient3_spleen_ml": scores.get("patient3", {}).get("spleen", {}).get("predicted_ml")}
+            "patient3_spleen_ml": scores.get("patient3", {}).get("organs", {}).get("spleen", {}).get("predicted_ml")}
 
 
 def table(results: dict[str, dict]) -> str:
