@@ -62,9 +62,10 @@ def test_large_blocks_are_reused_inside_and_handed_back_after() -> None:
     map_pages = r["map"] // resource.getpagesize()
     # by default every step maps its maps afresh and faults every page in
     assert min(r["outside"]) > 2 * map_pages, r
-    # inside, the heap settles within a few steps (more when other processes compete for the
-    # cores) and then serves the maps without new pages
-    assert sum(r["inside"][-2:]) < map_pages // 10, r
+    # inside, the heap settles within a few steps and then serves the maps from reused memory:
+    # most later steps fault in no new map (glibc may still hand a block back now and then)
+    assert sum(f < map_pages // 10 for f in r["inside"][2:]) >= 2, r
+    assert sum(r["inside"]) < sum(r["outside"]) / 2, r
     assert sum(r["nested"]) < map_pages // 10, r
     assert r["map"] <= r["held"] < 8 * r["map"], r  # the freed maps stay in the heap while inside...
     assert r["left"] < r["map"], r  # ...and are handed back to the OS on leaving
