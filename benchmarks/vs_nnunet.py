@@ -61,7 +61,7 @@ def run_logged(cmd: list[str], log: Path, env: dict | None = None, budget_s: flo
     print(f"$ {' '.join(cmd)}   (log: {log})", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        # A new session: nnU-Net's augmentation workers are children that must stop with it.
+        # Its own process group: nnU-Net's augmentation workers are children that must stop with it.
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             rc = proc.wait(timeout=budget_s)

@@ -169,3 +169,13 @@ def collect_intermediates(
         if i in take:
             feats.append(extract(x))
     return x, feats
+
+
+def check_stride_multiple(size: Sequence[int], stride: int, what: str) -> None:
+    """Refuse a spatial `size` that is not a positive multiple of a segmenter's total `stride`.
+
+    Raises:
+        ValueError: Naming `what` (``img_size``, ``input size``), the size and the stride.
+    """
+    if any(s % stride or s < stride for s in size):
+        raise ValueError(f"{what} {tuple(size)} must be a positive multiple of {stride} in every dimension")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from medvit.layers.helpers import check_spatial_dims, to_ntuple
 from medvit.layers.mlp_decoder import AllMLPDecoder
+from medvit.models._features import check_stride_multiple
 from medvit.registry import create_model, register_model
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -79,7 +80,7 @@ class SegFormer(nn.Module):
             )
         self.encoder = encoder
         self.stride = encoder.stage_strides[-1]
-        _check_size(self.img_size, self.stride, "img_size")
+        check_stride_multiple(self.img_size, self.stride, "img_size")
         self.decoder = AllMLPDecoder(spatial_dims, encoder.stage_channels, num_classes, decoder_dim, dropout=dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,18 +94,13 @@ class SegFormer(nn.Module):
                 f"expected input (B, {self.in_chans}, {self.spatial_dims} spatial dims), got {tuple(x.shape)}"
             )
         size = tuple(x.shape[2:])
-        _check_size(size, self.stride, "input size")
+        check_stride_multiple(size, self.stride, "input size")
         # PVT v2 / MiT take their token grids from the input, so any valid size runs
         feats = self.encoder.forward_intermediates(
             x, indices=len(self.encoder.stage_channels), intermediates_only=True
         )
         logits = self.decoder(feats).contiguous()
         return F.interpolate(logits, size=size, mode=_MODES[self.spatial_dims], align_corners=False)
-
-
-def _check_size(size: Sequence[int], stride: int, what: str) -> None:
-    if any(s % stride or s < stride for s in size):
-        raise ValueError(f"{what} {tuple(size)} must be a positive multiple of {stride} in every dimension")
 
 
 _2D: dict[str, Any] = dict(img_size=256, in_chans=1, num_classes=14, spatial_dims=2)

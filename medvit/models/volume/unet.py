@@ -25,7 +25,7 @@ import torch.nn as nn
 from medvit.layers import ConvBlock, UpBlock
 from medvit.layers.conv_blocks import PointwiseConv
 from medvit.layers.helpers import check_spatial_dims, to_ntuple
-from medvit.models.volume.segformer import _check_size
+from medvit.models._features import check_stride_multiple
 from medvit.models.volume.unetr import deep_supervision_heads, run_decoder
 from medvit.registry import register_model
 
@@ -69,7 +69,7 @@ class UNet(nn.Module):
         self.features = features
         self.img_size = to_ntuple(img_size, spatial_dims, "img_size")
         self.stride = 2 ** (len(features) - 1)
-        _check_size(self.img_size, self.stride, "img_size")
+        check_stride_multiple(self.img_size, self.stride, "img_size")
         widths = (in_chans, *features)
         self.encoder = nn.ModuleList(
             ConvBlock(spatial_dims, widths[i], widths[i + 1], residual=False, stride=1 if i == 0 else 2)
@@ -94,7 +94,7 @@ class UNet(nn.Module):
             raise ValueError(
                 f"expected input (B, {self.in_chans}, {self.spatial_dims} spatial dims), got {tuple(x.shape)}"
             )
-        _check_size(tuple(x.shape[2:]), self.stride, "input size")
+        check_stride_multiple(tuple(x.shape[2:]), self.stride, "input size")
         skips = []
         for stage in self.encoder[:-1]:
             x = stage(x)
