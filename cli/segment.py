@@ -11,8 +11,8 @@ from medvit.cli._common import device_option, terminate_unwinds, user_errors
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "-m", "checkpoint", required=True, type=click.Path(path_type=Path),
-              help="A medvit checkpoint (.safetensors).")
+@click.option("--model", "-m", "checkpoints", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="A medvit checkpoint (.safetensors); repeat it to average an ensemble (same labels and grid).")
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Folder for <stem>_seg.nii.gz and <stem>_volumes.json.")
 @click.option("--overlap", default=0.5, show_default=True, help="Sliding-window overlap fraction.")
@@ -29,20 +29,24 @@ from medvit.cli._common import device_option, terminate_unwinds, user_errors
               help="Leave out scans whose <stem>_seg.nii.gz and <stem>_volumes.json exist (resume a stopped batch).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @user_errors
-def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, precision, tta, labels, preview,
+def segment(inputs, checkpoints, out_dir, overlap, sw_batch_size, device, precision, tta, labels, preview,
             postprocess, skip_existing, quiet) -> None:
     """Segment INPUTS: scan files, DICOM series folders or folders of scans.
 
     A bad scan does not stop the batch: every other scan is segmented, then each bad
     one is listed as `<file>: <problem>` and the exit status is 1. A bad model or
     output folder stops everything before the first scan.
+
+    Under torchrun (`torchrun --nproc_per_node N -m medvit.cli segment ...`, on one or
+    several nodes) each process segments its own share of the scans.
     """
     from medvit.pipelines.segment import SegmentConfig, segment as run, card_summary
     from medvit.pipelines.checkpoint import read_card
 
-    card = read_card(checkpoint)
+    cards = [read_card(c) for c in checkpoints]
     if not quiet:
-        click.echo(f"model: {card_summary(card)}")
+        for c, card in zip(checkpoints, cards):
+            click.echo(f"model: {card_summary(card)}" + (f" [{c.name}]" if len(cards) > 1 else ""))
     cfg = SegmentConfig(overlap=overlap, sw_batch_size=sw_batch_size, device=device, precision=precision, tta=tta,
                         labels=list(labels) or None, preview=preview, progress=not quiet, skip_existing=skip_existing,
                         postprocess=postprocess)
@@ -55,4 +59,4 @@ def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, precisi
         click.echo(f"{r.input} -> {r.mask} ({vols})")
 
     with terminate_unwinds():
-        run(inputs, checkpoint, out_dir, cfg, on_result=show)
+        run(inputs, list(checkpoints), out_dir, cfg, on_result=show)

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import os
 import threading
 from collections.abc import Iterator
 
@@ -25,6 +26,32 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise MedvitError(f"unknown device {name!r} (use auto, cpu or cuda)")
     return torch.device(name)
+
+
+def process_rank() -> tuple[int, int, int]:
+    """(world size, rank, local rank) of this process from the launcher's environment
+    (torchrun sets WORLD_SIZE, RANK and LOCAL_RANK); (1, 0, 0) outside one.
+
+    Raises:
+        MedvitError: The variables are not integers, or the rank is out of range.
+    """
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+    try:
+        world, rank, local = (int(os.environ.get(n, d)) for n, d in zip(names, ("1", "0", "0")))
+    except ValueError:
+        shown = ", ".join(f"{n}={os.environ.get(n)!r}" for n in names)
+        raise MedvitError(f"the launcher's {shown} are not all integers") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise MedvitError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
+    return world, rank, local
+
+
+def local_device(device: torch.device) -> torch.device:
+    """A CUDA device without an index becomes this process's own GPU (LOCAL_RANK) under a launcher."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    _, _, local = process_rank()
+    return torch.device("cuda", local % max(1, torch.cuda.device_count()))
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

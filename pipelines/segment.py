@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,14 @@ from medvit.pipelines.postprocess import apply_postprocessing
 from medvit.pipelines.preprocessing import Preprocessing
 from medvit.pipelines.preview import write_preview
 from medvit.pipelines.recipes import is_lateralised, left_right_axis
-from medvit.pipelines.runtime import autocast, inference_dtype, resolve_device, return_freed_memory
+from medvit.pipelines.runtime import (
+    autocast,
+    inference_dtype,
+    local_device,
+    process_rank,
+    resolve_device,
+    return_freed_memory,
+)
 from medvit.pipelines.slicing import SliceSpec
 from medvit.pipelines.stitch import (
     accumulator_device,
@@ -66,6 +74,8 @@ class SegmentConfig:
         skip_existing: Leave out scans already finished in the output folder (their
             `<stem>_seg.nii.gz` and `<stem>_volumes.json` exist, and with `preview` their
             `<stem>_preview.png`).
+        prefetch: Read and preprocess the next scan of a batch while the model runs on
+            the current one (holds one more scan in memory).
         postprocess: `auto` applies the connected-component rules in the checkpoint's card
             (chosen on validation by `medvit train`), `none` writes the raw argmax mask.
     """
@@ -80,6 +90,7 @@ class SegmentConfig:
     progress: bool = True
     skip_existing: bool = False
     postprocess: str = "auto"
+    prefetch: bool = True
 
 
 @dataclass
@@ -138,10 +149,45 @@ def label_counts(mask: np.ndarray, minlength: int, chunk: int = 2**23) -> np.nda
     return counts
 
 
-class Segmenter:
-    """A loaded checkpoint that turns scans into masks on their own grids."""
+@dataclass
+class _Member:
+    """One checkpoint of a (possibly one-member) ensemble, loaded for inference."""
 
-    def __init__(self, checkpoint: str | Path, config: SegmentConfig | None = None) -> None:
+    path: Path
+    model: torch.nn.Module
+    card: ModelCard
+    prep: Preprocessing
+    slices: SliceSpec | None
+    native_dtype: bool
+
+
+@dataclass
+class Prepared:
+    """A scan read and preprocessed, ready for the model(s).
+
+    Attributes:
+        scan: The scan as read.
+        images: Model-space volume `(C, X, Y, Z)` per ensemble member (members with the same
+            intensity settings share one tensor).
+        voxel_to_model: Map from scan voxels to model-space voxels.
+    """
+
+    scan: Scan
+    images: list[torch.Tensor]
+    voxel_to_model: np.ndarray
+
+
+class Segmenter:
+    """One checkpoint, or an ensemble of several, that turns scans into masks on their own grids.
+
+    An ensemble averages the members' class probabilities in model space (each member with
+    its own intensity preprocessing, patch size, 2D slicing and TTA) before the arg-max, as
+    nnU-Net ensembles its folds. Members must have the same labels (ids and names) and the
+    same target spacing and orientation (one model grid); the post-processing rules applied
+    are those every member chose.
+    """
+
+    def __init__(self, checkpoint: str | Path | Sequence[str | Path], config: SegmentConfig | None = None) -> None:
         self.config = config or SegmentConfig()
         if not 0.0 <= self.config.overlap < 1.0:
             raise MedvitError(f"--overlap must be in [0, 1), got {self.config.overlap}")
@@ -149,20 +195,32 @@ class Segmenter:
             raise MedvitError(f"--sw-batch-size must be >= 1, got {self.config.sw_batch_size}")
         if self.config.postprocess not in ("auto", "none"):
             raise MedvitError(f"--postprocess must be auto or none, got {self.config.postprocess!r}")
-        self.device = resolve_device(self.config.device)
+        paths = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
+        if not paths:
+            raise MedvitError("no checkpoint given")
+        self.device = local_device(resolve_device(self.config.device))
         self.sw_batch_size = self.config.sw_batch_size or (4 if self.device.type == "cuda" else 1)
         self.dtype = inference_dtype(self.device, self.config.precision)
-        # bf16 on a CPU: weights and activations in bf16 (norm statistics accumulate in
-        # fp32); autocast would cast every activation back and forth, which costs more
-        # than it saves there
-        self.native_dtype = self.dtype == torch.bfloat16 and self.device.type == "cpu"
-        self.model, self.card = load_checkpoint(checkpoint, self.device, torch.bfloat16 if self.native_dtype else None)
-        self.prep = Preprocessing.from_dict(self.card.preprocessing)
+        self.members: list[_Member] = []
+        for path in paths:
+            self.members.append(self._load(path))
+            return_freed_memory()
+        first = self.members[0]
+        self.model, self.card, self.prep, self.slices = first.model, first.card, first.prep, first.slices
+        self.native_dtype = first.native_dtype
+        check_ensemble([(m.path, m.card) for m in self.members])
         ids = [0] + [int(self.card.labels[c]["id"]) for c in sorted(self.card.labels)]
         self.class_ids = np.array(ids, dtype=np.uint8 if max(ids) < 256 else np.uint16)
         self.keep = self._kept_classes(self.config.labels)
-        self.slices = slice_spec(self.card, self.model)
-        return_freed_memory()
+        self.postprocessing = common_rules([m.card.postprocessing for m in self.members])
+
+    def _load(self, path: Path) -> _Member:
+        # bf16 on a CPU: weights and activations in bf16 (norm statistics accumulate in
+        # fp32); autocast would cast every activation back and forth, which costs more
+        # than it saves there
+        native = self.dtype == torch.bfloat16 and self.device.type == "cpu"
+        model, card = load_checkpoint(path, self.device, torch.bfloat16 if native else None)
+        return _Member(path, model, card, Preprocessing.from_dict(card.preprocessing), slice_spec(card, model), native)
 
     def _kept_classes(self, names: Sequence[str] | None) -> np.ndarray:
         classes = sorted(self.card.labels)
@@ -180,8 +238,8 @@ class Segmenter:
             keep[known[n]] = True
         return keep
 
-    def _model_space(self, scan: Scan) -> tuple[torch.Tensor, np.ndarray]:
-        """The preprocessed volume `(C, X, Y, Z)` and the map from scan voxels to its voxels.
+    def prepare(self, scan: Scan) -> Prepared:
+        """The scan in model space for every member (one resampling, shared by all).
 
         The grid and values are those of `preprocess_transforms` (MONAI's Orientationd,
         Spacingd, intensity presets; tested equal), computed without importing MONAI.
@@ -189,38 +247,55 @@ class Segmenter:
         affine, shape = model_grid(scan.affine, scan.shape, self.prep.spacing, self.prep.orientation)
         if any(s < 1 for s in shape):
             raise MedvitError(f"{scan.path}: empty after resampling")
-        norm = self.prep.ct_norm() if self.prep.intensity == "ct-fingerprint" else None
-        image = scale_intensity(resample_scan(scan.array, affine, scan.affine, shape), self.prep.intensity,
-                                self.prep.ct_window, norm)
-        return image, np.linalg.solve(affine, np.asarray(scan.affine, dtype=float))
+        resampled = resample_scan(scan.array, affine, scan.affine, shape)
+        images: list[torch.Tensor] = []
+        scaled: dict[str, torch.Tensor] = {}
+        for member in self.members:
+            prep = member.prep
+            key = json.dumps([prep.intensity, prep.ct_window, prep.ct_norm() if prep.intensity == "ct-fingerprint" else None])
+            if key not in scaled:
+                norm = prep.ct_norm() if prep.intensity == "ct-fingerprint" else None
+                scaled[key] = scale_intensity(resampled if len(self.members) == 1 else resampled.clone(),
+                                              prep.intensity, prep.ct_window, norm)
+            images.append(scaled[key])
+        return Prepared(scan, images, np.linalg.solve(affine, np.asarray(scan.affine, dtype=float)))
 
     @property
     def store_dtype(self) -> torch.dtype:
         """Model-space probabilities are kept in fp16 unless this is the exact (fp32) path."""
         return torch.float32 if self.dtype == torch.float32 else torch.float16
 
-    def _predictor(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native_dtype:
-            return self.model(x.to(self.dtype))
-        with autocast(self.device, True, self.dtype):
-            return self.model(x)
+    def _predictor(self, member: _Member) -> Callable[[torch.Tensor], torch.Tensor]:
+        if member.native_dtype:
+            return lambda x: member.model(x.to(self.dtype))
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with autocast(self.device, True, self.dtype):
+                return member.model(x)
+
+        return run
 
     @torch.inference_mode()
-    def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Model-space class probabilities `(K, X, Y, Z)` on the CPU (averaged over flips with TTA)."""
-        x = image.to(self.device)
+    def _probabilities(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Model-space class probabilities `(K, X, Y, Z)` on the CPU: averaged over the
+        flips with TTA, then over the ensemble's members."""
         dims = [1 + a for a in self.tta_axes]
         flips = [()] if not self.config.tta else [
             axes for n in range(len(dims) + 1) for axes in itertools.combinations(dims, n)
         ]
+        progress = self.config.progress and not self.config.tta and len(self.members) == 1
         total = None
-        for axes in flips:
-            xi = torch.flip(x, axes) if axes else x
-            prob = self._stream(xi, progress=self.config.progress and not self.config.tta)
-            prob = torch.flip(prob, axes) if axes else prob
-            total = prob if total is None else total.add_(prob)
-        if len(flips) > 1:
-            total /= len(flips)
+        for member, image in zip(self.members, images, strict=True):
+            x = image.to(self.device)
+            for axes in flips:
+                xi = torch.flip(x, axes) if axes else x
+                prob = self._stream(member, xi, progress)
+                prob = torch.flip(prob, axes) if axes else prob
+                total = prob if total is None else total.add_(prob)
+            del x
+        runs = len(flips) * len(self.members)
+        if runs > 1:
+            total /= runs
         return total
 
     @property
@@ -233,34 +308,35 @@ class Segmenter:
             axes.remove(left_right_axis(self.prep.orientation))
         return axes
 
-    def _stream(self, x: torch.Tensor, progress: bool) -> torch.Tensor:
-        k = self.card.num_classes
-        if self.slices is not None:
+    def _stream(self, member: _Member, x: torch.Tensor, progress: bool) -> torch.Tensor:
+        k, patch = member.card.num_classes, member.card.patch_size
+        if member.slices is not None:
             return stream_slice_probabilities(
-                self._predictor, x, self.card.patch_size, k, self.slices, self.sw_batch_size,
+                self._predictor(member), x, patch, k, member.slices, self.sw_batch_size,
                 self.config.overlap, self.store_dtype, progress,
             )
         return stream_probabilities(
-            self._predictor, x, self.card.patch_size, k, self.sw_batch_size, self.config.overlap,
-            self.store_dtype, accumulate_on=accumulator_device(x, k, self.card.patch_size), progress=progress,
+            self._predictor(member), x, patch, k, self.sw_batch_size, self.config.overlap,
+            self.store_dtype, accumulate_on=accumulator_device(x, k, patch), progress=progress,
         )
 
     def predict_proba(self, scan: Scan) -> torch.Tensor:
         """Class probabilities `(C, *scan.shape)` float32 on the scan's own grid."""
-        image, voxel_to_model = self._model_space(scan)
-        return invert_probabilities(self._probabilities(image), voxel_to_model, scan.shape)
+        prepared = self.prepare(scan)
+        return invert_probabilities(self._probabilities(prepared.images), prepared.voxel_to_model, scan.shape)
 
-    def predict(self, scan: Scan) -> np.ndarray:
+    def predict(self, scan: Scan | Prepared) -> np.ndarray:
         """The label-id mask of a scan, on the scan's own grid (computed slab by slab)."""
-        image, voxel_to_model = self._model_space(scan)
+        prepared = scan if isinstance(scan, Prepared) else self.prepare(scan)
+        scan = prepared.scan
         return_freed_memory()
-        prob = self._probabilities(image)
-        del image
+        prob = self._probabilities(prepared.images)
+        prepared.images = []  # the model-space volumes are not needed any more
         return_freed_memory()
-        classes = invert_argmax(prob, voxel_to_model, scan.shape, self.keep)
+        classes = invert_argmax(prob, prepared.voxel_to_model, scan.shape, self.keep)
         mask = self.class_ids[classes]
         if self.config.postprocess == "auto":
-            apply_postprocessing(mask, self.card.postprocessing, scan.spacing)
+            apply_postprocessing(mask, self.postprocessing, scan.spacing)
         return mask
 
     @property
@@ -275,10 +351,15 @@ class Segmenter:
         counts = label_counts(mask, max(names) + 1 if names else 1)
         return {name: round(float(counts[lid]) * voxel_ml, 3) for lid, name in names.items()}
 
-    def segment_file(self, path: str | Path, out_dir: str | Path) -> SegmentResult:
-        """Segment one scan into `out_dir`; its volumes file, written last, marks it finished."""
-        scan = read_scan(path)
-        mask = self.predict(scan)
+    def segment_file(self, path: str | Path, out_dir: str | Path, prepared: Prepared | None = None) -> SegmentResult:
+        """Segment one scan into `out_dir`; its volumes file, written last, marks it finished.
+
+        `prepared`: the scan already read and preprocessed (`read_prepared`), as the batch
+        loop does for the next scan while the model runs on the current one.
+        """
+        prepared = prepared or self.prepare(read_scan(path))
+        scan = prepared.scan
+        mask = self.predict(prepared)
         out_dir = Path(out_dir)
         vol_target = out_dir / f"{scan.stem}_volumes.json"
         # An older volumes file would mark the scan finished while its new mask is written.
@@ -307,9 +388,41 @@ def slice_spec(card: ModelCard, model: torch.nn.Module) -> SliceSpec | None:
     return spec
 
 
+def check_ensemble(members: Sequence[tuple[Path, ModelCard]]) -> None:
+    """Refuse checkpoints that cannot be averaged: different labels, or different model grids.
+
+    Raises:
+        MedvitError: One line naming the checkpoint that differs from the first and how.
+    """
+    first_path, first = members[0]
+    grid = Preprocessing.from_dict(first.preprocessing)
+    for path, card in members[1:]:
+        if card.label_names() != first.label_names():
+            raise MedvitError(
+                f"{path}: labels {_label_list(card)} differ from {first_path}'s {_label_list(first)}; "
+                "an ensemble averages checkpoints with the same label ids and names"
+            )
+        prep = Preprocessing.from_dict(card.preprocessing)
+        if not np.allclose(prep.spacing, grid.spacing) or prep.orientation != grid.orientation:
+            raise MedvitError(
+                f"{path}: model grid {prep.orientation} {tuple(prep.spacing)} mm differs from {first_path}'s "
+                f"{grid.orientation} {tuple(grid.spacing)} mm; an ensemble averages on one grid"
+            )
+
+
+def _label_list(card: ModelCard) -> str:
+    return "(" + ", ".join(f"{i}={n}" for i, n in card.label_names().items()) + ")"
+
+
+def common_rules(per_member: Sequence[Sequence[dict] | None]) -> list[dict]:
+    """The post-processing rules every member's card chose (all of them for one member)."""
+    rules = [dict(r) for r in (per_member[0] or [])]
+    return [r for r in rules if all(r in (other or []) for other in per_member[1:])]
+
+
 def segment(
     inputs: Sequence[str | Path],
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     config: SegmentConfig | None = None,
     on_result: Callable[[SegmentResult], None] | None = None,
@@ -319,17 +432,22 @@ def segment(
     A bad scan (missing, unreadable, not 3D, non-finite, failing to segment or to be
     written) does not stop the batch: it is recorded and the next scan goes on. Two
     scans whose outputs would share a name are a failure of the later one. The model is
-    loaded when the first scan needs it.
+    loaded when the first scan needs it. While the model runs on one scan, the next one
+    is read and preprocessed in a background thread (`config.prefetch`).
+
+    Under `torchrun` (or any launcher setting RANK and WORLD_SIZE) each process takes a
+    disjoint share of the scans (`batch_share`), so every scan is segmented exactly once
+    over all processes; input problems are reported by rank 0 only.
 
     Args:
         inputs: Scan files and folders as the user gave them.
-        checkpoint: The model.
+        checkpoint: The model, or several to average as an ensemble.
         out_dir: Output folder, created if needed.
         config: Options; `skip_existing` resumes a killed batch.
         on_result: Called with each scan's result as soon as it is written (or skipped).
 
     Returns:
-        The results of all scans, in input order, when every scan succeeded.
+        The results of this process's scans, in input order, when every scan succeeded.
 
     Raises:
         MedvitError: The output folder, checkpoint or settings are unusable; raised
@@ -340,29 +458,79 @@ def segment(
     out = Path(out_dir)
     failures: list[ScanFailure] = []
     paths = _expand_inputs(inputs, failures)
+    world, rank, _ = process_rank()
+    paths = batch_share(paths, rank, world)
+    if rank > 0:
+        failures = []  # rank 0 reports the inputs' problems once
     _check_output_folder(out)
     results: list[SegmentResult] = []
-    seg: Segmenter | None = None
-    for path in tqdm(paths, desc="scans", disable=not config.progress or len(paths) < 2):
-        stem = scan_stem(path)
-        _remove_temporaries(out, stem)
+    todo: list[Path] = []
+    for path in paths:
+        _remove_temporaries(out, scan_stem(path))
         done = _finished(out, path, config.preview) if config.skip_existing else None
-        if done is not None:
-            results.append(done)
-        else:
+        if done is None:
+            todo.append(path)
+            continue
+        results.append(done)
+        if on_result is not None:
+            on_result(done)
+    if todo:
+        _run_batch(todo, checkpoint, out, config, results, failures, on_result)
+    if failures:
+        raise BatchError(failures, results, out)
+    order = {p: i for i, p in enumerate(paths)}
+    return sorted(results, key=lambda r: order[r.input])
+
+
+def _run_batch(
+    paths: list[Path],
+    checkpoint: str | Path | Sequence[str | Path],
+    out: Path,
+    config: SegmentConfig,
+    results: list[SegmentResult],
+    failures: list[ScanFailure],
+    on_result: Callable[[SegmentResult], None] | None,
+) -> None:
+    """Segment `paths` in order; the next scan is read and preprocessed while the model runs."""
+    seg: Segmenter | None = None
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvit-read") if config.prefetch else None
+
+    def read(path: Path) -> Scan | Prepared:
+        scan = read_scan(path)
+        return scan if seg is None else seg.prepare(scan)
+
+    def ahead(i: int) -> Future | None:
+        return reader.submit(read, paths[i]) if reader is not None and i < len(paths) else None
+
+    try:
+        upcoming = ahead(0)  # the first scan is read while the model loads
+        for i, path in enumerate(tqdm(paths, desc="scans", disable=not config.progress or len(paths) < 2)):
+            current, upcoming = upcoming, None
             if seg is None:
                 seg = Segmenter(checkpoint, config)  # a bad checkpoint or setting fails the whole batch
             try:
-                results.append(seg.segment_file(path, out))
+                item = current.result() if current is not None else read(path)
+                upcoming = ahead(i + 1)
+                prepared = item if isinstance(item, Prepared) else seg.prepare(item)
+                del item
+                results.append(seg.segment_file(path, out, prepared))
             except (MedvitError, MemoryError, torch.OutOfMemoryError) as exc:
                 failures.append(ScanFailure(path, _problem_line(path, exc)))
+                prepared = None
                 return_freed_memory()
+                upcoming = upcoming or ahead(i + 1)
                 continue
-        if on_result is not None:
-            on_result(results[-1])
-    if failures:
-        raise BatchError(failures, results, out)
-    return results
+            del prepared
+            if on_result is not None:
+                on_result(results[-1])
+    finally:
+        if reader is not None:
+            reader.shutdown(wait=True, cancel_futures=True)
+
+
+def batch_share(paths: Sequence[Path], rank: int, world: int) -> list[Path]:
+    """This rank's scans: every `world`-th of the batch from `rank` on (disjoint, together all)."""
+    return list(paths[rank::world])
 
 
 def _expand_inputs(inputs: Sequence[str | Path], failures: list[ScanFailure]) -> list[Path]:

@@ -21,7 +21,6 @@ exactly as they were first drawn.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from dataclasses import asdict, dataclass, field
@@ -49,7 +48,7 @@ from medvit.pipelines.fingerprint import compute_fingerprint
 from medvit.pipelines.postprocess import ValidationCase, determine_postprocessing
 from medvit.pipelines.preprocessing import DEFAULT_SPACING, Preprocessing, default_intensity
 from medvit.pipelines.recipes import get_recipe, lr_lambda, schedule_factor
-from medvit.pipelines.runtime import autocast, resolve_device
+from medvit.pipelines.runtime import autocast, process_rank, resolve_device
 from medvit.pipelines.slicing import SliceSpec, in_plane
 from medvit.pipelines.stitch import stream_probabilities, stream_slice_probabilities
 from medvit.pipelines.train_images import overlay_slice
@@ -124,11 +123,6 @@ def deep_supervision_loss(levels: int) -> DeepSupervisionLoss:
     return DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True), weights=[w / total for w in weights])
 
 
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def _split(spec: DatasetSpec, val_fraction: float, seed: int) -> tuple[list, list]:
     cases = list(spec.cases)
     if len(cases) < 2 or val_fraction <= 0:
@@ -144,7 +138,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.cfg = config
-        self.world, self.rank, local_rank = _dist_info()
+        self.world, self.rank, local_rank = process_rank()
         self.device = resolve_device(config.device)
         if self.world > 1:
             if self.device.type == "cuda":

@@ -28,8 +28,8 @@ def _threshold_logits(seg: Segmenter, prep_window=(-175.0, 250.0)):
     lo, hi = prep_window
     level = (THRESHOLD_HU - lo) / (hi - lo)
 
-    def fake(image: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(image)[0]
+    def fake(images: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.as_tensor(images[0])[0]
         out = torch.zeros(seg.card.num_classes, *x.shape)
         out[1] = (x > level).float()
         out[0] = 1.0 - out[1]

@@ -68,7 +68,7 @@ def test_2d_model_mask_is_exact_on_the_input_grid(tmp_path, phantom_scan, axis: 
     ckpt = make_tiny_checkpoint(tmp_path / "c.safetensors", spacing=(3.0, 3.0, 6.0))
     seg = Segmenter(ckpt, SegmentConfig(progress=False, overlap=0.25, precision="fp32"))
     level = (THRESHOLD_HU + 0.5 + 175.0) / 425.0  # between integer HU values: no ties
-    seg.model, seg.slices = CentreThreshold(slab, level), SliceSpec(axis, slab)
+    seg.members[0].model, seg.members[0].slices = CentreThreshold(slab, level), SliceSpec(axis, slab)
     seg.card.patch_size = (24, 24)
     scan = read_scan(img)
     mask = seg.predict(scan)

@@ -84,7 +84,7 @@ def test_training_records_fingerprint_normalisation_and_postprocessing(dataset, 
     spec = load_dataset(dataset)
     seg = Segmenter(tmp_path / "last.safetensors", SegmentConfig(progress=False, precision="fp32"))
     scan = read_scan(spec.cases[0].image)
-    ours, _ = seg._model_space(scan)
+    ours = seg.prepare(scan).images[0]
     ref = preprocess_transforms(seg.prep, keys=("image",))({"image": scan})["image"]
     np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-4)
     assert float(ref.min()) == pytest.approx((prep["ct_clip"][0] - prep["ct_mean"]) / prep["ct_std"], abs=1e-4)
