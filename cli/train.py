@@ -14,7 +14,7 @@ from medvit.pipelines.recipes import recipe_names
 @click.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Run folder: checkpoints, TensorBoard logs (tb/), config.json.")
+              help="Run folder: checkpoints, TensorBoard logs (tb/), config.json, splits.json.")
 @click.option("--model", "-m", default="unetr_base", show_default=True, help="Registered model name.")
 @model_arg_option()
 @click.option("--epochs", type=int, default=None,
@@ -46,7 +46,17 @@ from medvit.pipelines.recipes import recipe_names
 @click.option("--samples-per-volume", default=2, show_default=True, help="Random crops per volume and pass.")
 @click.option("--lr", default=1e-4, show_default=True)
 @click.option("--weight-decay", default=1e-5, show_default=True, help="AdamW's decoupled weight decay.")
-@click.option("--val-fraction", default=0.2, show_default=True)
+@click.option("--val-fraction", type=float, default=None,
+              help="Validate on this random fraction of the cases [default: 0.2; not with --fold].")
+@click.option("--folds", type=int, default=None,
+              help="Cross-validation as nnU-Net: the sorted cases, permuted by --seed, cut into this many "
+              "folds [default with --fold: 5]. Every fold's run draws the same split.")
+@click.option("--fold", default=None, metavar="K|all",
+              help="Train on all folds but K (0..folds-1) and validate on fold K; 'all': train on every case "
+              "and, as nnU-Net's fold 'all', validate on the training cases.")
+@click.option("--split-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Take the folds from this file (nnU-Net's splits_final.json, or a run's splits.json) "
+              "instead of drawing them; with --fold.")
 @click.option("--val-every", default=1, show_default=True, help="Validate every N epochs.")
 @device_option()
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only; ignored on CPU).")
@@ -55,12 +65,16 @@ from medvit.pipelines.recipes import recipe_names
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice_axis, slab, spacing, intensity, recipe,
-          deep_supervision, teacher, distill_weight, batch_size, samples_per_volume, lr, weight_decay, val_fraction, val_every, device, amp, resume, seed, quiet) -> None:
+          deep_supervision, teacher, distill_weight, batch_size, samples_per_volume, lr, weight_decay, val_fraction, folds, fold, split_file, val_every, device, amp, resume, seed, quiet) -> None:
     """Train on DATA: a dataset.json (MSD or nnU-Net v2) or a `medvit preprocess` folder.
 
     DATA is verified first (every file readable, labels on their images' grids and
     holding declared values, one channel, finite, no duplicates); a dataset with
     problems is refused with all of them listed, before training starts.
+
+    The run's split of the cases (one fold per entry, nnU-Net's splits_final.json format)
+    is written to OUTPUT/splits.json; the checkpoints' cards record the fold and the
+    validation cases, and --resume refuses a different split.
     """
     from medvit.pipelines.slicing import parse_axis
     from medvit.pipelines.train import TrainConfig, train as run
@@ -68,7 +82,8 @@ def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice
     cfg = TrainConfig(
         data=data, out_dir=out_dir, model=model, model_args=model_args, epochs=epochs, max_steps=max_steps,
         patch_size=tuple(patch_size), slice_axis=parse_axis(slice_axis), slab=slab, spacing=tuple(spacing), intensity=intensity, batch_size=batch_size,
-        samples_per_volume=samples_per_volume, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction, val_every=val_every,
+        samples_per_volume=samples_per_volume, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction, folds=folds, fold=fold,
+        split_file=split_file, val_every=val_every,
         device=device, amp=amp, resume=resume, seed=seed, progress=not quiet, recipe=recipe,
         deep_supervision=deep_supervision, teacher=teacher, distill_weight=distill_weight,
     )

@@ -44,7 +44,10 @@ class ModelCard:
         patch_size: Sliding-window size (the model's input size; 2 entries for 2D models).
         slicing: For 2D models, how volumes are sliced: {"axis": 0|1|2, "slab": odd n}
             (see `medvit.pipelines.slicing.SliceSpec`); None for 3D models.
-        extra: Training progress and anything else (epoch, step, best Dice ...).
+        extra: Training progress and anything else (epoch, step, best Dice ...). A
+            training run's cards hold its split under ``"split"``: ``{"fold": K, "all" or
+            null (a held-out fraction), "folds": the number of cross-validation folds or
+            null, "val": [validation case ids]}`` (absent in cards from before it existed).
         postprocessing: Connected-component rules chosen on validation, applied to the
             masks `medvit segment` writes (`medvit.pipelines.postprocess`); None in
             checkpoints from before they existed or not made by training.
@@ -169,6 +172,17 @@ def _rule_ok(rule: Any) -> bool:
     return rule["rule"] == "largest" or (_is_number(rule.get("min_ml")) and rule["min_ml"] >= 0)
 
 
+def _split_ok(split: Any) -> bool:
+    if not isinstance(split, dict) or not {"fold", "folds", "val"} <= set(split):
+        return False
+    fold, folds, val = split["fold"], split["folds"], split["val"]
+    return (
+        (fold is None or fold == "all" or (_is_int(fold) and fold >= 0))
+        and (folds is None or (_is_int(folds) and folds >= 1))
+        and isinstance(val, list) and all(isinstance(c, str) for c in val)
+    )
+
+
 def _card_problem(d: Any) -> str | None:
     """What is wrong with a parsed card, or None."""
     if not isinstance(d, dict):
@@ -200,6 +214,8 @@ def _card_problem(d: Any) -> str | None:
         return f"format {version} was written by a newer medvit (this one reads format {FORMAT_VERSION})"
     if not isinstance(d.get("extra", {}), dict):
         return "extra must be an object"
+    if not _split_ok(d.get("extra", {}).get("split", {"fold": None, "folds": None, "val": []})):
+        return "extra split must be {\"fold\": index|\"all\"|null, \"folds\": integer|null, \"val\": [case ids]}"
     post = d.get("postprocessing")
     if post is not None and not (isinstance(post, list) and all(_rule_ok(r) for r in post)):
         return "postprocessing must be null or a list of {\"id\", \"rule\": \"largest\"|\"min_ml\", \"min_ml\"}"

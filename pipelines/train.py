@@ -16,6 +16,11 @@ resume needs (weights, optimiser, schedule, step, best Dice, model card) is one 
 and the same step; each epoch's randomness (shuffling, crops, augmentation) is seeded
 from the run seed and the epoch number, so a resumed run repeats the epochs it lost
 exactly as they were first drawn.
+
+The validation cases are a held-out fraction, or one fold of nnU-Net's cross-validation
+(`medvit.pipelines.splits`); every run writes its split as `splits.json` (nnU-Net's
+`splits_final.json` format), the cards record the fold and the validation cases, and a
+resumed run must split as the run it continues did.
 """
 
 from __future__ import annotations
@@ -38,10 +43,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 import medvit
-from medvit.pipelines.atomic import remove_temporaries, write_atomic
+from medvit.pipelines.atomic import remove_temporaries, write_atomic, write_json
 from medvit.pipelines.augment import train_transforms
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
-from medvit.pipelines.datasets import DatasetSpec
 from medvit.pipelines.distill import DEFAULT_DISTILL_WEIGHT, HardDistillationLoss, check_weight, load_teacher
 from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.fingerprint import compute_fingerprint
@@ -50,6 +54,7 @@ from medvit.pipelines.preprocessing import DEFAULT_SPACING, Preprocessing, defau
 from medvit.pipelines.recipes import get_recipe, lr_lambda, schedule_factor
 from medvit.pipelines.runtime import autocast, process_rank, resolve_device
 from medvit.pipelines.slicing import SliceSpec, in_plane
+from medvit.pipelines.splits import SPLITS_FILE, check_split_options, read_splits, run_split
 from medvit.pipelines.stitch import stream_probabilities, stream_slice_probabilities
 from medvit.pipelines.train_images import overlay_slice
 from medvit.pipelines.transforms import preprocess_transforms
@@ -58,7 +63,7 @@ from medvit.registry import variant_accepts
 
 STATE_FILE = "last_state.pt"
 # Files a run folder gets; a temporary one of these left by a killed run is removed at start.
-_RUN_FILES = ("last.safetensors", "best.safetensors", STATE_FILE, "config.json")
+_RUN_FILES = ("last.safetensors", "best.safetensors", STATE_FILE, "config.json", SPLITS_FILE)
 
 DEFAULT_EPOCHS = 100
 
@@ -83,7 +88,10 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-5
     warmup_fraction: float = 0.05
-    val_fraction: float = 0.2
+    val_fraction: float | None = None  # None: 0.2, unless a fold is given
+    folds: int | None = None
+    fold: int | str | None = None
+    split_file: str | Path | None = None
     val_every: int = 1
     overlap: float = 0.25
     device: str = "auto"
@@ -123,14 +131,6 @@ def deep_supervision_loss(levels: int) -> DeepSupervisionLoss:
     return DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True), weights=[w / total for w in weights])
 
 
-def _split(spec: DatasetSpec, val_fraction: float, seed: int) -> tuple[list, list]:
-    cases = list(spec.cases)
-    if len(cases) < 2 or val_fraction <= 0:
-        return cases, cases  # too few cases to hold one out: validate on the training data
-    rng = random.Random(seed)
-    rng.shuffle(cases)
-    n_val = max(1, round(len(cases) * val_fraction))
-    return cases[n_val:], cases[:n_val]
 
 
 class Trainer:
@@ -152,6 +152,7 @@ class Trainer:
             raise MedvitError(f"--max-steps must be >= 1, got {config.max_steps}")
         if (config.epochs is not None and config.epochs < 1) or config.batch_size < 1:
             raise MedvitError("--epochs and --batch-size must be >= 1")
+        check_split_options(config.folds, config.fold, config.split_file, config.val_fraction)  # before the data
         torch.manual_seed(config.seed + self.rank)
         np.random.seed(config.seed + self.rank)
         random.seed(config.seed + self.rank)
@@ -161,6 +162,10 @@ class Trainer:
         if self.is_main:
             for line in format_problems(warnings):
                 tqdm.write(line, file=sys.stderr)
+        self.split = run_split(
+            [c.name for c in self.spec.cases], folds=config.folds, fold=config.fold, split_file=config.split_file,
+            val_fraction=config.val_fraction, seed=config.seed,
+        )
         self.class_ids = sorted(self.spec.labels)
         self.num_classes = len(self.class_ids) + 1
         self.prep, self.card_prep = self._preprocessing()
@@ -180,9 +185,9 @@ class Trainer:
             check_weight(config.distill_weight)  # before the (long) caching of the data
             self.teacher = load_teacher(config.teacher, self.card, self.device)
             self.distillation = {"teacher": Path(config.teacher).name, "weight": config.distill_weight}
-        train_cases, val_cases = _split(self.spec, config.val_fraction, config.seed)
-        self.train_loader = self._loader(train_cases)
-        self.val_data = self._val_data(val_cases) if self.is_main else []
+        by_name = {c.name: c for c in self.spec.cases}
+        self.train_loader = self._loader([by_name[n] for n in self.split.train])
+        self.val_data = self._val_data([by_name[n] for n in self.split.val]) if self.is_main else []
         steps_per_epoch = len(self.train_loader)
         # --max-steps alone sets the length (an epoch of a one-case dataset is one step);
         # --epochs alone, or both (whichever ends first); neither: DEFAULT_EPOCHS
@@ -285,7 +290,10 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def _save(self, name: str) -> None:
-        self.card.extra = {"step": self.step, "epoch": self.epoch, "best_dice": self.best, "last_dice": self.last_dice}
+        self.card.extra = {
+            "step": self.step, "epoch": self.epoch, "best_dice": self.best, "last_dice": self.last_dice,
+            "split": self.split.record(),
+        }
         if self.distillation:
             self.card.extra["distillation"] = dict(self.distillation)
         save_checkpoint(self.model, self.card, self.out / f"{name}.safetensors")
@@ -319,12 +327,25 @@ class Trainer:
             raise MedvitError(
                 f"{state_path}: was trained as {card.model_name} {card.model_args}; resume with the same settings"
             )
+        self._check_split(card, state_path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.best = int(state["step"]), int(state["epoch"]), float(state["best"])
         self.last_dice = dict(state["last_dice"])
+
+    def _check_split(self, card: ModelCard, state_path: Path) -> None:
+        """A resumed run validates on the cases the run it continues validated on."""
+        advice = "resume with the same --fold, --folds, --split-file, --val-fraction and --seed"
+        recorded = card.extra.get("split")  # absent in states from before splits were recorded
+        if recorded is not None and recorded != self.split.record():
+            fold = recorded.get("fold")
+            was = "a held-out fraction of the cases" if fold is None else f"fold {fold} of {recorded.get('folds')}"
+            raise MedvitError(f"{state_path}: was trained with other validation cases ({was}); {advice}")
+        stored = self.out / SPLITS_FILE
+        if stored.exists() and read_splits(stored, [c.name for c in self.spec.cases]) != self.split.splits:
+            raise MedvitError(f"{stored}: this run's split differs from the one stored; {advice}")
 
     def _seed_epoch(self) -> None:
         """Draw this epoch's randomness from (seed, rank, epoch) alone, so a resumed run
@@ -397,6 +418,7 @@ class Trainer:
             run_info = {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps}
             text = json.dumps(run_info, default=str, indent=2)
             write_atomic(self.out / "config.json", lambda tmp: tmp.write_text(text))
+            write_json(self.out / SPLITS_FILE, self.split.splits)
             # Events after the resumed step were logged by the lost part of the run; drop them.
             writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.cfg.resume else None)
         self.model.train()

@@ -198,3 +198,44 @@ def test_train_options_reach_the_training_config(tmp_path, dataset, monkeypatch)
     res = run(["train", dataset, "-o", tmp_path / "run", *TINY_ARGS, "--weight-decay", "0.05", "--lr", "3e-4"])
     assert_user_error(res, "stopped after reading the options")
     assert seen["cfg"].weight_decay == 0.05 and seen["cfg"].lr == 3e-4
+
+
+@pytest.fixture(scope="module")
+def three_cases(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("ds3"), 3, seed=5, shape=(32, 32, 16), spacing=(4.0, 4.0, 8.0))
+
+
+def test_train_cli_cross_validation_fold(tmp_path, three_cases) -> None:
+    from medvit.pipelines.splits import make_folds
+
+    folds = make_folds(["case_000", "case_001", "case_002"], 3, seed=0)
+    run_dir = tmp_path / "fold1"
+    res = run(["train", three_cases, "-o", run_dir, *TINY_ARGS, "--folds", "3", "--fold", "1", "--max-steps", "1",
+               "--batch-size", "1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads((run_dir / "splits.json").read_text()) == folds
+    for name in ("best", "last"):
+        assert read_card(run_dir / f"{name}.safetensors").extra["split"] == {"fold": 1, "folds": 3, "val": folds[1]["val"]}
+    # the stored split, given back as a file (nnU-Net's splits_final.json format), splits the same way
+    res = run(["train", three_cases, "-o", tmp_path / "all", *TINY_ARGS, "--split-file", run_dir / "splits.json",
+               "--fold", "all", "--max-steps", "1", "--batch-size", "1"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    split = read_card(tmp_path / "all" / "last.safetensors").extra["split"]
+    assert split == {"fold": "all", "folds": 3, "val": ["case_000", "case_001", "case_002"]}
+    assert json.loads((tmp_path / "all" / "splits.json").read_text()) == folds
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--folds", "4", "--fold", "0"], "--folds 4 needs at least 4 cases; the dataset has 3"),
+        (["--folds", "3", "--fold", "3"], "--fold 3 is out of range for 3 folds (0..2 or all)"),
+        (["--folds", "3", "--fold", "0", "--val-fraction", "0.2"], "--val-fraction holds out random cases"),
+        (["--fold", "one"], "--fold must be a fold number or 'all'"),
+        (["--split-file", "splits_final.json", "--fold", "0"], "splits_final.json: no such split file"),
+    ],
+)
+def test_train_cli_bad_folds(tmp_path, three_cases, extra, fragment) -> None:
+    res = run(["train", three_cases, "-o", tmp_path / "run", *TINY_ARGS, *extra, "--max-steps", "1"])
+    assert_user_error(res, fragment)
+    assert not (tmp_path / "run" / "splits.json").exists()

@@ -55,6 +55,8 @@ def _refused(path: Path, fragment: str, load: bool = False) -> None:
         ({"model_args": ["img_size"]}, "model_args must be an object"),
         ({"format_version": 99}, "written by a newer medvit"),
         ({"surprise": 1}, "unknown fields surprise"),
+        ({"extra": {"split": {"fold": -1, "folds": 5, "val": []}}}, "extra split must be"),
+        ({"extra": {"split": {"fold": 0, "folds": 5, "val": "case_000"}}}, "extra split must be"),
     ],
 )
 def test_card_fields_of_the_wrong_type_or_range(
