@@ -115,11 +115,12 @@ def statistics_payload(
 
 
 def find_statistics(folder: str | Path) -> list[Path]:
-    """The `*_stats.json` files directly in `folder`, sorted; empty when it is not a folder."""
+    """The `*_stats.json` files directly in `folder`, sorted by scan name; empty when it is not a folder."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob(f"*{STATS_SUFFIX}") if p.is_file() and not p.name.startswith("."))
+    found = [p for p in folder.glob(f"*{STATS_SUFFIX}") if p.is_file() and not p.name.startswith(".")]
+    return sorted(found, key=lambda p: p.name[: -len(STATS_SUFFIX)])
 
 
 def _is_number(value: object) -> bool:
