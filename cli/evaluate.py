@@ -82,7 +82,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     default=DEFAULT_CSV,
     show_default=True,
-    help="Where the per-case and mean rows are written.",
+    help="Where the per-case and mean rows (or the statistics rows) are written.",
 )
 @click.option("--hd-percentile", type=float, default=95.0, show_default=True, help="Hausdorff distance percentile.")
 @user_errors

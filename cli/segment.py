@@ -29,7 +29,8 @@ from medvit.cli._common import device_option, terminate_unwinds, user_errors
 @click.option("--postprocess", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
               help="auto: the connected-component rules the checkpoint chose on validation; none: raw mask.")
 @click.option("--skip-existing", is_flag=True,
-              help="Leave out scans whose <stem>_seg.nii.gz and <stem>_volumes.json exist (resume a stopped batch).")
+              help="Leave out scans whose <stem>_seg.nii.gz and <stem>_volumes.json exist (resume a stopped batch); "
+                   "with --preview / --statistics, their preview / stats file too.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @user_errors
 def segment(inputs, checkpoint, out_dir, overlap, sw_batch_size, device, precision, tta, labels, preview,
