@@ -171,6 +171,6 @@ def _aggregate_statistics(folder: Path, label_items: tuple[str, ...], csv_path: 
             ("label", "present", "median ml", "median mean"),
             [(m["label"], f"{m['present']}/{m['scans']}", num(m["median_volume_ml"], 1), num(m["median_mean"], 1))
              for m in summary],
-        )  # fmt: skip
-    )
+        )
+    )  # fmt: skip
     click.echo(f"{len(paths)} scan(s), {len(summary)} label(s); CSV written to {csv_path}")
