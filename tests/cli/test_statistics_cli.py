@@ -97,8 +97,8 @@ def test_evaluate_one_argument_that_is_not_a_stats_folder(tmp_path: Path, phanto
         res = run("evaluate", target)
         assert res.exit_code == 2 and "Traceback" not in res.output
         errors = [ln for ln in res.output.splitlines() if ln.startswith("Error")]
-        want = f"Error: {target}: no *_stats.json files (made by medvit segment --statistics); to score masks give PRED GT"
-        assert errors == [want]
+        made_by = "(made by medvit segment --statistics); to score masks give PRED GT"
+        assert errors == [f"Error: {target}: no *_stats.json files {made_by}"]
 
 
 def test_evaluate_malformed_stats_file_is_one_line_and_writes_nothing(tmp_path: Path, segmented: Path) -> None:
