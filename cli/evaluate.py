@@ -1,4 +1,5 @@
-"""`medvit evaluate`: per-label Dice and HD95 of predicted masks against reference masks."""
+"""`medvit evaluate`: per-label Dice and HD95 of predicted masks against reference masks, or
+one table of the per-label statistics files `medvit segment --statistics` wrote."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
 
 @click.command("evaluate")
 @click.argument("pred", type=click.Path(path_type=Path))
-@click.argument("gt", type=click.Path(path_type=Path))
+@click.argument("gt", required=False, type=click.Path(path_type=Path))
 @click.option(
     "--labels",
     "label_items",
@@ -81,18 +82,25 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     default=DEFAULT_CSV,
     show_default=True,
-    help="Where the per-case and mean rows are written.",
+    help="Where the per-case and mean rows (or the statistics rows) are written.",
 )
 @click.option("--hd-percentile", type=float, default=95.0, show_default=True, help="Hausdorff distance percentile.")
 @user_errors
-def evaluate(pred: Path, gt: Path, label_items: tuple[str, ...], csv_path: Path, hd_percentile: float) -> None:
+def evaluate(pred: Path, gt: Path | None, label_items: tuple[str, ...], csv_path: Path, hd_percentile: float) -> None:
     """Score predicted masks PRED against reference masks GT (files or folders).
 
     Folders are paired by case name; a prediction <case>_seg.nii.gz (what `medvit
     segment` writes) matches <case>.nii.gz. A label empty in both masks scores
     Dice 1 and HD95 0; empty in only one, Dice 0 and HD95 inf (counted in
     the "one empty" column).
+
+    With PRED alone, a folder of <stem>_stats.json files (`medvit segment
+    --statistics`): one CSV row per scan and label (voxels, volume, intensities)
+    and a per-label summary.
     """
+    if gt is None:
+        _aggregate_statistics(pred, label_items, csv_path)
+        return
     from medvit.pipelines.evaluate import EvalConfig, UnmatchedCaseWarning, summarize
     from medvit.pipelines.evaluate import evaluate as run_evaluation
 
@@ -136,3 +144,33 @@ def evaluate(pred: Path, gt: Path, label_items: tuple[str, ...], csv_path: Path,
             )  # fmt: skip
         )
     click.echo(f"{len(cases)} case(s), {len(means)} label(s); CSV written to {csv_path}")
+
+
+def _aggregate_statistics(folder: Path, label_items: tuple[str, ...], csv_path: Path) -> None:
+    """`medvit evaluate FOLDER`: the folder's `*_stats.json` files as one CSV and a summary."""
+    from medvit.pipelines.atomic import write_csv
+    from medvit.pipelines.statistics import STATS_COLUMNS, find_statistics, statistics_rows, summarize_statistics
+
+    ctx = click.get_current_context()
+    if label_items or ctx.get_parameter_source("hd_percentile") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--labels and --hd-percentile score masks: give PRED GT, or leave them out")
+    paths = find_statistics(folder)
+    if not paths:
+        raise click.UsageError(
+            f"{folder}: no *_stats.json files (made by medvit segment --statistics); to score masks give PRED GT"
+        )
+    rows = statistics_rows(paths)
+    write_csv(csv_path, STATS_COLUMNS, rows)
+    summary = summarize_statistics(rows)
+
+    def num(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    click.echo(
+        _table(
+            ("label", "present", "median ml", "median mean"),
+            [(m["label"], f"{m['present']}/{m['scans']}", num(m["median_volume_ml"], 1), num(m["median_mean"], 1))
+             for m in summary],
+        )
+    )  # fmt: skip
+    click.echo(f"{len(paths)} scan(s), {len(summary)} label(s); CSV written to {csv_path}")

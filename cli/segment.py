@@ -23,14 +23,18 @@ from medvit.cli._common import device_option, terminate_unwinds, user_errors
 @click.option("--tta", is_flag=True, help="Average over the 8 axis flips (8x slower).")
 @click.option("--labels", multiple=True, help="Keep only these label names (repeatable).")
 @click.option("--preview", is_flag=True, help="Also write <stem>_preview.png.")
+@click.option("--statistics", is_flag=True,
+              help="Also write <stem>_stats.json: per label, voxels, volume and the scan's intensities inside it "
+                   "(mean, std, min, max, percentiles; HU for CT models).")
 @click.option("--postprocess", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
               help="auto: the connected-component rules the checkpoint chose on validation; none: raw mask.")
 @click.option("--skip-existing", is_flag=True,
-              help="Leave out scans whose <stem>_seg.nii.gz and <stem>_volumes.json exist (resume a stopped batch).")
+              help="Leave out scans whose <stem>_seg.nii.gz and <stem>_volumes.json exist (resume a stopped batch); "
+                   "with --preview / --statistics, their preview / stats file too.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @user_errors
 def segment(inputs, checkpoints, out_dir, overlap, sw_batch_size, device, precision, tta, labels, preview,
-            postprocess, skip_existing, quiet) -> None:
+            statistics, postprocess, skip_existing, quiet) -> None:
     """Segment INPUTS: scan files, DICOM series folders or folders of scans.
 
     A bad scan does not stop the batch: every other scan is segmented, then each bad
@@ -48,8 +52,8 @@ def segment(inputs, checkpoints, out_dir, overlap, sw_batch_size, device, precis
         for c, card in zip(checkpoints, cards):
             click.echo(f"model: {card_summary(card)}" + (f" [{c.name}]" if len(cards) > 1 else ""))
     cfg = SegmentConfig(overlap=overlap, sw_batch_size=sw_batch_size, device=device, precision=precision, tta=tta,
-                        labels=list(labels) or None, preview=preview, progress=not quiet, skip_existing=skip_existing,
-                        postprocess=postprocess)
+                        labels=list(labels) or None, preview=preview, statistics=statistics, progress=not quiet,
+                        skip_existing=skip_existing, postprocess=postprocess)
 
     def show(r) -> None:  # noqa: ANN001
         if r.skipped:

@@ -8,13 +8,16 @@ and Pillow pick the format from it.
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from medvit.pipelines.errors import MedvitError
 
 
 def temporary_name(path: Path) -> Path:
@@ -48,3 +51,25 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     """`payload` as indented JSON, atomically."""
     return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
+
+
+def write_csv(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Path:
+    """`rows` under a `columns` header, atomically; keys not in `columns` are left out.
+
+    Raises:
+        MedvitError: `path` is a folder or cannot be written.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise MedvitError.at(path, "CSV output path is a folder")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    try:
+        return write_atomic(path, write)
+    except OSError as e:
+        raise MedvitError.at(path, f"cannot write CSV ({e.strerror or e})") from None

@@ -21,7 +21,6 @@ Both masks of a pair must be on the same grid: same shape and affines equal with
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from scipy.ndimage import find_objects
 from tqdm.auto import tqdm
 
-from medvit.pipelines.atomic import write_atomic
+from medvit.pipelines.atomic import write_csv as write_csv_rows
 from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.io import Scan, find_scans, is_dicom_folder, read_scan, scan_stem
 
@@ -344,20 +343,7 @@ def write_csv(rows: Sequence[dict], csv_path: str | Path) -> Path:
     Raises:
         MedvitError: The file cannot be written.
     """
-    csv_path = Path(csv_path)
-    if csv_path.is_dir():
-        raise MedvitError.at(csv_path, "CSV output path is a folder")
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    try:
-        return write_atomic(csv_path, write)
-    except OSError as e:
-        raise MedvitError.at(csv_path, f"cannot write CSV ({e.strerror or e})") from None
+    return write_csv_rows(csv_path, CSV_COLUMNS, rows)
 
 
 def evaluate(

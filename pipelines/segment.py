@@ -8,8 +8,9 @@ sliding-window + `Invertd` result.
 
 A batch survives bad scans: each is reported and the others are segmented. Every output
 is written under a temporary name and renamed, and `<stem>_volumes.json` is written last
-(after removing an older one), so a scan is finished exactly when its volumes file
-exists; `skip_existing` resumes a killed batch from there.
+(after removing an older one, and after `<stem>_stats.json` with `statistics`), so a scan
+is finished exactly when its volumes file exists; `skip_existing` resumes a killed batch
+from there.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from medvit.pipelines.runtime import (
     return_freed_memory,
 )
 from medvit.pipelines.slicing import SliceSpec
+from medvit.pipelines.statistics import STATS_SUFFIX, label_statistics, statistics_payload, voxel_volume_ml
 from medvit.pipelines.stitch import (
     accumulator_device,
     invert_argmax,
@@ -70,10 +72,12 @@ class SegmentConfig:
             keep left and right (4) when a label names a side of the body.
         labels: Keep only these label names (others become background).
         preview: Also write `<stem>_preview.png`.
+        statistics: Also write `<stem>_stats.json`: per label, voxels, volume and the scan's
+            intensities inside it (mean, std, min, max, percentiles; HU for CT models).
         progress: Show progress bars.
         skip_existing: Leave out scans already finished in the output folder (their
             `<stem>_seg.nii.gz` and `<stem>_volumes.json` exist, and with `preview` their
-            `<stem>_preview.png`).
+            `<stem>_preview.png`, with `statistics` their `<stem>_stats.json`).
         prefetch: Read and preprocess the next scan of a batch while the model runs on
             the current one (holds one more scan in memory).
         postprocess: `auto` applies the connected-component rules in the checkpoint's card
@@ -87,6 +91,7 @@ class SegmentConfig:
     tta: bool = False
     labels: Sequence[str] | None = None
     preview: bool = False
+    statistics: bool = False
     progress: bool = True
     skip_existing: bool = False
     postprocess: str = "auto"
@@ -102,6 +107,7 @@ class SegmentResult:
     volumes: Path
     volumes_ml: dict[str, float]
     preview: Path | None = None
+    statistics: Path | None = None
     skipped: bool = False
 
 
@@ -346,10 +352,14 @@ class Segmenter:
         return {lid: name for lid, name in self.card.label_names().items() if self.keep[ids.index(lid)]}
 
     def volumes_ml(self, mask: np.ndarray, scan: Scan) -> dict[str, float]:
-        voxel_ml = float(np.prod(scan.spacing)) / 1000.0
         names = self.label_names
         counts = label_counts(mask, max(names) + 1 if names else 1)
-        return {name: round(float(counts[lid]) * voxel_ml, 3) for lid, name in names.items()}
+        return {name: voxel_volume_ml(counts[lid], scan.spacing) for lid, name in names.items()}
+
+    def statistics(self, mask: np.ndarray, scan: Scan) -> dict:
+        """The content of `<stem>_stats.json`: per-label voxels, volume and the scan's intensities."""
+        labels = label_statistics(mask, scan.array, scan.spacing, self.label_names)
+        return statistics_payload(labels, scan.spacing, self.prep.intensity, Path(scan.path).name)
 
     def segment_file(self, path: str | Path, out_dir: str | Path, prepared: Prepared | None = None) -> SegmentResult:
         """Segment one scan into `out_dir`; its volumes file, written last, marks it finished.
@@ -366,13 +376,15 @@ class Segmenter:
         vol_target.unlink(missing_ok=True)
         mask_path = write_mask(mask, scan, out_dir / f"{scan.stem}_seg.nii.gz")
         vols = self.volumes_ml(mask, scan)
-        preview = None
+        preview = stats = None
         if self.config.preview:
             preview = write_preview(
                 scan.array, mask, scan.affine, out_dir / f"{scan.stem}_preview.png", self.label_names
             )
+        if self.config.statistics:
+            stats = write_json(out_dir / f"{scan.stem}{STATS_SUFFIX}", self.statistics(mask, scan))
         vol_path = write_json(vol_target, vols)
-        return SegmentResult(Path(path), mask_path, vol_path, vols, preview)
+        return SegmentResult(Path(path), mask_path, vol_path, vols, preview, stats)
 
 
 def slice_spec(card: ModelCard, model: torch.nn.Module) -> SliceSpec | None:
@@ -467,7 +479,7 @@ def segment(
     todo: list[Path] = []
     for path in paths:
         _remove_temporaries(out, scan_stem(path))
-        done = _finished(out, path, config.preview) if config.skip_existing else None
+        done = _finished(out, path, config) if config.skip_existing else None
         if done is None:
             todo.append(path)
             continue
@@ -577,15 +589,17 @@ def _remove_temporaries(out: Path, stem: str) -> None:
     """Temporary files of this scan's outputs left by a killed run (SIGKILL runs no clean-up)."""
     if not out.is_dir():
         return
-    for suffix in ("_seg.nii.gz", "_volumes.json", "_preview.png"):
+    for suffix in ("_seg.nii.gz", "_volumes.json", "_preview.png", STATS_SUFFIX):
         remove_temporaries(out / f"{stem}{suffix}")
 
 
-def _finished(out: Path, path: Path, preview: bool) -> SegmentResult | None:
+def _finished(out: Path, path: Path, config: SegmentConfig) -> SegmentResult | None:
     """The result of a scan finished by an earlier run, or None when it must be (re)done."""
     stem = scan_stem(path)
     mask, vols, png = out / f"{stem}_seg.nii.gz", out / f"{stem}_volumes.json", out / f"{stem}_preview.png"
-    if not mask.is_file() or not vols.is_file() or (preview and not png.is_file()):
+    stats = out / f"{stem}{STATS_SUFFIX}"
+    wanted = [mask, vols, *([png] if config.preview else []), *([stats] if config.statistics else [])]
+    if not all(p.is_file() for p in wanted):
         return None
     try:
         volumes = json.loads(vols.read_text())
@@ -593,7 +607,8 @@ def _finished(out: Path, path: Path, preview: bool) -> SegmentResult | None:
         return None
     if not isinstance(volumes, dict):
         return None
-    return SegmentResult(path, mask, vols, volumes, png if preview else None, skipped=True)
+    return SegmentResult(path, mask, vols, volumes, png if config.preview else None,
+                         stats if config.statistics else None, skipped=True)
 
 
 def _problem_line(path: Path, exc: BaseException) -> str:
