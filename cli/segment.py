@@ -14,7 +14,7 @@ from medvit.cli._common import device_option, terminate_unwinds, user_errors
 @click.option("--model", "-m", "checkpoints", required=True, multiple=True, type=click.Path(path_type=Path),
               help="A medvit checkpoint (.safetensors); repeat it to average an ensemble (same labels and grid).")
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="Folder for <stem>_seg.nii.gz and <stem>_volumes.json.")
+              help="Folder for <stem>_seg.nii.gz (or <stem>_seg.dcm) and <stem>_volumes.json.")
 @click.option("--overlap", default=0.5, show_default=True, help="Sliding-window overlap fraction.")
 @click.option("--sw-batch-size", type=int, default=None, help="Windows per forward pass [default: 1 on CPU, 4 on CUDA].")
 @device_option()
@@ -28,13 +28,16 @@ from medvit.cli._common import device_option, terminate_unwinds, user_errors
                    "(mean, std, min, max, percentiles; HU for CT models).")
 @click.option("--postprocess", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
               help="auto: the connected-component rules the checkpoint chose on validation; none: raw mask.")
+@click.option("--output-type", type=click.Choice(["nifti", "dicom-seg", "both"]), default="nifti", show_default=True,
+              help="nifti: <stem>_seg.nii.gz; dicom-seg: <stem>_seg.dcm, a DICOM Segmentation object referencing "
+                   "the source series (DICOM series folders only); both.")
 @click.option("--skip-existing", is_flag=True,
-              help="Leave out scans whose <stem>_seg.nii.gz and <stem>_volumes.json exist (resume a stopped batch); "
+              help="Leave out scans whose masks and <stem>_volumes.json exist (resume a stopped batch); "
                    "with --preview / --statistics, their preview / stats file too.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @user_errors
 def segment(inputs, checkpoints, out_dir, overlap, sw_batch_size, device, precision, tta, labels, preview,
-            statistics, postprocess, skip_existing, quiet) -> None:
+            statistics, postprocess, output_type, skip_existing, quiet) -> None:
     """Segment INPUTS: scan files, DICOM series folders or folders of scans.
 
     A bad scan does not stop the batch: every other scan is segmented, then each bad
@@ -53,14 +56,14 @@ def segment(inputs, checkpoints, out_dir, overlap, sw_batch_size, device, precis
             click.echo(f"model: {card_summary(card)}" + (f" [{c.name}]" if len(cards) > 1 else ""))
     cfg = SegmentConfig(overlap=overlap, sw_batch_size=sw_batch_size, device=device, precision=precision, tta=tta,
                         labels=list(labels) or None, preview=preview, statistics=statistics, progress=not quiet,
-                        skip_existing=skip_existing, postprocess=postprocess)
+                        skip_existing=skip_existing, postprocess=postprocess, output_type=output_type)
 
     def show(r) -> None:  # noqa: ANN001
         if r.skipped:
             click.echo(f"{r.input}: already segmented ({r.volumes} exists), skipped")
             return
         vols = ", ".join(f"{k} {v:.1f} ml" for k, v in r.volumes_ml.items())
-        click.echo(f"{r.input} -> {r.mask} ({vols})")
+        click.echo(f"{r.input} -> {', '.join(map(str, r.masks))} ({vols})")
 
     with terminate_unwinds():
         run(inputs, list(checkpoints), out_dir, cfg, on_result=show)

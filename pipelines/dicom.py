@@ -372,8 +372,12 @@ def _check_slices(folder: Path, series: list[_Slice]) -> tuple[list[_Slice], flo
     return ordered, base, positions[0]
 
 
-def read_dicom_series(folder: Path) -> sitk.Image:
+def read_dicom_series(folder: Path) -> tuple[sitk.Image, tuple[Path, ...]]:
     """Read the one image series in `folder` after checking it is a complete, regular stack.
+
+    Returns:
+        The image, and its slice files in stack order: slice `k` of the image (ITK's z)
+        is `files[k]`.
 
     Raises:
         ScanError: The folder holds no series, several, or one that is not one intact volume.
@@ -420,4 +424,4 @@ def read_dicom_series(folder: Path) -> sitk.Image:
         raise ScanError.at(
             folder, "the DICOM reader placed the slices differently from their positions (inconsistent headers)"
         )
-    return image
+    return image, tuple(s.path for s in ordered)

@@ -86,6 +86,7 @@ class Scan:
     path: Path
     _nifti_header: nib.Nifti1Header | None = field(default=None, repr=False, compare=False)
     _itk_geometry: _ItkGeometry | None = field(default=None, repr=False, compare=False)
+    _dicom_files: tuple[Path, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -94,6 +95,11 @@ class Scan:
             return self._itk_geometry.spacing
         norms = np.linalg.norm(self.affine[:3, :3], axis=0)
         return (float(norms[0]), float(norms[1]), float(norms[2]))
+
+    @property
+    def dicom_files(self) -> tuple[Path, ...] | None:
+        """The slice files of a DICOM series in stack order (slice `k` is `array[:, :, k]`); None for other formats."""
+        return self._dicom_files
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -257,7 +263,8 @@ def read_scan(path: str | Path) -> Scan:
         if path.is_dir():
             if lower.endswith(SCAN_SUFFIXES):
                 raise ScanError.at(path, "is a folder, not a scan file")
-            return _scan_from_itk(path, read_dicom_series(path))
+            image, files = read_dicom_series(path)
+            return _scan_from_itk(path, image, files)
         if not path.is_file():
             raise ScanError.at(path, "not a regular file (a device, pipe or socket)")
         size = path.stat().st_size
@@ -355,7 +362,7 @@ def _read_itk_file(path: Path, kind: str) -> Scan:
     return _scan_from_itk(path, image)
 
 
-def _scan_from_itk(path: Path, image: sitk.Image) -> Scan:
+def _scan_from_itk(path: Path, image: sitk.Image, dicom_files: tuple[Path, ...] | None = None) -> Scan:
     import SimpleITK as sitk
 
     components = image.GetNumberOfComponentsPerPixel()
@@ -383,7 +390,7 @@ def _scan_from_itk(path: Path, image: sitk.Image) -> Scan:
         spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
         direction=tuple(float(v) for v in direction.ravel()),
     )
-    return Scan(array=array, affine=_LPS_TO_RAS @ lps, path=path, _itk_geometry=geometry)
+    return Scan(array=array, affine=_LPS_TO_RAS @ lps, path=path, _itk_geometry=geometry, _dicom_files=dicom_files)
 
 
 def _mask_dtype(out_path: Path, mask: np.ndarray) -> np.dtype:

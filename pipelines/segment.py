@@ -11,6 +11,10 @@ is written under a temporary name and renamed, and `<stem>_volumes.json` is writ
 (after removing an older one, and after `<stem>_stats.json` with `statistics`), so a scan
 is finished exactly when its volumes file exists; `skip_existing` resumes a killed batch
 from there.
+
+The mask is written as NIfTI (`<stem>_seg.nii.gz`), as a DICOM Segmentation object
+referencing the source series (`<stem>_seg.dcm`, for DICOM series inputs;
+`medvit.pipelines.dicom_seg`), or both (`output_type`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tqdm.auto import tqdm
 
 from medvit.pipelines.atomic import remove_temporaries, write_json
 from medvit.pipelines.checkpoint import ModelCard, load_checkpoint
+from medvit.pipelines.dicom_seg import check_dicom_seg_input, read_seg_sources, write_dicom_seg
 from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.geometry import model_grid, resample_scan
 from medvit.pipelines.intensity import scale_intensity
@@ -76,12 +81,15 @@ class SegmentConfig:
             intensities inside it (mean, std, min, max, percentiles; HU for CT models).
         progress: Show progress bars.
         skip_existing: Leave out scans already finished in the output folder (their
-            `<stem>_seg.nii.gz` and `<stem>_volumes.json` exist, and with `preview` their
-            `<stem>_preview.png`, with `statistics` their `<stem>_stats.json`).
+            `<stem>_volumes.json` and the masks `output_type` asks for exist, and with
+            `preview` their `<stem>_preview.png`, with `statistics` their `<stem>_stats.json`).
         prefetch: Read and preprocess the next scan of a batch while the model runs on
             the current one (holds one more scan in memory).
         postprocess: `auto` applies the connected-component rules in the checkpoint's card
             (chosen on validation by `medvit train`), `none` writes the raw argmax mask.
+        output_type: `nifti` writes `<stem>_seg.nii.gz`; `dicom-seg` writes `<stem>_seg.dcm`,
+            a DICOM Segmentation object of the source series (DICOM series inputs only);
+            `both` writes both.
     """
 
     overlap: float = 0.5
@@ -96,19 +104,40 @@ class SegmentConfig:
     skip_existing: bool = False
     postprocess: str = "auto"
     prefetch: bool = True
+    output_type: str = "nifti"
+
+
+OUTPUT_TYPES = ("nifti", "dicom-seg", "both")
+
+
+def _mask_outputs(output_type: str) -> tuple[bool, bool]:
+    """Whether `output_type` writes the NIfTI mask, and the DICOM SEG."""
+    if output_type not in OUTPUT_TYPES:
+        raise MedvitError(f"--output-type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    return output_type != "dicom-seg", output_type != "nifti"
 
 
 @dataclass
 class SegmentResult:
-    """What was written for one input (`skipped`: found finished, left as it was)."""
+    """What was written for one input (`skipped`: found finished, left as it was).
+
+    `mask` is the NIfTI mask and `dicom_seg` the DICOM Segmentation object; each is None
+    when `output_type` did not ask for it.
+    """
 
     input: Path
-    mask: Path
+    mask: Path | None
     volumes: Path
     volumes_ml: dict[str, float]
     preview: Path | None = None
     statistics: Path | None = None
     skipped: bool = False
+    dicom_seg: Path | None = None
+
+    @property
+    def masks(self) -> list[Path]:
+        """The mask files written (NIfTI, DICOM SEG), in that order."""
+        return [p for p in (self.mask, self.dicom_seg) if p is not None]
 
 
 @dataclass
@@ -201,6 +230,7 @@ class Segmenter:
             raise MedvitError(f"--sw-batch-size must be >= 1, got {self.config.sw_batch_size}")
         if self.config.postprocess not in ("auto", "none"):
             raise MedvitError(f"--postprocess must be auto or none, got {self.config.postprocess!r}")
+        self.writes_nifti, self.writes_dicom_seg = _mask_outputs(self.config.output_type)
         paths = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
         if not paths:
             raise MedvitError("no checkpoint given")
@@ -364,17 +394,27 @@ class Segmenter:
     def segment_file(self, path: str | Path, out_dir: str | Path, prepared: Prepared | None = None) -> SegmentResult:
         """Segment one scan into `out_dir`; its volumes file, written last, marks it finished.
 
-        `prepared`: the scan already read and preprocessed (`read_prepared`), as the batch
-        loop does for the next scan while the model runs on the current one.
+        `prepared`: the scan already read and preprocessed (`prepare`), as the batch loop
+        does for the next scan while the model runs on the current one. A scan that cannot
+        have the DICOM SEG asked for (not a DICOM series, slices without UIDs) fails before
+        its model runs.
         """
+        if self.writes_dicom_seg:
+            check_dicom_seg_input(Path(path), self.config.output_type)
         prepared = prepared or self.prepare(read_scan(path))
         scan = prepared.scan
+        sources = read_seg_sources(scan) if self.writes_dicom_seg else None
         mask = self.predict(prepared)
         out_dir = Path(out_dir)
         vol_target = out_dir / f"{scan.stem}_volumes.json"
-        # An older volumes file would mark the scan finished while its new mask is written.
+        # An older volumes file would mark the scan finished while its new masks are written.
         vol_target.unlink(missing_ok=True)
-        mask_path = write_mask(mask, scan, out_dir / f"{scan.stem}_seg.nii.gz")
+        mask_path = write_mask(mask, scan, out_dir / f"{scan.stem}_seg.nii.gz") if self.writes_nifti else None
+        seg_path = None
+        if self.writes_dicom_seg:
+            seg_path = write_dicom_seg(
+                mask, scan, self.label_names, out_dir / f"{scan.stem}_seg.dcm", self.card.model_name, sources
+            )
         vols = self.volumes_ml(mask, scan)
         preview = stats = None
         if self.config.preview:
@@ -384,7 +424,7 @@ class Segmenter:
         if self.config.statistics:
             stats = write_json(out_dir / f"{scan.stem}{STATS_SUFFIX}", self.statistics(mask, scan))
         vol_path = write_json(vol_target, vols)
-        return SegmentResult(Path(path), mask_path, vol_path, vols, preview, stats)
+        return SegmentResult(Path(path), mask_path, vol_path, vols, preview, stats, dicom_seg=seg_path)
 
 
 def slice_spec(card: ModelCard, model: torch.nn.Module) -> SliceSpec | None:
@@ -467,6 +507,7 @@ def segment(
         BatchError: After the whole batch, when some scans failed.
     """
     config = config or SegmentConfig()
+    _mask_outputs(config.output_type)
     out = Path(out_dir)
     failures: list[ScanFailure] = []
     paths = _expand_inputs(inputs, failures)
@@ -589,17 +630,19 @@ def _remove_temporaries(out: Path, stem: str) -> None:
     """Temporary files of this scan's outputs left by a killed run (SIGKILL runs no clean-up)."""
     if not out.is_dir():
         return
-    for suffix in ("_seg.nii.gz", "_volumes.json", "_preview.png", STATS_SUFFIX):
+    for suffix in ("_seg.nii.gz", "_seg.dcm", "_volumes.json", "_preview.png", STATS_SUFFIX):
         remove_temporaries(out / f"{stem}{suffix}")
 
 
 def _finished(out: Path, path: Path, config: SegmentConfig) -> SegmentResult | None:
     """The result of a scan finished by an earlier run, or None when it must be (re)done."""
     stem = scan_stem(path)
-    mask, vols, png = out / f"{stem}_seg.nii.gz", out / f"{stem}_volumes.json", out / f"{stem}_preview.png"
-    stats = out / f"{stem}{STATS_SUFFIX}"
-    wanted = [mask, vols, *([png] if config.preview else []), *([stats] if config.statistics else [])]
-    if not all(p.is_file() for p in wanted):
+    vols, png, stats = out / f"{stem}_volumes.json", out / f"{stem}_preview.png", out / f"{stem}{STATS_SUFFIX}"
+    nifti, dicom_seg = _mask_outputs(config.output_type)
+    mask = out / f"{stem}_seg.nii.gz" if nifti else None
+    seg = out / f"{stem}_seg.dcm" if dicom_seg else None
+    png, stats = (png if config.preview else None), (stats if config.statistics else None)
+    if not all(p.is_file() for p in (mask, seg, vols, png, stats) if p is not None):
         return None
     try:
         volumes = json.loads(vols.read_text())
@@ -607,8 +650,7 @@ def _finished(out: Path, path: Path, config: SegmentConfig) -> SegmentResult | N
         return None
     if not isinstance(volumes, dict):
         return None
-    return SegmentResult(path, mask, vols, volumes, png if config.preview else None,
-                         stats if config.statistics else None, skipped=True)
+    return SegmentResult(path, mask, vols, volumes, png, stats, skipped=True, dicom_seg=seg)
 
 
 def _problem_line(path: Path, exc: BaseException) -> str:

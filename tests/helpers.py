@@ -54,3 +54,17 @@ def make_tiny_checkpoint(path: Path, spacing=(3.0, 3.0, 4.0), seed: int = 0) -> 
         patch_size=(32, 32, 32),
     )
     return save_checkpoint(model, card, path)
+
+
+def dicom_series_with_uids(source: Path, dest: Path) -> Path:
+    """A copy of the DICOM series in `source` with the study and series UIDs its anonymiser
+    blanked (a SEG must name them), fixed values the same on every slice."""
+    import pydicom
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.10"
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.11"
+        ds.save_as(dest / path.name)
+    return dest
