@@ -22,6 +22,7 @@ def liver_box(monkeypatch) -> None:
     """The model's mask is a liver box on slices 5-9 (the model itself is tested elsewhere)."""
 
     def predict(self: Segmenter, scan) -> np.ndarray:  # noqa: ANN001
+        scan = getattr(scan, "scan", scan)  # a Prepared scan from the batch loop
         mask = np.zeros(scan.shape, np.uint8)
         mask[200:300, 150:250, 5:10] = 1
         return mask

@@ -42,6 +42,7 @@ def predicted(both, monkeypatch) -> list[Path]:
     asked: list[Path] = []
 
     def predict(self: Segmenter, scan) -> np.ndarray:  # noqa: ANN001
+        scan = getattr(scan, "scan", scan)  # a Prepared scan from the batch loop
         asked.append(scan.path)
         assert scan.shape == mask.shape
         return np.where(np.isin(mask, list(self.label_names)), mask, 0).astype(mask.dtype)
