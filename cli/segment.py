@@ -12,7 +12,7 @@ from medvit.cli._common import device_option, terminate_unwinds, user_errors
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "-m", "checkpoint", required=True, type=click.Path(path_type=Path),
-              help="A medvit checkpoint (.safetensors).")
+              help="A medvit checkpoint (.safetensors), or a model from `medvit export` (.onnx, run in fp32).")
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Folder for <stem>_seg.nii.gz and <stem>_volumes.json.")
 @click.option("--overlap", default=0.5, show_default=True, help="Sliding-window overlap fraction.")

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medvit.pipelines.atomic import remove_temporaries, write_json
-from medvit.pipelines.checkpoint import ModelCard, load_checkpoint
+from medvit.pipelines.checkpoint import ModelCard, load_model, model_precision
 from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.geometry import model_grid, resample_scan
 from medvit.pipelines.intensity import scale_intensity
@@ -151,12 +151,12 @@ class Segmenter:
             raise MedvitError(f"--postprocess must be auto or none, got {self.config.postprocess!r}")
         self.device = resolve_device(self.config.device)
         self.sw_batch_size = self.config.sw_batch_size or (4 if self.device.type == "cuda" else 1)
-        self.dtype = inference_dtype(self.device, self.config.precision)
+        self.dtype = inference_dtype(self.device, model_precision(checkpoint, self.config.precision))
         # bf16 on a CPU: weights and activations in bf16 (norm statistics accumulate in
         # fp32); autocast would cast every activation back and forth, which costs more
         # than it saves there
         self.native_dtype = self.dtype == torch.bfloat16 and self.device.type == "cpu"
-        self.model, self.card = load_checkpoint(checkpoint, self.device, torch.bfloat16 if self.native_dtype else None)
+        self.model, self.card = load_model(checkpoint, self.device, torch.bfloat16 if self.native_dtype else None)
         self.prep = Preprocessing.from_dict(self.card.preprocessing)
         ids = [0] + [int(self.card.labels[c]["id"]) for c in sorted(self.card.labels)]
         self.class_ids = np.array(ids, dtype=np.uint8 if max(ids) < 256 else np.uint16)

@@ -208,7 +208,12 @@ class WindowAttention(nn.Module):
             y[mixed] = F.scaled_dot_product_attention(
                 q[mixed], k[mixed], v[mixed], attn_mask=mixed_bias, dropout_p=drop
             )
-        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(bw, n, c)))
+        y = y.transpose(1, 2)
+        if torch.compiler.is_exporting():
+            # eager attention returns heads inside tokens, so the reshape below is free; the
+            # ONNX exporter's decomposed attention does not, and its reshape must copy
+            y = y.clone(memory_format=torch.contiguous_format)
+        return self.proj_drop(self.proj(y.reshape(bw, n, c)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nd = len(self.window_size)
