@@ -78,7 +78,7 @@ def _family_checkpoint(path: Path, name: str, **card_args) -> Path:
 
 
 # 2D models see slabs of neighbouring slices as channels
-_SLAB3 = dict(model_args={"in_chans": 3}, slicing={"axis": 2, "slab": 3})
+_SLAB3 = {"model_args": {"in_chans": 3}, "slicing": {"axis": 2, "slab": 3}}
 FAMILIES = [
     pytest.param("unet_nnunet_2d", _SLAB3, id="unet_nnunet_2d"),
     pytest.param("unet_nnunet_3d", {}, id="unet_nnunet_3d"),
