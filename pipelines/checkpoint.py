@@ -12,7 +12,7 @@ import contextlib
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,13 +326,14 @@ def load_model(
     return load_checkpoint(path, device, dtype)
 
 
-def model_precision(path: str | Path, precision: str) -> str:
-    """The precision `path` runs in when asked for `precision`: as asked for checkpoints;
-    fp32 for ONNX models, which refuse bf16 and fp16."""
-    if Path(path).suffix.lower() == ".onnx":
-        from medvit.pipelines.onnx_runtime import onnx_precision
+def model_precision(paths: str | Path | Sequence[str | Path], precision: str) -> str:
+    """The precision models run in when asked for `precision`: as asked for checkpoints;
+    fp32 when any of `paths` is an ONNX model (those refuse bf16 and fp16)."""
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        if Path(path).suffix.lower() == ".onnx":
+            from medvit.pipelines.onnx_runtime import onnx_precision
 
-        return onnx_precision(path, precision)
+            return onnx_precision(path, precision)
     return precision
 
 

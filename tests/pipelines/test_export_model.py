@@ -10,7 +10,9 @@ import onnx
 import pytest
 import torch
 
-from medvit.pipelines.checkpoint import ModelCard, load_checkpoint, load_model, read_card, save_checkpoint
+from medvit.pipelines.checkpoint import (
+    ModelCard, load_checkpoint, load_model, model_precision, read_card, save_checkpoint,
+)
 from medvit.pipelines.errors import CheckpointError, MedvitError
 from medvit.pipelines.export_model import export_format, export_onnx, export_torchscript, exporter_reason
 from medvit.pipelines.onnx_runtime import OnnxModel, load_onnx
@@ -161,3 +163,8 @@ def test_onnx_files_without_a_card_or_not_onnx_are_refused(tmp_path, tiny_onnx) 
         read_card(tmp_path / "missing.onnx")
     with pytest.raises(MedvitError, match="fp32 only"):
         load_model(tiny_onnx, "cpu", torch.bfloat16)
+    # one ONNX model among several checkpoints makes the whole run fp32
+    assert model_precision([tiny_onnx.with_suffix(".safetensors"), tiny_onnx], "auto") == "fp32"
+    assert model_precision(tiny_onnx.with_suffix(".safetensors"), "bf16") == "bf16"
+    with pytest.raises(MedvitError, match=r"tiny.onnx: ONNX models run in fp32 only; leave out --precision fp16"):
+        model_precision([tiny_onnx], "fp16")
