@@ -19,6 +19,7 @@ COMMANDS = {
     "preprocess": "preprocess:preprocess",
     "evaluate": "evaluate:evaluate",
     "convert": "convert:convert",
+    "export": "export:export",
     "models": "info:models",
     "info": "info:info",
 }
@@ -29,6 +30,7 @@ _HELP = {
     "preprocess": "Cache resampled, normalised volumes and write a dataset fingerprint.",
     "evaluate": "Per-label Dice and HD95 of predicted masks against reference masks.",
     "convert": "Turn MONAI or timm weights into a medvit checkpoint.",
+    "export": "Export a checkpoint to ONNX or TorchScript, checked against torch.",
     "models": "List registered models and their kinds (--params: parameter counts).",
     "info": "Shape, spacing, orientation and intensity range of a scan.",
 }

@@ -12,7 +12,8 @@ from medvit.cli._common import device_option, terminate_unwinds, user_errors
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "-m", "checkpoints", required=True, multiple=True, type=click.Path(path_type=Path),
-              help="A medvit checkpoint (.safetensors); repeat it to average an ensemble (same labels and grid).")
+              help="A medvit checkpoint (.safetensors), or a model from `medvit export` (.onnx, run in fp32); "
+                   "repeat it to average an ensemble (same labels and grid).")
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Folder for <stem>_seg.nii.gz (or <stem>_seg.dcm) and <stem>_volumes.json.")
 @click.option("--overlap", default=0.5, show_default=True, help="Sliding-window overlap fraction.")

@@ -12,7 +12,7 @@ import contextlib
 import json
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import medvit
 from medvit.pipelines.atomic import write_atomic
-from medvit.pipelines.errors import CheckpointError, short_reason
+from medvit.pipelines.errors import CheckpointError, MedvitError, short_reason
 from medvit.pipelines.preprocessing import DEFAULT_CT_WINDOW, Preprocessing
 
 CARD_KEY = "medvit"
@@ -231,8 +231,12 @@ def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path
 
 
 def read_card(path: str | Path) -> ModelCard:
-    """The model card of a checkpoint, without reading the weights."""
+    """The model card of a checkpoint (or of an exported `.onnx` model), without reading the weights."""
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        from medvit.pipelines.onnx_runtime import read_onnx_card
+
+        return read_onnx_card(path)
     with _open(path) as f:
         meta = f.metadata() or {}
     if CARD_KEY not in meta:
@@ -321,6 +325,32 @@ def load_checkpoint(
                 )
             target[k].copy_(t)
     return model.to(device).eval(), card
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[Any, ModelCard]:
+    """A model to segment with and its card: a checkpoint (`load_checkpoint`), or an exported
+    `.onnx` model run by onnxruntime in fp32 (`medvit.pipelines.onnx_runtime`; `dtype` must
+    then be None or float32)."""
+    if Path(path).suffix.lower() == ".onnx":
+        from medvit.pipelines.onnx_runtime import load_onnx
+
+        if dtype not in (None, torch.float32):
+            raise MedvitError(f"{path}: ONNX models run in fp32 only, not {dtype}")
+        return load_onnx(path, device)
+    return load_checkpoint(path, device, dtype)
+
+
+def model_precision(paths: str | Path | Sequence[str | Path], precision: str) -> str:
+    """The precision models run in when asked for `precision`: as asked for checkpoints;
+    fp32 when any of `paths` is an ONNX model (those refuse bf16 and fp16)."""
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        if Path(path).suffix.lower() == ".onnx":
+            from medvit.pipelines.onnx_runtime import onnx_precision
+
+            return onnx_precision(path, precision)
+    return precision
 
 
 _DTYPES = {

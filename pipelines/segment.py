@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medvit.pipelines.atomic import remove_temporaries, write_json
-from medvit.pipelines.checkpoint import ModelCard, load_checkpoint
+from medvit.pipelines.checkpoint import ModelCard, load_model, model_precision
 from medvit.pipelines.dicom_seg import check_dicom_seg_input, read_seg_sources, write_dicom_seg
 from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.geometry import model_grid, resample_scan
@@ -236,7 +236,7 @@ class Segmenter:
             raise MedvitError("no checkpoint given")
         self.device = local_device(resolve_device(self.config.device))
         self.sw_batch_size = self.config.sw_batch_size or (4 if self.device.type == "cuda" else 1)
-        self.dtype = inference_dtype(self.device, self.config.precision)
+        self.dtype = inference_dtype(self.device, model_precision(paths, self.config.precision))
         self.members: list[_Member] = []
         for path in paths:
             self.members.append(self._load(path))
@@ -255,7 +255,7 @@ class Segmenter:
         # fp32); autocast would cast every activation back and forth, which costs more
         # than it saves there
         native = self.dtype == torch.bfloat16 and self.device.type == "cpu"
-        model, card = load_checkpoint(path, self.device, torch.bfloat16 if native else None)
+        model, card = load_model(path, self.device, torch.bfloat16 if native else None)
         return _Member(path, model, card, Preprocessing.from_dict(card.preprocessing), slice_spec(card, model), native)
 
     def _kept_classes(self, names: Sequence[str] | None) -> np.ndarray:

@@ -34,6 +34,8 @@ def _loaded_by(*args: str) -> dict:
         (("models", "video*"), 0, "timesformer_base"),
         (("segment",), 2, "Missing argument"),
         (("train", "--help"), 0, "--recipe"),
+        (("export", "--help"), 0, "--opset"),
+        (("export",), 2, "Missing argument"),
         (("no-such-command",), 2, "No such command"),
     ],
 )

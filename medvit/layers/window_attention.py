@@ -192,7 +192,8 @@ class WindowAttention(nn.Module):
         """
         bw, n, c = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self._cached_bias() if not torch.is_grad_enabled() else self._relative_bias()
+        exporting = torch.compiler.is_exporting()  # traced tensors have no data to key a cache on
+        bias = self._cached_bias() if not (torch.is_grad_enabled() or exporting) else self._relative_bias()
         drop = self.attn_drop if self.training else 0.0
         if masks is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
@@ -208,7 +209,12 @@ class WindowAttention(nn.Module):
             y[mixed] = F.scaled_dot_product_attention(
                 q[mixed], k[mixed], v[mixed], attn_mask=mixed_bias, dropout_p=drop
             )
-        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(bw, n, c)))
+        y = y.transpose(1, 2)
+        if exporting:
+            # eager attention returns heads inside tokens, so the reshape below is free; the
+            # ONNX exporter's decomposed attention does not, and its reshape must copy
+            y = y.clone(memory_format=torch.contiguous_format)
+        return self.proj_drop(self.proj(y.reshape(bw, n, c)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nd = len(self.window_size)
