@@ -28,7 +28,7 @@ _HELP = {
     "segment": "Segment scans with a trained checkpoint; masks on each scan's own grid.",
     "train": "Train a segmentation model on a dataset.json or a preprocessed folder.",
     "preprocess": "Cache resampled, normalised volumes and write a dataset fingerprint.",
-    "evaluate": "Per-label Dice and HD95 of predicted masks against reference masks.",
+    "evaluate": "Per-label Dice and HD95 of masks against references, or a folder of --statistics as one CSV.",
     "convert": "Turn MONAI or timm weights into a medvit checkpoint.",
     "export": "Export a checkpoint to ONNX or TorchScript, checked against torch.",
     "models": "List registered models and their kinds (--params: parameter counts).",

@@ -115,7 +115,7 @@ def test_evaluate_malformed_stats_file_is_one_line_and_writes_nothing(tmp_path: 
 
 
 def test_a_scan_whose_stats_fail_is_not_finished(tmp_path: Path, tiny_checkpoint, phantom_scan, monkeypatch) -> None:
-    from medvit.pipelines import segment as segment_module
+    from medvit.pipelines import segmenter as segment_module
     from medvit.pipelines.errors import MedvitError
     from medvit.pipelines.segment import BatchError, SegmentConfig, segment
 
