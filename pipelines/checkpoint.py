@@ -38,10 +38,14 @@ class ModelCard:
     Attributes:
         model_name: Registered model name.
         model_args: Arguments given to `create_model` (JSON-serialisable).
-        labels: Output class index (1..K) -> {"id": label id written in masks, "name": ...};
-            class 0 is background.
-        preprocessing: `Preprocessing.to_dict()`.
-        patch_size: Sliding-window size (the model's input size; 2 entries for 2D models).
+        labels: Segmentation: output class index (1..K) -> {"id": label id written in masks,
+            "name": ...}; class 0 is background. Classification: output index (0..K-1) ->
+            {"id": the same index, "name": class name}.
+        preprocessing: Segmentation: `Preprocessing.to_dict()`. Classification: how inputs
+            are read (`medvit.pipelines.classify_data`): {"kind": "image"|"volume"|"video",
+            "in_chans": C, "intensity": ...}.
+        patch_size: Sliding-window size (the model's input size; 2 entries for 2D models);
+            for classification the input size ((H, W), (D, H, W) or (T, H, W)).
         slicing: For 2D models, how volumes are sliced: {"axis": 0|1|2, "slab": odd n}
             (see `medvit.pipelines.slicing.SliceSpec`); None for 3D models.
         extra: Training progress and anything else (epoch, step, best Dice ...). A
@@ -51,6 +55,8 @@ class ModelCard:
         postprocessing: Connected-component rules chosen on validation, applied to the
             masks `medvit segment` writes (`medvit.pipelines.postprocess`); None in
             checkpoints from before they existed or not made by training.
+        task: `segmentation` (masks; `medvit segment`) or `classification` (class
+            probabilities; `medvit predict`).
     """
 
     model_name: str
@@ -63,13 +69,15 @@ class ModelCard:
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
     postprocessing: list[dict[str, Any]] | None = None
+    task: str = "segmentation"
 
     @property
     def num_classes(self) -> int:
-        return len(self.labels) + 1
+        """Model outputs: the labels and background (segmentation), or the classes."""
+        return len(self.labels) + (self.task == "segmentation")
 
     def label_names(self) -> dict[int, str]:
-        """Label id written in masks -> name (background excluded)."""
+        """Label id written in masks -> name (background excluded); class index -> name."""
         return {int(v["id"]): str(v["name"]) for v in self.labels.values()}
 
     def to_json(self) -> str:
@@ -111,7 +119,8 @@ class ModelCard:
 
 
 _CARD_REQUIRED = {"model_name", "model_args", "labels", "preprocessing", "patch_size"}
-_CARD_OPTIONAL = {"slicing", "medvit_version", "format_version", "extra", "postprocessing"}
+_CARD_OPTIONAL = {"slicing", "medvit_version", "format_version", "extra", "postprocessing", "task"}
+TASKS = ("segmentation", "classification")
 _AXIS_PAIRS = ("LR", "AP", "IS")
 
 
@@ -123,15 +132,23 @@ def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
-def _labels_problem(labels: Any) -> str | None:
+def _labels_problem(labels: Any, task: str = "segmentation") -> str | None:
     if not isinstance(labels, dict) or not labels:
         return "labels must be a non-empty object"
+    first = 1 if task == "segmentation" else 0
     try:
         indices = sorted(int(k) for k in labels)
     except (TypeError, ValueError):
-        return "label keys must be class indices 1..K"
-    if indices != list(range(1, len(labels) + 1)) or len(set(labels)) != len(indices):
-        return f"label keys must be the class indices 1..{len(labels)}, got {sorted(labels)[:5]}"
+        return f"label keys must be class indices {first}..K"
+    if indices != list(range(first, len(labels) + first)) or len(set(labels)) != len(indices):
+        return f"label keys must be the class indices {first}..{len(labels) - 1 + first}, got {sorted(labels)[:5]}"
+    if task == "classification":
+        if len(labels) < 2 or any(
+            not isinstance(e, dict) or e.get("id") != int(k) or not isinstance(e.get("name"), str)
+            for k, e in labels.items()
+        ):
+            return "classes must be at least 2 of {\"id\": their index, \"name\": string}"
+        return None
     ids = []
     for entry in labels.values():
         if not isinstance(entry, dict) or not _is_int(entry.get("id")) or not isinstance(entry.get("name"), str):
@@ -219,7 +236,22 @@ def _card_problem(d: Any) -> str | None:
     post = d.get("postprocessing")
     if post is not None and not (isinstance(post, list) and all(_rule_ok(r) for r in post)):
         return "postprocessing must be null or a list of {\"id\", \"rule\": \"largest\"|\"min_ml\", \"min_ml\"}"
+    task = d.get("task", "segmentation")
+    if task not in TASKS:
+        return f"task must be one of {', '.join(TASKS)}, got {task!r}"
+    if task == "classification":
+        return _labels_problem(d["labels"], task) or _classify_prep_problem(d["preprocessing"], d["patch_size"])
     return _labels_problem(d["labels"]) or _preprocessing_problem(d["preprocessing"])
+
+
+def _classify_prep_problem(prep: Any, size: list) -> str | None:
+    if not isinstance(prep, dict) or prep.get("kind") not in ("image", "volume", "video"):
+        return "classification preprocessing must name its kind: image, volume or video"
+    if len(size) != (2 if prep["kind"] == "image" else 3):
+        return f"a {prep['kind']} classifier's input size must have {2 if prep['kind'] == 'image' else 3} entries"
+    if not _is_int(prep.get("in_chans")) or not 1 <= prep["in_chans"] <= 16:
+        return "classification preprocessing in_chans must be an integer from 1 to 16"
+    return None
 
 
 def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path:

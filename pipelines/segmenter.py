@@ -215,6 +215,9 @@ class Segmenter:
         # than it saves there
         native = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         model, card = load_model(path, self.device, torch.bfloat16 if native else None)
+        if card.task != "segmentation":
+            raise MedvitError(f"{path}: a {card.task} checkpoint ({card.num_classes} classes) makes no masks; "
+                              "use medvit predict")
         return _Member(path, model, card, Preprocessing.from_dict(card.preprocessing), slice_spec(card, model), native)
 
     def _kept_classes(self, names: Sequence[str] | None) -> np.ndarray:
