@@ -190,8 +190,8 @@ def _set_kind(items: Sequence[Item], kind: str | None, source: Path) -> str:
     if kind is not None:
         wrong = [p for p, kinds in allowed.items() if kind not in kinds]
         if wrong:
-            got = "/".join(sorted(allowed[wrong[0]]))
-            raise MedvitError.at(wrong[0], f"is a {got} item, not a {kind} ({len(wrong)} such item(s) in {source})")
+            got = " or ".join(sorted(allowed[wrong[0]]))
+            raise MedvitError.at(wrong[0], f"is read as {got}, not {kind} ({len(wrong)} such item(s) in {source})")
         return kind
     common = set(KINDS).intersection(*allowed.values())
     if len(common) == 1:

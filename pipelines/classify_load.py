@@ -9,8 +9,8 @@ Intensity `auto` (`scale_intensity`):
 
 - Images, frames, `.npy` arrays and video stored as 8-bit integers are divided by 255,
   16-bit unsigned ones by 65535.
-- Anything else, and every DICOM, NIfTI, NRRD and MHA item whatever its voxel type (after
-  the DICOM rescale slope and intercept): CT-like (minimum below -500) -> the HU window
+- Anything else, and every greyscale DICOM, NIfTI, NRRD and MHA item whatever its voxel
+  type (after the DICOM rescale slope and intercept; colour DICOM is 8-bit RGB): CT-like (minimum below -500) -> the HU window
   `DEFAULT_CT_WINDOW` (-175..250) scaled to 0..1 and clipped, as the `ct` preset does;
   otherwise the 0.5 and 99.5 percentiles of the item map to 0 and 1, clipped (a constant
   item becomes 0).
@@ -56,7 +56,6 @@ INTENSITY_RULES = ("auto", "ct", "percentile")
 CT_LIKE_MINIMUM = -500.0
 PERCENTILES = (0.5, 99.5)
 _LUMA = (0.299, 0.587, 0.114)
-_MEDICAL_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +188,8 @@ def _image_array(path: Path) -> tuple[np.ndarray, bool]:
     """(H, W, C) pixels and whether the item is a medical file (intensity by value)."""
     lower = path.name.lower()
     if lower.endswith((".dcm", ".dicom", ".ima")):
-        return _channels_last(_read_dicom_image(path), 2, path), True
+        pixels = _read_dicom_image(path)  # grey: rescaled values, by value; colour: 8-bit RGB
+        return _channels_last(pixels, 2, path), pixels.ndim == 2
     if lower.endswith((".nii", ".nii.gz")):
         return _read_nifti_image(path)[..., None], True
     if lower.endswith(".npy"):
@@ -304,5 +304,5 @@ def load_item(
     else:
         array, medical = _clip_array(path, frames), False
         x = torch.from_numpy(_writable(array)).permute(3, 0, 1, 2)
-    x = scale_intensity(x, intensity, _unit(array, medical or path.name.lower().endswith(_MEDICAL_SUFFIXES)))
+    x = scale_intensity(x, intensity, _unit(array, medical))
     return resize(_to_channels(x, int(in_chans), path), size).to(torch.float32)

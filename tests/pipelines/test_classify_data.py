@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from medvit.pipelines.classify_data import (
     ClassificationDataset,
     check_trainable,
@@ -21,6 +19,7 @@ from medvit.pipelines.classify_data import (
 from medvit.pipelines.classify_load import frame_indices, resize, scale_intensity
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.preprocessing import DEFAULT_CT_WINDOW
+from PIL import Image
 
 LO, HI = DEFAULT_CT_WINDOW
 
@@ -140,7 +139,7 @@ def test_3d_npy_is_ambiguous_until_kind_is_given(tmp_path: Path) -> None:
     assert read_classification_data(tmp_path, kind="volume").kind == "volume"
     with pytest.raises(MedvitError) as exc:
         read_classification_data(tmp_path, kind="image")
-    assert "not a image" in _one_line_naming(exc, "x.npy")
+    assert "is read as video or volume, not image (2 such item(s)" in _one_line_naming(exc, "x.npy")
 
 
 @pytest.mark.parametrize(
@@ -322,3 +321,24 @@ def test_real_ct_slices_load_with_the_hu_window(tmp_path: Path, shared_data: Pat
     window = np.clip((hu[:, :, 20].astype(np.float32) - LO) / (HI - LO), 0, 1)
     torch.testing.assert_close(x[1], torch.from_numpy((window - 0.5) / 0.5))
     assert 0 < (window == 0).mean() < 1  # the slice holds air below the window and tissue inside it
+
+
+def test_real_ct_volume_and_dicom_slice_load_with_the_hu_window(tmp_path: Path, shared_data: Path) -> None:
+    import shutil
+
+    import pydicom
+    from medvit.pipelines.io import read_scan
+
+    ct = shared_data / "ct" / "example_ct_sm.nii.gz"
+    hu = read_scan(ct).array.astype(np.float32)
+    x = load_item(ct, "volume", hu.shape, in_chans=1)
+    torch.testing.assert_close(x[0], torch.from_numpy(np.clip((hu - LO) / (HI - LO), 0, 1)))
+    small = load_item(ct, "volume", (16, 12, 8), in_chans=1)
+    assert small.shape == (1, 16, 12, 8) and 0 <= small.min() and small.max() <= 1
+    source = min((shared_data / "ct_dicom").iterdir())
+    slice_path = shutil.copy(source, tmp_path / "slice.dcm")
+    ds = pydicom.dcmread(slice_path)
+    hu_slice = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    y = load_item(slice_path, "image", hu_slice.shape, in_chans=1)
+    expected = np.clip((hu_slice - LO) / (HI - LO), 0, 1).astype(np.float32)
+    torch.testing.assert_close(y[0], torch.from_numpy(expected))
