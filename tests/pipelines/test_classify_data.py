@@ -342,3 +342,19 @@ def test_real_ct_volume_and_dicom_slice_load_with_the_hu_window(tmp_path: Path, 
     y = load_item(slice_path, "image", hu_slice.shape, in_chans=1)
     expected = np.clip((hu_slice - LO) / (HI - LO), 0, 1).astype(np.float32)
     torch.testing.assert_close(y[0], torch.from_numpy(expected))
+
+
+def test_dicom_series_folders_are_volumes(tmp_path: Path, shared_data: Path) -> None:
+    from medvit.pipelines.io import read_scan
+
+    series = shared_data / "ct_dicom"
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "series").symlink_to(series, target_is_directory=True)
+    data = read_classification_data(tmp_path)
+    assert data.kind == "volume" and [i.id for i in data.items] == ["a/series", "b/series"]
+    x = ClassificationDataset(data, size=(16, 16, 4), in_chans=1)[1][0]
+    assert x.shape == (1, 16, 16, 4)
+    hu = read_scan(series).array.astype(np.float32)
+    window = torch.from_numpy(np.clip((hu - LO) / (HI - LO), 0, 1))[None]
+    torch.testing.assert_close(x, normalise(resize(window, (16, 16, 4))))
