@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
+
 from medvit.pipelines.classify_load import (
     FRAME_SUFFIXES,
     IMAGE_SUFFIXES,
@@ -49,7 +51,6 @@ from medvit.pipelines.classify_load import (
 )
 from medvit.pipelines.errors import MedvitError, short_reason
 from medvit.pipelines.io import NIFTI_SUFFIXES, SCAN_SUFFIXES, is_dicom_folder
-from torch.utils.data import Dataset
 
 __all__ = [
     "KINDS",

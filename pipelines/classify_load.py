@@ -10,10 +10,10 @@ Intensity `auto` (`scale_intensity`):
 - Images, frames, `.npy` arrays and video stored as 8-bit integers are divided by 255,
   16-bit unsigned ones by 65535.
 - Anything else, and every greyscale DICOM, NIfTI, NRRD and MHA item whatever its voxel
-  type (after the DICOM rescale slope and intercept; colour DICOM is 8-bit RGB): CT-like (minimum below -500) -> the HU window
-  `DEFAULT_CT_WINDOW` (-175..250) scaled to 0..1 and clipped, as the `ct` preset does;
-  otherwise the 0.5 and 99.5 percentiles of the item map to 0 and 1, clipped (a constant
-  item becomes 0).
+  type (after the DICOM rescale slope and intercept; colour DICOM is 8-bit RGB): CT-like
+  (minimum below -500) -> the HU window `DEFAULT_CT_WINDOW` (-175..250) scaled to 0..1 and
+  clipped, as the `ct` preset does; otherwise the 0.5 and 99.5 percentiles of the item map
+  to 0 and 1, clipped (a constant item becomes 0).
 
 `ct` and `percentile` force one rule. Channels: a single channel is repeated to `in_chans`;
 RGB becomes one channel by luminance (0.299 R + 0.587 G + 0.114 B, as Pillow's `L`) when
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from medvit.pipelines.errors import MedvitError, short_reason
 from medvit.pipelines.intensity import scale_intensity as _window
 from medvit.pipelines.preprocessing import DEFAULT_CT_WINDOW
@@ -45,6 +46,7 @@ __all__ = [
     "frame_indices",
     "load_item",
     "normalise",
+    "resize",
     "scale_intensity",
     "video_decoder_problem",
 ]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from medvit.pipelines.atomic import write_csv
 from medvit.pipelines.errors import MedvitError, short_reason
 

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
 from medvit.pipelines.classify_data import (
     ClassificationDataset,
     check_trainable,
@@ -19,7 +21,6 @@ from medvit.pipelines.classify_data import (
 from medvit.pipelines.classify_load import frame_indices, resize, scale_intensity
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.preprocessing import DEFAULT_CT_WINDOW
-from PIL import Image
 
 LO, HI = DEFAULT_CT_WINDOW
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from medvit.pipelines.classify_metrics import (
     classification_metrics,
     evaluate_predictions,
