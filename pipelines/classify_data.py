@@ -108,10 +108,9 @@ class ClassificationSet:
         return all(item.label is not None for item in self.items)
 
 
-def _names(paths: Sequence[Path | str], total: int | None = None) -> str:
-    shown = ", ".join(str(p) for p in paths[:_SHOWN])
-    more = (total if total is not None else len(paths)) - min(len(paths), _SHOWN)
-    return shown + (f" and {more} more" if more > 0 else "")
+def _names(paths: Sequence[Path | str]) -> str:
+    more = len(paths) - _SHOWN
+    return ", ".join(str(p) for p in paths[:_SHOWN]) + (f" and {more} more" if more > 0 else "")
 
 
 def _sorted_classes(names: Iterable[str]) -> list[str]:
