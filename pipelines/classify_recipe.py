@@ -76,7 +76,7 @@ class ClassifyRecipe:
         eval_crop: Centre-crop fraction at evaluation (the image is resized to size / this).
         volume_flip_axes: Spatial axes a volume is flipped along (each with probability 0.5);
             leave out the left-right axis when the classes are lateralised.
-        optimizer: `adamw`, `sgd` or `adafactor` (`medvit.optim.make_optimizer`).
+        optimizer: One of `medvit.optim.OPTIMIZERS` (`adamw`, `sgd`, `adafactor`, `adafactor_vit`).
         lr: Learning rate at `lr_batch` samples per step (scaled linearly, `scaled_lr`).
         lr_batch: Batch size `lr` is given for.
         weight_decay: Weight decay (biases, norms and tokens get none: `medvit.optim.param_groups`).

@@ -11,6 +11,7 @@ from typing import Any
 
 _WHERE = {
     "SAM": "sam",
+    "AdafactorViT": "adafactor",
     "make_optimizer": "factory",
     "OPTIMIZERS": "factory",
     "model_ema": "ema",
@@ -19,7 +20,16 @@ _WHERE = {
     "schedule_factor": "schedule",
 }
 
-__all__ = ["OPTIMIZERS", "SAM", "lr_factor", "make_optimizer", "model_ema", "param_groups", "schedule_factor"]
+__all__ = [
+    "OPTIMIZERS",
+    "SAM",
+    "AdafactorViT",
+    "lr_factor",
+    "make_optimizer",
+    "model_ema",
+    "param_groups",
+    "schedule_factor",
+]
 
 
 def __getattr__(name: str) -> Any:

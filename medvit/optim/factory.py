@@ -1,11 +1,11 @@
-"""`make_optimizer`: AdamW, SGD or Adafactor by name, optionally inside SAM / ASAM.
+"""`make_optimizer`: AdamW, SGD or one of two Adafactors by name, optionally inside SAM / ASAM.
 
-Adafactor is `torch.optim.Adafactor` as it is (Shazeer & Stern 2018): for a matrix it keeps
+`adafactor` is `torch.optim.Adafactor` as it is (Shazeer & Stern 2018): for a matrix it keeps
 only a row and a column vector of the second moment (factored), no first moment, and steps
 relative to the parameter's RMS (`min(lr, 1/sqrt(t)) * RMS(w)`), with decoupled weight decay.
-Zhai et al., "Scaling Vision Transformers" (CVPR 2022), modify it for ViTs (a first moment
-kept in bfloat16, no parameter-scaled step, beta2 capped at 0.999, a separate head weight
-decay); of those only the head decay is here, through `param_groups`.
+`adafactor_vit` is Zhai et al.'s modification for ViTs ("Scaling Vision Transformers", CVPR
+2022; `medvit.optim.adafactor.AdafactorViT`): a bfloat16 first moment, a fixed LR, beta2
+capped at 0.999. Their separate head weight decay comes from `param_groups`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from medvit.optim.adafactor import AdafactorViT
 from medvit.optim.sam import SAM
 
-OPTIMIZERS = ("adamw", "sgd", "adafactor")
+OPTIMIZERS = ("adamw", "sgd", "adafactor", "adafactor_vit")
 SAM_KINDS = (None, "sam", "asam")
 
 
@@ -28,6 +29,8 @@ def _base(name: str) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         return torch.optim.SGD, dict(momentum=0.9, nesterov=True)
     if name == "adafactor":
         return torch.optim.Adafactor, {}
+    if name == "adafactor_vit":
+        return AdafactorViT, {}
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
@@ -46,7 +49,8 @@ def make_optimizer(
     their LR; groups that carry a `weight_decay` keep it (`weight_decay` is the default).
 
     Args:
-        name: `adamw` (betas 0.9/0.999), `sgd` (Nesterov momentum 0.9) or `adafactor`.
+        name: `adamw` (betas 0.9/0.999), `sgd` (Nesterov momentum 0.9), `adafactor` (torch's)
+            or `adafactor_vit` (`AdafactorViT`).
         params: Parameters or groups.
         lr: Learning rate.
         weight_decay: Default weight decay (decoupled for AdamW and Adafactor, L2 for SGD).

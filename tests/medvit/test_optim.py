@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from medvit.optim.adafactor import AdafactorViT
 from medvit.optim.ema import model_ema
 from medvit.optim.factory import make_optimizer
 from medvit.optim.param_groups import param_groups
@@ -221,3 +222,43 @@ def test_package_import_loads_no_torch() -> None:
     code = "import sys, medvit.optim, medvit.optim.schedule; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_adafactor_vit_first_step_on_a_rank_one_gradient() -> None:
+    # g = a b^T makes g^2 rank one, so the factored second moment is exact: u = sign(g),
+    # RMS 1 (no clipping), m = 0.1 sign(g) after one step from m = 0
+    a, b = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 3.0, -1.0])
+    w = nn.Parameter(torch.zeros(2, 3))
+    opt = make_optimizer("adafactor_vit", [w], lr=0.5, weight_decay=0.0)
+    assert isinstance(opt, AdafactorViT)
+    (w * torch.outer(a, b)).sum().backward()
+    opt.step()
+    torch.testing.assert_close(w.detach(), -0.5 * 0.1 * torch.outer(a, b).sign())
+    state = opt.state[w]
+    assert state["m"].dtype == torch.bfloat16 and state["m"].shape == (2, 3)
+    assert state["row"].shape == (2,) and state["col"].shape == (3,)
+
+
+def test_adafactor_vit_clips_and_decays() -> None:
+    # a vector keeps an unfactored second moment; at step 1 beta2 = 0, so u = sign(g)
+    w = nn.Parameter(torch.ones(4))
+    opt = AdafactorViT([w], lr=0.1, beta1=None, weight_decay=0.5, clip_threshold=0.5)
+    w.grad = torch.tensor([1.0, -3.0, 2.0, 0.5])
+    opt.step()
+    # decay w * (1 - 0.1 * 0.5), then - 0.1 * sign(g) / (RMS 1 / 0.5)
+    torch.testing.assert_close(w.detach(), 0.95 - 0.1 * 0.5 * w.grad.sign())
+    assert "m" not in opt.state[w] and opt.state[w]["v"].shape == (4,)
+    with pytest.raises(ValueError, match="beta1"):
+        AdafactorViT([w], beta1=1.0)
+
+
+def test_adafactor_vit_state_smaller_than_adamw() -> None:
+    def state_bytes(name: str) -> int:
+        lin = nn.Linear(256, 256)
+        opt = make_optimizer(name, lin.parameters(), lr=1e-3)
+        lin(torch.randn(4, 256)).sum().backward()
+        opt.step()
+        return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+    # AdamW: two float32 moments; AdafactorViT: one bfloat16 moment + row/col vectors
+    assert state_bytes("adafactor_vit") < state_bytes("adamw") / 3.5
