@@ -52,7 +52,7 @@ def param_groups(
     scheduler that sets `lr` should read it, `make_optimizer` applies it once at the start).
 
     Args:
-        model: The model.
+        model: The model, unwrapped (a DDP wrapper prefixes every name with `module.`).
         weight_decay: Decay of the body's weights.
         head_weight_decay: Decay of the head's weights; None: `weight_decay`.
         head_names: Top-level module names of the head (see `is_head`).
