@@ -33,9 +33,9 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from medvit.optim.schedule import SCHEDULES, schedule_factor
 from medvit.pipelines.errors import MedvitError
 
-SCHEDULES = ("cosine", "poly")
 SAMPLERS = ("classes", "posneg")
 MIRRORS = ("lr-safe", "all", "none")
 DEFAULT_RECIPE = "strong"
@@ -190,16 +190,6 @@ def left_right_axis(orientation: str) -> int:
         if code in "LR":
             return axis
     raise MedvitError(f"orientation {orientation!r} has no left-right axis")
-
-
-def schedule_factor(schedule: str, step: int, total: int, warmup: int) -> float:
-    """LR multiplier at `step`: linear warmup to 1 over `warmup` steps, then decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "poly":
-        return (1.0 - progress) ** 0.9
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def lr_lambda(schedule: str, total: int, warmup: int) -> Callable[[int], float]:

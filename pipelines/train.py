@@ -51,7 +51,7 @@ from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.fingerprint import compute_fingerprint
 from medvit.pipelines.postprocess import ValidationCase, determine_postprocessing
 from medvit.pipelines.preprocessing import DEFAULT_SPACING, Preprocessing, default_intensity
-from medvit.pipelines.recipes import get_recipe, lr_lambda, schedule_factor
+from medvit.pipelines.recipes import get_recipe, lr_lambda
 from medvit.pipelines.runtime import autocast, process_rank, resolve_device
 from medvit.pipelines.slicing import SliceSpec, in_plane
 from medvit.pipelines.splits import SPLITS_FILE, check_split_options, read_splits, run_split
@@ -112,11 +112,6 @@ class TrainResult:
     epochs: int
     best_dice: float
     last_dice: dict[str, float]
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at `total`."""
-    return schedule_factor("cosine", step, total, warmup)
 
 
 def deep_supervision_loss(levels: int) -> DeepSupervisionLoss:

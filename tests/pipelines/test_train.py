@@ -13,10 +13,11 @@ import torch
 from monai.losses import DiceCELoss
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from medvit.optim.schedule import lr_factor
 from medvit.pipelines.checkpoint import load_checkpoint, read_card
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.phantom import write_phantom_dataset
-from medvit.pipelines.train import TrainConfig, Trainer, deep_supervision_loss, lr_factor, train
+from medvit.pipelines.train import TrainConfig, Trainer, deep_supervision_loss, train
 
 from helpers import TINY_UNETR_ARGS
 
