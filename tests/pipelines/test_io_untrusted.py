@@ -241,7 +241,7 @@ def _metaimage(path: Path, fields: list[str], dims: str = "4 3 2", ndims: int = 
                element: str = "MET_SHORT") -> None:  # fmt: skip
     count = int(np.prod([int(d) for d in dims.split()]))
     body = np.arange(min(count, 10**6), dtype=np.int16).tobytes() if data is None else data
-    text = [f"ObjectType = Image", f"NDims = {ndims}", f"DimSize = {dims}", f"ElementType = {element}", *fields,
+    text = ["ObjectType = Image", f"NDims = {ndims}", f"DimSize = {dims}", f"ElementType = {element}", *fields,
             "ElementDataFile = LOCAL"]  # fmt: skip
     path.write_bytes(("\n".join(text) + "\n").encode() + body)
 
