@@ -3,13 +3,14 @@
 Usage: python benchmarks/bench_batch.py [--model CKPT] [--copies 2] [--nproc 2]
 
 The folder holds the shared real scans (example_ct, example_ct_sm, ct_patient3 and the
-DICOM series, as links), each `--copies` times under other names: 8 scans by default, of
+DICOM series, copied), each `--copies` times under other names: 8 scans by default, of
 different sizes, orientations and formats. Each way runs in fresh processes, wall time
 from the first process's start to the last mask on disk:
 
 - separate: one `medvit segment SCAN` call per scan (imports and model loading each time);
-- one call, without prefetch: the model loaded once, scans read one after another;
-- one call: the default, the next scan read and preprocessed while the model runs;
+- one call: the model loaded once, scans read one after another (the default on the CPU);
+- one call with prefetch: the next scan read and preprocessed in a thread while the model
+  runs (the default on CUDA);
 - torchrun: `torchrun --nproc_per_node N -m medvit.cli segment FOLDER`, each process with
   cores / N threads and its own share of the scans.
 
@@ -39,9 +40,9 @@ SCANS = {
     "patient3": DATA / "ct_patient3" / "ct.nii.gz",
     "dicom": DATA / "ct_dicom",
 }
-NO_PREFETCH = (
+PREFETCH = (
     "import sys; from medvit.pipelines.segment import SegmentConfig, segment; "
-    "segment([sys.argv[1]], sys.argv[2], sys.argv[3], SegmentConfig(progress=False, precision='fp32', prefetch=False))"
+    "segment([sys.argv[1]], sys.argv[2], sys.argv[3], SegmentConfig(progress=False, precision='fp32', prefetch=True))"
 )
 
 
@@ -51,7 +52,11 @@ def make_folder(folder: Path, copies: int) -> list[Path]:
     for copy in range(copies):
         for name, src in SCANS.items():
             dst = folder / (f"{name}_{copy}" + (".nii.gz" if src.is_file() else ""))
-            dst.symlink_to(src, target_is_directory=src.is_dir())
+            # copies, not links: a batch counts a scan reached twice through links once
+            if src.is_dir():
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy2(src, dst)
             made.append(dst)
     return made
 
@@ -87,14 +92,13 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": str(cores)}
         ways = {
             "separate calls": [[*medvit, str(s), *opts, "-o", str(work / "separate")] for s in scans],
-            "one call, no prefetch": [[sys.executable, "-c", NO_PREFETCH, str(folder), args.model,
-                                       str(work / "no_prefetch")]],  # fmt: skip
-            "one call (default)": [[*medvit, str(folder), *opts, "-o", str(work / "default")]],
+            "one call": [[*medvit, str(folder), *opts, "-o", str(work / "default")]],
+            "one call, prefetch": [[sys.executable, "-c", PREFETCH, str(folder), args.model, str(work / "prefetch")]],
             f"torchrun x{args.nproc}": [[sys.executable, "-m", "torch.distributed.run", "--standalone",
                                          "--nproc_per_node", str(args.nproc), "-m", "medvit.cli", "segment",
                                          str(folder), *opts, "-o", str(work / "torchrun")]],  # fmt: skip
         }
-        outs = ["separate", "no_prefetch", "default", "torchrun"]
+        outs = ["separate", "default", "prefetch", "torchrun"]
         print(f"{len(scans)} scans ({', '.join(SCANS)} x{args.copies}), model {Path(args.model).name}, "
               f"{cores} cores, fp32")  # fmt: skip
         times = {}

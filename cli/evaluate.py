@@ -97,9 +97,16 @@ def evaluate(pred: Path, gt: Path | None, label_items: tuple[str, ...], csv_path
     With PRED alone, a folder of <stem>_stats.json files (`medvit segment
     --statistics`): one CSV row per scan and label (voxels, volume, intensities)
     and a per-label summary.
+
+    With two CSV files, classification: PRED from `medvit predict`, GT with id (or
+    path) and label columns, matched by id: accuracy, balanced accuracy, one-vs-rest
+    AUROC, the confusion matrix, and a per-class CSV (support, precision, recall, AUROC).
     """
     if gt is None:
         _aggregate_statistics(pred, label_items, csv_path)
+        return
+    if pred.suffix.lower() == ".csv" and gt.suffix.lower() == ".csv":
+        _classification(pred, gt, csv_path)
         return
     from medvit.pipelines.evaluate import EvalConfig, UnmatchedCaseWarning, summarize
     from medvit.pipelines.evaluate import evaluate as run_evaluation
@@ -174,3 +181,25 @@ def _aggregate_statistics(folder: Path, label_items: tuple[str, ...], csv_path: 
         )
     )  # fmt: skip
     click.echo(f"{len(paths)} scan(s), {len(summary)} label(s); CSV written to {csv_path}")
+
+
+def _classification(pred: Path, truth: Path, csv_path: Path) -> None:
+    """`medvit evaluate PRED.csv GT.csv`: classification metrics, printed and per class in a CSV."""
+    from medvit.pipelines.atomic import write_csv
+    from medvit.pipelines.classify_metrics import evaluate_predictions
+
+    m = evaluate_predictions(pred, truth)
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    classes = m["classes"]
+    rows = [(c, str(m["per_class"][c]["support"]), num(m["per_class"][c]["precision"]),
+             num(m["per_class"][c]["recall"]), num(m["per_class"][c]["auroc"])) for c in classes]  # fmt: skip
+    click.echo(_table(("class", "n", "precision", "recall", "AUROC"), rows))
+    click.echo("")
+    click.echo(_table(("true \\ predicted", *classes),
+                      [(c, *map(str, r)) for c, r in zip(classes, m["confusion_matrix"])]))  # fmt: skip
+    write_csv(csv_path, ["class", "support", "precision", "recall", "auroc"],
+              [{"class": c, **m["per_class"][c]} for c in classes])
+    click.echo(f"{m['n']} inputs: accuracy {num(m['accuracy'])}, balanced accuracy {num(m['balanced_accuracy'])}, "
+               f"macro AUROC {num(m['auroc_macro'])}; CSV written to {csv_path}")

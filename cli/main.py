@@ -20,13 +20,15 @@ COMMANDS = {
     "evaluate": "evaluate:evaluate",
     "convert": "convert:convert",
     "export": "export:export",
+    "predict": "predict:predict",
     "models": "info:models",
     "info": "info:info",
 }
 
 _HELP = {
     "segment": "Segment scans with a trained checkpoint; masks on each scan's own grid.",
-    "train": "Train a segmentation model on a dataset.json or a preprocessed folder.",
+    "train": "Train a segmentation model (dataset.json, preprocessed folder) or a classifier (class folders, CSV).",
+    "predict": "Class probabilities of images, volumes or clips from a classifier checkpoint (CSV).",
     "preprocess": "Cache resampled, normalised volumes and write a dataset fingerprint.",
     "evaluate": "Per-label Dice and HD95 of masks against references, or a folder of --statistics as one CSV.",
     "convert": "Turn MONAI or timm weights into a medvit checkpoint.",

@@ -339,6 +339,8 @@ class ClassificationDataset(Dataset):
         transform: Applied to each loaded tensor before `normalise`.
         cache: Keep loaded tensors (before `transform`) in memory; per worker process.
         intensity: The intensity rule of `load_item`.
+        normalise: Apply `normalise` after `transform`; False when `transform` normalises
+            itself (so that random erasing fills with noise of the normalised scale).
     """
 
     def __init__(
@@ -350,8 +352,10 @@ class ClassificationDataset(Dataset):
         transform=None,
         cache: bool = False,
         intensity: str = "auto",
+        normalise: bool = True,
     ) -> None:
         self.data = data
+        self.normalise = normalise
         self.size = tuple(int(s) for s in size)
         self.in_chans = int(in_chans)
         self.frames = frames
@@ -372,4 +376,4 @@ class ClassificationDataset(Dataset):
         x = x.clone() if self._cache is not None else x
         if self.transform is not None:
             x = self.transform(x)
-        return normalise(x), (-1 if item.label is None else int(item.label))
+        return (normalise(x) if self.normalise else x), (-1 if item.label is None else int(item.label))

@@ -4,8 +4,8 @@ A batch survives bad scans: each is reported and the others are segmented. Every
 is written under a temporary name and renamed, and `<stem>_volumes.json` is written last
 (`medvit.pipelines.segmenter`), so a scan is finished exactly when its volumes file
 exists; `skip_existing` resumes a killed batch from there. The next scan is read and
-preprocessed while the model runs on the current one, and under torchrun each process
-takes its own share of the scans.
+preprocessed while the model runs on the current one (on CUDA), and under torchrun each
+process takes its own share of the scans.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from medvit.pipelines.atomic import remove_temporaries
 from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.io import Scan, find_scans, read_scan, scan_stem
-from medvit.pipelines.runtime import process_rank, return_freed_memory
+from medvit.pipelines.runtime import local_device, process_rank, resolve_device, return_freed_memory
 from medvit.pipelines.segmenter import (  # noqa: F401 - the public names of `medvit segment`'s API
     OUTPUT_TYPES,
     Prepared,
@@ -84,7 +84,8 @@ def segment(
     written) does not stop the batch: it is recorded and the next scan goes on. Two
     scans whose outputs would share a name are a failure of the later one. The model is
     loaded when the first scan needs it. While the model runs on one scan, the next one
-    is read and preprocessed in a background thread (`config.prefetch`).
+    is read and preprocessed in a background thread (`config.prefetch`; by default when
+    the model runs on CUDA).
 
     Under `torchrun` (or any launcher setting RANK and WORLD_SIZE) each process takes a
     disjoint share of the scans (`batch_share`), so every scan is segmented exactly once
@@ -145,7 +146,10 @@ def _run_batch(
 ) -> None:
     """Segment `paths` in order; the next scan is read and preprocessed while the model runs."""
     seg: Segmenter | None = None
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvit-read") if config.prefetch else None
+    prefetch = config.prefetch
+    if prefetch is None:
+        prefetch = local_device(resolve_device(config.device)).type == "cuda"
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvit-read") if prefetch else None
 
     def read(path: Path) -> Scan | Prepared:
         scan = read_scan(path)

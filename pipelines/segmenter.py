@@ -74,7 +74,9 @@ class SegmentConfig:
             `<stem>_volumes.json` and the masks `output_type` asks for exist, and with
             `preview` their `<stem>_preview.png`, with `statistics` their `<stem>_stats.json`).
         prefetch: Read and preprocess the next scan of a batch while the model runs on
-            the current one (holds one more scan in memory).
+            the current one (holds one more scan in memory). None: when the model runs on
+            CUDA, where the CPU is free for it; on the CPU both stages compete for the same
+            cores and the overlap measured slower (`benchmarks/bench_batch.py`).
         postprocess: `auto` applies the connected-component rules in the checkpoint's card
             (chosen on validation by `medvit train`), `none` writes the raw argmax mask.
         output_type: `nifti` writes `<stem>_seg.nii.gz`; `dicom-seg` writes `<stem>_seg.dcm`,
@@ -93,7 +95,7 @@ class SegmentConfig:
     progress: bool = True
     skip_existing: bool = False
     postprocess: str = "auto"
-    prefetch: bool = True
+    prefetch: bool | None = None
     output_type: str = "nifti"
 
 

@@ -2,6 +2,7 @@
 
 Importing the package loads no torch (`medvit.optim.schedule` is pure Python, and the CLI
 reads its schedule names); the names below load their module on first use.
+`param_groups` is imported from its module, `medvit.optim.param_groups`, whose name it shares.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ _WHERE = {
     "make_optimizer": "factory",
     "OPTIMIZERS": "factory",
     "model_ema": "ema",
-    "param_groups": "param_groups",
     "lr_factor": "schedule",
     "schedule_factor": "schedule",
 }
@@ -27,7 +27,6 @@ __all__ = [
     "lr_factor",
     "make_optimizer",
     "model_ema",
-    "param_groups",
     "schedule_factor",
 ]
 
