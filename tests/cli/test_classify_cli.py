@@ -136,6 +136,20 @@ def test_volumes_and_clips(tmp_path) -> None:
         "--kind", "video", "--frames", "4", "--input-size", "32x32", "--max-steps", "2", *QUICK])  # fmt: skip
     card = read_card(tmp_path / "c" / "last.safetensors")
     assert card.preprocessing["kind"] == "video" and tuple(card.patch_size) == (4, 32, 32)
+    ok(["predict", clips, "-m", tmp_path / "c" / "last.safetensors", "-o", tmp_path / "c.csv", "-q"])
+    rows = list(csv.DictReader((tmp_path / "c.csv").open()))
+    assert sorted(r["id"] for r in rows) == sorted(f"{c}/{c}{i}.npy" for c in ("low", "high") for i in range(4))
+
+
+def test_resume_continues_the_run(images, tmp_path) -> None:
+    out = tmp_path / "r"
+    args = ["train", images, "-o", out, "--model", "vit_tiny_patch16_224", *TINY, "--model-arg", "patch_size=8",
+            "--input-size", "32x32", "--recipe", "deit", *QUICK]  # fmt: skip
+    ok([*args, "--epochs", "1"])
+    first = read_card(out / "last.safetensors").extra
+    ok([*args, "--epochs", "2", "--resume"])
+    second = read_card(out / "last.safetensors").extra
+    assert (first["epoch"], second["epoch"]) == (1, 2) and second["step"] == 2 * first["step"]
 
 
 def test_errors_are_one_line(images, trained, tmp_path, tiny_checkpoint, phantom_scan) -> None:
