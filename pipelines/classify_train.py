@@ -13,26 +13,23 @@ distilled DeiTs). The run's layout is that of segmentation training: `last.safet
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from medvit.optim.ema import model_ema
 from medvit.optim.factory import make_optimizer
 from medvit.optim.param_groups import param_groups
 from medvit.optim.schedule import schedule_factor
-from medvit.pipelines.atomic import remove_temporaries, write_atomic, write_json
+from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from medvit.pipelines.classify_data import ClassificationDataset, check_trainable, read_classification_data
 from medvit.pipelines.classify_metrics import classification_metrics
@@ -44,12 +41,11 @@ from medvit.pipelines.classify_recipe import (
     RepeatedAugmentationSampler,
 )
 from medvit.pipelines.errors import MedvitError, one_line
-from medvit.pipelines.runtime import autocast, process_rank, resolve_device
-from medvit.pipelines.splits import SPLITS_FILE, run_split
+from medvit.pipelines.loop import STATE_FILE, EpochLoop, check_steps, epoch_seed, finish_process, seed_all, start_process
+from medvit.pipelines.runtime import autocast
+from medvit.pipelines.splits import run_split
 from medvit.registry import create_model, model_kind, variant_accepts
 
-STATE_FILE = "last_state.pt"
-_RUN_FILES = ("last.safetensors", "best.safetensors", STATE_FILE, "config.json", SPLITS_FILE)
 DEFAULT_SIZE = {"image": (224, 224), "volume": (64, 64, 64), "video": (224, 224)}
 
 
@@ -100,28 +96,16 @@ class ClassifyResult:
     last_metrics: dict[str, Any]
 
 
-class ClassifyTrainer:
+class ClassifyTrainer(EpochLoop):
     """Holds the model, data and optimiser of one classification run; `run()` trains to the end."""
 
     def __init__(self, config: ClassifyConfig) -> None:
         self.cfg = config
-        self.world, self.rank, local_rank = process_rank()
-        self.device = resolve_device(config.device)
-        if self.world > 1:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", local_rank)
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.world, self.rank, self.device = start_process(config.device)
         self.is_main = self.rank == 0
         self.out = Path(config.out_dir)
-        if config.max_steps is not None and config.max_steps < 1:
-            raise MedvitError(f"--max-steps must be >= 1, got {config.max_steps}")
-        if (config.epochs is not None and config.epochs < 1) or config.batch_size < 1:
-            raise MedvitError("--epochs and --batch-size must be >= 1")
-        torch.manual_seed(config.seed + self.rank)
-        np.random.seed(config.seed + self.rank)
-        random.seed(config.seed + self.rank)
+        check_steps(config.epochs, config.max_steps, config.batch_size)
+        seed_all(config.seed + self.rank)
 
         overrides = {k: v for k, v in dict(optimizer=config.optimizer, sam=config.sam, sam_rho=config.sam_rho,
                                           ema=config.ema).items() if v is not None}  # fmt: skip
@@ -303,10 +287,8 @@ class ClassifyTrainer:
 
     # -- loop -----------------------------------------------------------------------------
     def _seed_epoch(self) -> None:
-        seed = int(np.random.SeedSequence([self.cfg.seed, self.rank, self.epoch]).generate_state(1)[0])
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
+        seed = epoch_seed(self.cfg.seed, self.rank, self.epoch)
+        seed_all(seed)
         self.train_loader.generator.manual_seed(seed)
         sampler = self.train_loader.sampler
         if hasattr(sampler, "set_epoch"):
@@ -324,8 +306,8 @@ class ClassifyTrainer:
                 teacher_logits = self.teacher(xt)
             return hard_distillation_loss(out, targets, teacher_logits, alpha=self.cfg.distill_weight)
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        x, y = x.to(self.device), y.to(self.device)
+    def _train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+        x, y = (t.to(self.device) for t in batch)
         x, targets = self.mixcut(x, y)  # soft targets: mixing and label smoothing
         self.optimizer.zero_grad(set_to_none=True)
         if self.use_sam:
@@ -367,43 +349,13 @@ class ClassifyTrainer:
         probs, labels = self.predict_probabilities(self.val_loader)
         return classification_metrics(probs, labels, self.classes)
 
+    def _run_info(self) -> dict[str, Any]:
+        return {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps, "lr": self.lr,
+                "kind": self.kind, "classes": self.classes}  # fmt: skip
+
     def run(self) -> ClassifyResult:
-        writer = None
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            for name in _RUN_FILES:
-                remove_temporaries(self.out / name)
-            info = {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps, "lr": self.lr,
-                    "kind": self.kind, "classes": self.classes}  # fmt: skip
-            write_json(self.out / "config.json", json.loads(json.dumps(info, default=str)))
-            write_json(self.out / SPLITS_FILE, self.split.splits)
-            writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.cfg.resume else None)
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train",
-                   disable=not (self.is_main and self.cfg.progress))  # fmt: skip
-        try:
-            while self.step < self.total_steps:
-                self._seed_epoch()
-                for x, y in self.train_loader:
-                    loss = self._train_step(x, y)
-                    self.step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}")
-                    if writer is not None:
-                        writer.add_scalar("train/loss", loss, self.step)
-                        writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
-                    if self.step >= self.total_steps:
-                        break
-                self.epoch += 1
-                end = self.step >= self.total_steps
-                if self.is_main and (end or self.epoch % self.cfg.val_every == 0):
-                    self._end_of_epoch(writer)
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-        if self.world > 1:
-            dist.barrier()
+        self.run_loop()
         return ClassifyResult(self.out, self.step, self.epoch, self.best, self.last_metrics)
 
     def _end_of_epoch(self, writer: SummaryWriter | None) -> None:
@@ -425,5 +377,4 @@ def train_classifier(config: ClassifyConfig) -> ClassifyResult:
     try:
         return trainer.run()
     finally:
-        if trainer.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        finish_process(trainer.world)

@@ -26,7 +26,6 @@ resumed run must split as the run it continues did.
 from __future__ import annotations
 
 import json
-import random
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from monai.data import CacheDataset, DataLoader, list_data_collate
 from monai.losses import DeepSupervisionLoss, DiceCELoss
@@ -43,16 +41,17 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 import medvit
-from medvit.pipelines.atomic import remove_temporaries, write_atomic, write_json
+from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.augment import train_transforms
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
 from medvit.pipelines.distill import DEFAULT_DISTILL_WEIGHT, HardDistillationLoss, check_weight, load_teacher
 from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.fingerprint import compute_fingerprint
+from medvit.pipelines.loop import STATE_FILE, EpochLoop, check_steps, epoch_seed, finish_process, seed_all, start_process
 from medvit.pipelines.postprocess import ValidationCase, determine_postprocessing
 from medvit.pipelines.preprocessing import DEFAULT_SPACING, Preprocessing, default_intensity
 from medvit.pipelines.recipes import get_recipe, lr_lambda
-from medvit.pipelines.runtime import autocast, process_rank, resolve_device
+from medvit.pipelines.runtime import autocast
 from medvit.pipelines.slicing import SliceSpec, in_plane
 from medvit.pipelines.splits import SPLITS_FILE, check_split_options, read_splits, run_split
 from medvit.pipelines.stitch import stream_probabilities, stream_slice_probabilities
@@ -61,9 +60,6 @@ from medvit.pipelines.transforms import preprocess_transforms
 from medvit.pipelines.verify import format_problems, verified_dataset
 from medvit.registry import variant_accepts
 
-STATE_FILE = "last_state.pt"
-# Files a run folder gets; a temporary one of these left by a killed run is removed at start.
-_RUN_FILES = ("last.safetensors", "best.safetensors", STATE_FILE, "config.json", SPLITS_FILE)
 
 DEFAULT_EPOCHS = 100
 
@@ -128,29 +124,17 @@ def deep_supervision_loss(levels: int) -> DeepSupervisionLoss:
 
 
 
-class Trainer:
+class Trainer(EpochLoop):
     """Holds the model, data and optimiser of one run; `run()` trains to the end."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.cfg = config
-        self.world, self.rank, local_rank = process_rank()
-        self.device = resolve_device(config.device)
-        if self.world > 1:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", local_rank)
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.world, self.rank, self.device = start_process(config.device)
         self.is_main = self.rank == 0
         self.out = Path(config.out_dir)
-        if config.max_steps is not None and config.max_steps < 1:
-            raise MedvitError(f"--max-steps must be >= 1, got {config.max_steps}")
-        if (config.epochs is not None and config.epochs < 1) or config.batch_size < 1:
-            raise MedvitError("--epochs and --batch-size must be >= 1")
+        check_steps(config.epochs, config.max_steps, config.batch_size)
         check_split_options(config.folds, config.fold, config.split_file, config.val_fraction)  # before the data
-        torch.manual_seed(config.seed + self.rank)
-        np.random.seed(config.seed + self.rank)
-        random.seed(config.seed + self.rank)
+        seed_all(config.seed + self.rank)
 
         self.recipe = get_recipe(config.recipe)
         self.spec, warnings = verified_dataset(config.data, "nothing was trained")
@@ -345,10 +329,8 @@ class Trainer:
     def _seed_epoch(self) -> None:
         """Draw this epoch's randomness from (seed, rank, epoch) alone, so a resumed run
         repeats a lost epoch exactly: shuffling, crops, augmentations, dropout."""
-        seed = int(np.random.SeedSequence([self.cfg.seed, self.rank, self.epoch]).generate_state(1)[0])
-        torch.manual_seed(seed)
-        np.random.seed(seed)
-        random.seed(seed)
+        seed = epoch_seed(self.cfg.seed, self.rank, self.epoch)
+        seed_all(seed)
         self.train_loader.generator.manual_seed(seed)
         self.train_loader.dataset.transform.set_random_state(seed=seed)
 
@@ -404,43 +386,12 @@ class Trainer:
         names = [self.spec.labels[i] for i in self.class_ids]
         return {n: float(d) for n, d in zip(names, mean)}
 
+    def _run_info(self) -> dict[str, Any]:
+        return {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps}
+
     def run(self) -> TrainResult:
-        writer = None
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            for name in _RUN_FILES:
-                remove_temporaries(self.out / name)
-            run_info = {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps}
-            text = json.dumps(run_info, default=str, indent=2)
-            write_atomic(self.out / "config.json", lambda tmp: tmp.write_text(text))
-            write_json(self.out / SPLITS_FILE, self.split.splits)
-            # Events after the resumed step were logged by the lost part of the run; drop them.
-            writer = SummaryWriter(str(self.out / "tb"), purge_step=self.step + 1 if self.cfg.resume else None)
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not (self.is_main and self.cfg.progress))
-        try:
-            while self.step < self.total_steps:
-                self._seed_epoch()
-                for batch in self.train_loader:
-                    loss = self._train_step(batch)
-                    self.step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}")
-                    if writer is not None:
-                        writer.add_scalar("train/loss", loss, self.step)
-                        writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
-                    if self.step >= self.total_steps:
-                        break
-                self.epoch += 1
-                end = self.step >= self.total_steps
-                if self.is_main and (end or self.epoch % self.cfg.val_every == 0):
-                    self._end_of_epoch(writer)
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-        if self.world > 1:
-            dist.barrier()
+        self.run_loop()
         return TrainResult(self.out, self.step, self.epoch, self.best, self.last_dice)
 
     def _end_of_epoch(self, writer: SummaryWriter | None) -> None:
@@ -462,5 +413,4 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         return trainer.run()
     finally:
-        if trainer.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        finish_process(trainer.world)
