@@ -175,6 +175,8 @@ def train_classifier(o: dict) -> None:
     with terminate_unwinds():
         result = run(cfg)
     m = result.last_metrics
+    if not m:  # a rank other than 0 under torchrun: validation runs on rank 0
+        return
     auroc = "n/a" if m.get("auroc_macro") is None else f"{m['auroc_macro']:.3f}"
     click.echo(f"trained {result.steps} steps ({result.epochs} epochs); validation accuracy {m['accuracy']:.3f}, "
                f"balanced accuracy {m['balanced_accuracy']:.3f}, AUROC {auroc}")

@@ -160,3 +160,20 @@ def test_errors_are_one_line(images, trained, tmp_path, tiny_checkpoint, phantom
     one_line_error(["predict", images, "-m", tiny_checkpoint, "-o", tmp_path / "p.csv"], "segmentation checkpoint")
     one_line_error(["segment", phantom_scan[0], "-m", trained / "last.safetensors", "-o",
                     tmp_path / "s", "-q"], "classification checkpoint")  # fmt: skip
+
+
+def test_ddp_two_cpu_processes(images, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medvit.cli",
+           "train", str(images), "-o", str(out), "--model", "vit_tiny_patch16_224", *TINY, "--model-arg", "patch_size=8",
+           "--input-size", "32x32", "--epochs", "2", *QUICK]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "config.json").read_text())
+    card = read_card(out / "last.safetensors")
+    # 19 training images, repeated augmentation x3 spread over 2 ranks: 10 per rank and epoch, 2 full batches of 4
+    assert info["world_size"] == 2 and card.extra["epoch"] == 2 and card.extra["step"] == info["total_steps"] == 4
