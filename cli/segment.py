@@ -32,13 +32,16 @@ from medvit.cli._common import device_option, terminate_unwinds, user_errors
 @click.option("--output-type", type=click.Choice(["nifti", "dicom-seg", "both"]), default="nifti", show_default=True,
               help="nifti: <stem>_seg.nii.gz; dicom-seg: <stem>_seg.dcm, a DICOM Segmentation object referencing "
                    "the source series (DICOM series folders only); both.")
+@click.option("--body-crop", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: CT models run their windows only over the box that holds the body (background outside); "
+                   "none: over the whole grid.")
 @click.option("--skip-existing", is_flag=True,
               help="Leave out scans whose masks and <stem>_volumes.json exist (resume a stopped batch); "
                    "with --preview / --statistics, their preview / stats file too.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @user_errors
 def segment(inputs, checkpoints, out_dir, overlap, sw_batch_size, device, precision, tta, labels, preview,
-            statistics, postprocess, output_type, skip_existing, quiet) -> None:
+            statistics, postprocess, output_type, body_crop, skip_existing, quiet) -> None:
     """Segment INPUTS: scan files, DICOM series folders or folders of scans.
 
     A bad scan does not stop the batch: every other scan is segmented, then each bad
@@ -57,14 +60,15 @@ def segment(inputs, checkpoints, out_dir, overlap, sw_batch_size, device, precis
             click.echo(f"model: {card_summary(card)}" + (f" [{c.name}]" if len(cards) > 1 else ""))
     cfg = SegmentConfig(overlap=overlap, sw_batch_size=sw_batch_size, device=device, precision=precision, tta=tta,
                         labels=list(labels) or None, preview=preview, statistics=statistics, progress=not quiet,
-                        skip_existing=skip_existing, postprocess=postprocess, output_type=output_type)
+                        skip_existing=skip_existing, postprocess=postprocess, output_type=output_type, body_crop=body_crop)
 
     def show(r) -> None:  # noqa: ANN001
         if r.skipped:
             click.echo(f"{r.input}: already segmented ({r.volumes} exists), skipped")
             return
         vols = ", ".join(f"{k} {v:.1f} ml" for k, v in r.volumes_ml.items())
-        click.echo(f"{r.input} -> {', '.join(map(str, r.masks))} ({vols})")
+        windows = f" [{r.windows[0]} of {r.windows[1]} windows]" if r.windows and not quiet else ""
+        click.echo(f"{r.input} -> {', '.join(map(str, r.masks))} ({vols}){windows}")
 
     with terminate_unwinds():
         run(inputs, list(checkpoints), out_dir, cfg, on_result=show)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from medvit.pipelines.atomic import write_json
+from medvit.pipelines.body import body_box, window_box
 from medvit.pipelines.checkpoint import ModelCard, load_model, model_precision
 from medvit.pipelines.dicom_seg import check_dicom_seg_input, read_seg_sources, write_dicom_seg
 from medvit.pipelines.errors import MedvitError
@@ -43,6 +44,8 @@ from medvit.pipelines.runtime import (
 from medvit.pipelines.slicing import SliceSpec
 from medvit.pipelines.statistics import STATS_SUFFIX, label_statistics, statistics_payload, voxel_volume_ml
 from medvit.pipelines.stitch import (
+    Placed,
+    window_starts,
     accumulator_device,
     invert_argmax,
     invert_probabilities,
@@ -79,6 +82,9 @@ class SegmentConfig:
             cores and the overlap measured slower (`benchmarks/bench_batch.py`).
         postprocess: `auto` applies the connected-component rules in the checkpoint's card
             (chosen on validation by `medvit train`), `none` writes the raw argmax mask.
+        body_crop: `auto` runs the windows only over the box of the model grid that holds the
+            body (`medvit.pipelines.body`; CT models, whose inputs are in HU), background
+            outside it; `none` runs them over the whole grid.
         output_type: `nifti` writes `<stem>_seg.nii.gz`; `dicom-seg` writes `<stem>_seg.dcm`,
             a DICOM Segmentation object of the source series (DICOM series inputs only);
             `both` writes both.
@@ -97,6 +103,7 @@ class SegmentConfig:
     postprocess: str = "auto"
     prefetch: bool | None = None
     output_type: str = "nifti"
+    body_crop: str = "auto"
 
 
 OUTPUT_TYPES = ("nifti", "dicom-seg", "both")
@@ -114,7 +121,8 @@ class SegmentResult:
     """What was written for one input (`skipped`: found finished, left as it was).
 
     `mask` is the NIfTI mask and `dicom_seg` the DICOM Segmentation object; each is None
-    when `output_type` did not ask for it.
+    when `output_type` did not ask for it. `windows`: the sliding windows (2D models: slice
+    windows) run, and how many the whole model grid would have needed (`body_crop`).
     """
 
     input: Path
@@ -125,6 +133,7 @@ class SegmentResult:
     statistics: Path | None = None
     skipped: bool = False
     dicom_seg: Path | None = None
+    windows: tuple[int, int] | None = None
 
     @property
     def masks(self) -> list[Path]:
@@ -166,11 +175,13 @@ class Prepared:
         images: Model-space volume `(C, X, Y, Z)` per ensemble member (members with the same
             intensity settings share one tensor).
         voxel_to_model: Map from scan voxels to model-space voxels.
+        box: The part of the model grid the windows run over (`body_crop`); None: all of it.
     """
 
     scan: Scan
     images: list[torch.Tensor]
     voxel_to_model: np.ndarray
+    box: tuple[slice, slice, slice] | None = None
 
 
 class Segmenter:
@@ -191,6 +202,9 @@ class Segmenter:
             raise MedvitError(f"--sw-batch-size must be >= 1, got {self.config.sw_batch_size}")
         if self.config.postprocess not in ("auto", "none"):
             raise MedvitError(f"--postprocess must be auto or none, got {self.config.postprocess!r}")
+        if self.config.body_crop not in ("auto", "none"):
+            raise MedvitError(f"--body-crop must be auto or none, got {self.config.body_crop!r}")
+        self.windows: tuple[int, int] | None = None  # windows run, and over the whole grid, for the last scan
         self.writes_nifti, self.writes_dicom_seg = mask_outputs(self.config.output_type)
         paths = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
         if not paths:
@@ -248,6 +262,7 @@ class Segmenter:
         if any(s < 1 for s in shape):
             raise MedvitError(f"{scan.path}: empty after resampling")
         resampled = resample_scan(scan.array, affine, scan.affine, shape)
+        box = self._body_box(resampled) if self.config.body_crop == "auto" else None
         images: list[torch.Tensor] = []
         scaled: dict[str, torch.Tensor] = {}
         for member in self.members:
@@ -258,7 +273,35 @@ class Segmenter:
                 scaled[key] = scale_intensity(resampled if len(self.members) == 1 else resampled.clone(),
                                               prep.intensity, prep.ct_window, norm)
             images.append(scaled[key])
-        return Prepared(scan, images, np.linalg.solve(affine, np.asarray(scan.affine, dtype=float)))
+        return Prepared(scan, images, np.linalg.solve(affine, np.asarray(scan.affine, dtype=float)), box)
+
+    def _body_box(self, hu: torch.Tensor) -> tuple[slice, slice, slice] | None:
+        """The body's box on the model grid, for models whose inputs are CT in HU."""
+        if any(m.prep.intensity not in ("ct", "ct-fingerprint") for m in self.members):
+            return None
+        return body_box(hu, self.prep.spacing)
+
+    def _member_box(self, member: _Member, body: Sequence[slice], size: Sequence[int]) -> tuple[slice, ...]:
+        """The windows of `member` that reach into the body (and a 2D model's slab neighbours)."""
+        axis = member.slices.axis if member.slices is not None else None
+        halo = member.slices.slab // 2 if member.slices is not None else 0
+        return window_box(body, size, self._window3d(member), self.config.overlap, axis, halo)
+
+    @staticmethod
+    def _window3d(member: _Member) -> tuple[int, int, int]:
+        """A member's window on the model grid (a 2D model's: its patch in plane, its slab across)."""
+        if member.slices is None:
+            return tuple(int(p) for p in member.card.patch_size)
+        plane = iter(member.card.patch_size)
+        return tuple(member.slices.slab if a == member.slices.axis else int(next(plane)) for a in range(3))
+
+    def _window_count(self, member: _Member, size: Sequence[int]) -> int:
+        window = self._window3d(member)
+        if member.slices is not None:
+            return int(size[member.slices.axis]) * int(np.prod(
+                [len(window_starts(max(s, w), w, self.config.overlap)) for a, (s, w) in enumerate(zip(size, window))
+                 if a != member.slices.axis]))  # fmt: skip
+        return int(np.prod([len(window_starts(max(s, w), w, self.config.overlap)) for s, w in zip(size, window)]))
 
     @property
     def store_dtype(self) -> torch.dtype:
@@ -276,27 +319,39 @@ class Segmenter:
         return run
 
     @torch.inference_mode()
-    def _probabilities(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _probabilities(self, images: Sequence[torch.Tensor], box: tuple[slice, ...] | None = None) -> torch.Tensor | Placed:
         """Model-space class probabilities `(K, X, Y, Z)` on the CPU: averaged over the
-        flips with TTA, then over the ensemble's members."""
+        flips with TTA, then over the ensemble's members; with a `box`, those of the box
+        (`Placed`: background outside it)."""
         dims = [1 + a for a in self.tta_axes]
         flips = [()] if not self.config.tta else [
             axes for n in range(len(dims) + 1) for axes in itertools.combinations(dims, n)
         ]
         progress = self.config.progress and not self.config.tta and len(self.members) == 1
+        size = tuple(images[0].shape[1:])
+        boxes = [self._member_box(m, box, size) if box is not None else None for m in self.members]
+        union = None if box is None else tuple(
+            slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(3)
+        )
         total = None
-        for member, image in zip(self.members, images, strict=True):
-            x = image.to(self.device)
+        run = full = 0
+        for member, image, own in zip(self.members, images, boxes, strict=True):
+            x = (image[:, own[0], own[1], own[2]] if own is not None else image).to(self.device)
+            run += len(flips) * self._window_count(member, x.shape[1:])
+            full += len(flips) * self._window_count(member, size)
             for axes in flips:
                 xi = torch.flip(x, axes) if axes else x
                 prob = self._stream(member, xi, progress)
                 prob = torch.flip(prob, axes) if axes else prob
+                if own is not None and own != union:  # onto the union of the members' boxes
+                    prob = _placed_in(prob, own, union)
                 total = prob if total is None else total.add_(prob)
             del x
         runs = len(flips) * len(self.members)
         if runs > 1:
             total /= runs
-        return total
+        self.windows = (run, full)
+        return total if union is None else Placed(total, union, size)
 
     @property
     def tta_axes(self) -> list[int]:
@@ -323,14 +378,15 @@ class Segmenter:
     def predict_proba(self, scan: Scan) -> torch.Tensor:
         """Class probabilities `(C, *scan.shape)` float32 on the scan's own grid."""
         prepared = self.prepare(scan)
-        return invert_probabilities(self._probabilities(prepared.images), prepared.voxel_to_model, scan.shape)
+        prob = self._probabilities(prepared.images, prepared.box)
+        return invert_probabilities(prob, prepared.voxel_to_model, scan.shape)
 
     def predict(self, scan: Scan | Prepared) -> np.ndarray:
         """The label-id mask of a scan, on the scan's own grid (computed slab by slab)."""
         prepared = scan if isinstance(scan, Prepared) else self.prepare(scan)
         scan = prepared.scan
         return_freed_memory()
-        prob = self._probabilities(prepared.images)
+        prob = self._probabilities(prepared.images, prepared.box)
         prepared.images = []  # the model-space volumes are not needed any more
         return_freed_memory()
         classes = invert_argmax(prob, prepared.voxel_to_model, scan.shape, self.keep)
@@ -388,7 +444,17 @@ class Segmenter:
         if self.config.statistics:
             stats = write_json(out_dir / f"{scan.stem}{STATS_SUFFIX}", self.statistics(mask, scan))
         vol_path = write_json(vol_target, vols)
-        return SegmentResult(Path(path), mask_path, vol_path, vols, preview, stats, dicom_seg=seg_path)
+        return SegmentResult(Path(path), mask_path, vol_path, vols, preview, stats, dicom_seg=seg_path,
+                             windows=self.windows)
+
+
+def _placed_in(prob: torch.Tensor, box: Sequence[slice], union: Sequence[slice]) -> torch.Tensor:
+    """`prob` of `box` within the larger `union`, background (class 0) around it."""
+    out = torch.zeros(prob.shape[0], *(u.stop - u.start for u in union), dtype=prob.dtype)
+    out[0] = 1
+    inner = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union))
+    out[(slice(None), *inner)] = prob
+    return out
 
 
 def slice_spec(card: ModelCard, model: torch.nn.Module) -> SliceSpec | None:

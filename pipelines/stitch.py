@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -246,15 +247,46 @@ def _plane_cost(voxel_to_model: np.ndarray, shape: Sequence[int]) -> int:
     return int(shape[0] * shape[1] * max(1.0, abs(float(np.linalg.det(voxel_to_model[:3, :3])))))
 
 
-def _prob_box(prob: torch.Tensor) -> Callable[[Sequence[int], Sequence[int]], torch.Tensor]:
-    def box(lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
-        return prob[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].float()
+@dataclass
+class Placed:
+    """Probabilities computed over a box of the model grid; background (class 0) everywhere else.
 
-    return box
+    Attributes:
+        prob: `(K, *box size)` probabilities inside the box.
+        box: The box, one slice per axis of the model grid.
+        shape: The whole model grid.
+    """
+
+    prob: torch.Tensor
+    box: tuple[slice, slice, slice]
+    shape: tuple[int, int, int]
+
+
+def _prob_box(prob: torch.Tensor | Placed) -> tuple[Callable[[Sequence[int], Sequence[int]], torch.Tensor], tuple]:
+    """The block reader `sample_slab` takes, and the model grid's shape."""
+    if isinstance(prob, torch.Tensor):
+        def box(lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
+            return prob[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].float()
+
+        return box, tuple(prob.shape[1:])
+    start = [s.start for s in prob.box]
+
+    def placed_box(lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
+        block = torch.zeros(prob.prob.shape[0], *(h - l for l, h in zip(lo, hi)))
+        block[0] = 1.0  # background outside the box
+        a = [max(l, s) for l, s in zip(lo, start)]
+        b = [min(h, s + n) for h, s, n in zip(hi, start, prob.prob.shape[1:])]
+        if all(x < y for x, y in zip(a, b)):
+            block[:, a[0] - lo[0] : b[0] - lo[0], a[1] - lo[1] : b[1] - lo[1], a[2] - lo[2] : b[2] - lo[2]] = prob.prob[
+                :, a[0] - start[0] : b[0] - start[0], a[1] - start[1] : b[1] - start[1], a[2] - start[2] : b[2] - start[2]
+            ].float()
+        return block
+
+    return placed_box, tuple(prob.shape)
 
 
 def invert_argmax(
-    prob: torch.Tensor,
+    prob: torch.Tensor | Placed,
     voxel_to_model: np.ndarray,
     shape: Sequence[int],
     keep: np.ndarray,
@@ -263,7 +295,7 @@ def invert_argmax(
     """Class index (into `keep`'s positions) per scan voxel, computed slab by slab.
 
     Args:
-        prob: Model-space probabilities `(K, X, Y, Z)`.
+        prob: Model-space probabilities `(K, X, Y, Z)`, or those of a box of it (`Placed`).
         voxel_to_model: 4x4 map from scan voxel indices to model-space voxel indices.
         shape: The scan's grid.
         keep: Boolean per class; others never win.
@@ -271,17 +303,18 @@ def invert_argmax(
     """
     kept = torch.from_numpy(np.flatnonzero(keep))
     out = np.empty(tuple(shape), dtype=np.int64 if len(kept) > 255 else np.uint8)
-    box = _prob_box(prob)
+    box, size = _prob_box(prob)
     for k0, k1 in slabs(shape[2], _plane_cost(voxel_to_model, shape), budget_voxels):
-        p = sample_slab(box, prob.shape[1:], voxel_to_model, shape, k0, k1)
+        p = sample_slab(box, size, voxel_to_model, shape, k0, k1)
         out[..., k0:k1] = kept[p[kept].argmax(0)].numpy()
     return out
 
 
-def invert_probabilities(prob: torch.Tensor, voxel_to_model: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+def invert_probabilities(prob: torch.Tensor | Placed, voxel_to_model: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
     """Probabilities `(K, *shape)` float32 on the scan's grid (for inspection and tests)."""
-    out = torch.empty(prob.shape[0], *shape, dtype=torch.float32)
-    box = _prob_box(prob)
+    k = prob.shape[0] if isinstance(prob, torch.Tensor) else prob.prob.shape[0]
+    out = torch.empty(k, *shape, dtype=torch.float32)
+    box, size = _prob_box(prob)
     for k0, k1 in slabs(shape[2], _plane_cost(voxel_to_model, shape), 1 << 20):
-        out[..., k0:k1] = sample_slab(box, prob.shape[1:], voxel_to_model, shape, k0, k1)
+        out[..., k0:k1] = sample_slab(box, size, voxel_to_model, shape, k0, k1)
     return out
