@@ -41,9 +41,12 @@ __all__ = [
     "CSV_COLUMNS",
     "EvalConfig",
     "UnmatchedCaseWarning",
+    "check_same_grid",
     "evaluate",
     "evaluate_pair",
+    "label_array",
     "pair_cases",
+    "score_labels",
     "summarize",
     "write_csv",
 ]
@@ -92,7 +95,7 @@ def _check_config(config: EvalConfig) -> None:
                 )
 
 
-def _labels_of(scan: Scan) -> np.ndarray:
+def label_array(scan: Scan) -> np.ndarray:
     """The mask as a non-negative integer array, or a user error saying why it is not a mask."""
     array = scan.array
     if array.dtype == bool:
@@ -114,8 +117,9 @@ def _labels_of(scan: Scan) -> np.ndarray:
     return array
 
 
-def _check_same_grid(pred: Scan, gt: Scan) -> None:
-    where = f"prediction {pred.path} and reference {gt.path}"
+def check_same_grid(pred: Scan, gt: Scan, roles: tuple[str, str] = ("prediction", "reference")) -> None:
+    """Raise a one-line `MedvitError` naming both files (as `roles`) unless they share one grid."""
+    where = f"{roles[0]} {pred.path} and {roles[1]} {gt.path}"
     if pred.shape != gt.shape:
         raise MedvitError(one_line(f"{where} are not on the same grid: shape {pred.shape} vs {gt.shape}"))
     diff = np.abs(pred.affine - gt.affine)
@@ -163,22 +167,50 @@ def evaluate_pair(pred_path: str | Path, gt_path: str | Path, config: EvalConfig
     config = config or EvalConfig()
     _check_config(config)
     pred_scan, gt_scan = read_scan(pred_path), read_scan(gt_path)
-    _check_same_grid(pred_scan, gt_scan)
-    pred, gt = _labels_of(pred_scan), _labels_of(gt_scan)
+    check_same_grid(pred_scan, gt_scan)
+    pred, gt = label_array(pred_scan), label_array(gt_scan)
 
+    if config.labels is None:
+        names = None
+    else:
+        names = {int(k): str(v) for k, v in sorted(config.labels.items())}
+    voxel_ml = abs(float(np.linalg.det(gt_scan.affine[:3, :3]))) / 1000.0
+    rows = score_labels(pred, gt, names, gt_scan.spacing, voxel_ml, config.hd_percentile)
+    return [{"case": gt_scan.stem, **row} for row in rows]
+
+
+def score_labels(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    names: dict[int, str] | None,
+    spacing: Sequence[float],
+    voxel_ml: float,
+    hd_percentile: float = 95.0,
+) -> list[dict]:
+    """Dice, percentile HD and volumes of two label arrays on one grid, per label.
+
+    Args:
+        pred: Predicted label ids (non-negative integers).
+        gt: Reference label ids, same shape.
+        names: Label id -> name to score; None scores every id > 0 present in either
+            array, named ``label_<id>``.
+        spacing: Voxel size in mm along the array's axes.
+        voxel_ml: Volume of one voxel in millilitres.
+        hd_percentile: Percentile of the Hausdorff distance, in (0, 100].
+
+    Returns:
+        One row per label, sorted by id: ``label_id``, ``label``, ``dice``, ``hd95_mm``,
+        ``pred_ml`` and ``gt_ml`` (conventions for empty labels: the module docstring).
+    """
     # One pass each gives every label's bounding box: label maps with a hundred
     # structures are then measured on small crops instead of the whole volume.
     pred_boxes, gt_boxes = find_objects(pred), find_objects(gt)
-    if config.labels is None:
+    if names is None:
         present = {i + 1 for boxes in (pred_boxes, gt_boxes) for i, box in enumerate(boxes) if box is not None}
         names = {label_id: f"label_{label_id}" for label_id in sorted(present)}
-    else:
-        names = {int(k): str(v) for k, v in sorted(config.labels.items())}
-
-    spacing = tuple(float(s) for s in gt_scan.spacing)
-    voxel_ml = abs(float(np.linalg.det(gt_scan.affine[:3, :3]))) / 1000.0
+    spacing = tuple(float(s) for s in spacing)
     rows = []
-    for label_id, name in names.items():
+    for label_id, name in sorted(names.items()):
         pbox = pred_boxes[label_id - 1] if label_id <= len(pred_boxes) else None
         gbox = gt_boxes[label_id - 1] if label_id <= len(gt_boxes) else None
         if pbox is None and gbox is None:
@@ -192,10 +224,9 @@ def evaluate_pair(pred_path: str | Path, gt_path: str | Path, config: EvalConfig
             if n_pred == 0 or n_gt == 0:
                 dice, hd = 0.0, math.inf
             else:
-                dice, hd = _dice_hd(p, g, spacing, config.hd_percentile)
+                dice, hd = _dice_hd(p, g, spacing, hd_percentile)
         rows.append(
             {
-                "case": gt_scan.stem,
                 "label_id": label_id,
                 "label": name,
                 "dice": dice,
