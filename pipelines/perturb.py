@@ -197,7 +197,9 @@ def rotate(
     world = np.eye(4)
     world[:3, :3] = rot.T
     world[:3, 3] = centre - rot.T @ centre
-    matrix = np.linalg.solve(affine, world @ affine)
+    # Rounded to 1e-9 voxel: a right angle then maps edge voxels exactly onto edge voxels
+    # (a -1e-15 coordinate would count as outside the grid and take the fill value).
+    matrix = np.round(np.linalg.solve(affine, world @ affine), 9)
     fill = float(image.min()) if image.size else 0.0
     moved = ndimage.affine_transform(image, matrix[:3, :3], matrix[:3, 3], order=1, mode="constant", cval=fill)
     if labels is not None:
