@@ -45,6 +45,7 @@ __all__ = [
     "evaluate",
     "evaluate_pair",
     "label_array",
+    "mean_row",
     "pair_cases",
     "score_labels",
     "summarize",
@@ -272,7 +273,9 @@ def _by_stem(paths: Sequence[Path], folder: Path) -> dict[str, Path]:
     return out
 
 
-def pair_cases(pred: str | Path, gt: str | Path) -> list[tuple[str, Path, Path]]:
+def pair_cases(
+    pred: str | Path, gt: str | Path, roles: tuple[str, str] = ("prediction", "reference mask")
+) -> list[tuple[str, Path, Path]]:
     """Pair predicted masks with reference masks by case name.
 
     Two files form one pair whatever their names. Otherwise files are matched by stem
@@ -284,6 +287,7 @@ def pair_cases(pred: str | Path, gt: str | Path) -> list[tuple[str, Path, Path]]
     Args:
         pred: Predicted mask file, or a folder of them.
         gt: Reference mask file, or a folder of them.
+        roles: What the two sides are, as messages name them (singular).
 
     Returns:
         ``(case, pred_path, gt_path)`` in the order of the reference files; ``case`` is
@@ -314,21 +318,21 @@ def pair_cases(pred: str | Path, gt: str | Path) -> list[tuple[str, Path, Path]]
     lone_gts = [p for s, p in gt_by_stem.items() if s not in matches]
     if not pairs:
         raise MedvitError(one_line(
-            f"no prediction in {pred} matches a reference mask in {gt} by name "
-            f"(predictions: {_names(preds)}; references: {_names(gts)}; "
-            f"a prediction matches as <case> or <case>{PRED_SUFFIX})"
+            f"no {roles[0]} in {pred} matches a {roles[1]} in {gt} by name "
+            f"({roles[0]}s: {_names(preds)}; {roles[1]}s: {_names(gts)}; "
+            f"a {roles[0]} matches as <case> or <case>{PRED_SUFFIX})"
         ))
     if not pred_single and not gt_single:
         if lone_gts:
             warnings.warn(
-                f"{len(lone_gts)} reference mask(s) in {gt} have no prediction and are not evaluated: "
+                f"{len(lone_gts)} {roles[1]}(s) in {gt} have no {roles[0]} and are not evaluated: "
                 f"{_names(lone_gts)}",
                 UnmatchedCaseWarning,
                 stacklevel=2,
             )
         if lone_preds:
             warnings.warn(
-                f"{len(lone_preds)} prediction(s) in {pred} have no reference mask and are not evaluated: "
+                f"{len(lone_preds)} {roles[0]}(s) in {pred} have no {roles[1]} and are not evaluated: "
                 f"{_names(lone_preds)}",
                 UnmatchedCaseWarning,
                 stacklevel=2,
@@ -350,15 +354,17 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     by_label: dict[int, list[dict]] = {}
     for row in rows:
         by_label.setdefault(int(row["label_id"]), []).append(row)
-    out = []
-    for label_id in sorted(by_label):
-        group = by_label[label_id]
-        mean = {"case": MEAN_CASE, "label_id": label_id, "label": group[0]["label"]}
-        for key in ("dice", "hd95_mm", "pred_ml", "gt_ml"):
-            mean[key] = float(np.mean([float(r[key]) for r in group]))
-        mean["n"] = len(group)
-        out.append(mean)
-    return out
+    return [mean_row(by_label[label_id], ("label_id", "label")) for label_id in sorted(by_label)]
+
+
+def mean_row(group: Sequence[dict], keep: Sequence[str]) -> dict:
+    """One ``mean`` row of a group of per-case rows: the `keep` keys of the first row, the metrics
+    (Dice, HD, volumes) averaged (an ``inf`` HD in any row makes the mean ``inf``), ``n`` rows."""
+    mean = {"case": MEAN_CASE, **{key: group[0][key] for key in keep}}
+    for key in ("dice", "hd95_mm", "pred_ml", "gt_ml"):
+        mean[key] = float(np.mean([float(r[key]) for r in group]))
+    mean["n"] = len(group)
+    return mean
 
 
 def write_csv(rows: Sequence[dict], csv_path: str | Path) -> Path:

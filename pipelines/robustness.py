@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from medvit.pipelines.atomic import write_csv
 from medvit.pipelines.errors import MedvitError, one_line
-from medvit.pipelines.evaluate import check_same_grid, label_array, score_labels
+from medvit.pipelines.evaluate import check_same_grid, label_array, mean_row, score_labels
 from medvit.pipelines.io import Scan, read_scan
 from medvit.pipelines.perturb import PERTURBATIONS, check_levels, check_perturbations, perturb
 from medvit.pipelines.segmenter import SegmentConfig, Segmenter
@@ -45,7 +45,6 @@ __all__ = [
 CURVE_COLUMNS = (
     "case", "perturbation", "level", "parameter", "value", "label_id", "label", "dice", "hd95_mm", "pred_ml", "gt_ml",
 )  # fmt: skip
-MEAN_CASE = "mean"
 
 
 @dataclass
@@ -209,17 +208,8 @@ def summarize_curve(rows: Sequence[dict]) -> list[dict]:
     for row in rows:
         groups.setdefault((row["perturbation"], int(row["level"]), int(row["label_id"])), []).append(row)
     order = {name: i for i, name in enumerate(dict.fromkeys(r["perturbation"] for r in rows))}
-    out = []
-    for key in sorted(groups, key=lambda k: (order[k[0]], k[1], k[2])):
-        group = groups[key]
-        first = group[0]
-        mean = {k: first[k] for k in ("perturbation", "level", "parameter", "value", "label_id", "label")}
-        mean["case"] = MEAN_CASE
-        for k in ("dice", "hd95_mm", "pred_ml", "gt_ml"):
-            mean[k] = float(np.mean([float(r[k]) for r in group]))
-        mean["n"] = len(group)
-        out.append(mean)
-    return out
+    keep = ("perturbation", "level", "parameter", "value", "label_id", "label")
+    return [mean_row(groups[key], keep) for key in sorted(groups, key=lambda k: (order[k[0]], k[1], k[2]))]
 
 
 def write_curve_csv(rows: Sequence[dict], path: str | Path) -> Path:
