@@ -41,9 +41,13 @@ __all__ = [
     "CSV_COLUMNS",
     "EvalConfig",
     "UnmatchedCaseWarning",
+    "check_same_grid",
     "evaluate",
     "evaluate_pair",
+    "label_array",
+    "mean_row",
     "pair_cases",
+    "score_labels",
     "summarize",
     "write_csv",
 ]
@@ -92,7 +96,7 @@ def _check_config(config: EvalConfig) -> None:
                 )
 
 
-def _labels_of(scan: Scan) -> np.ndarray:
+def label_array(scan: Scan) -> np.ndarray:
     """The mask as a non-negative integer array, or a user error saying why it is not a mask."""
     array = scan.array
     if array.dtype == bool:
@@ -114,8 +118,9 @@ def _labels_of(scan: Scan) -> np.ndarray:
     return array
 
 
-def _check_same_grid(pred: Scan, gt: Scan) -> None:
-    where = f"prediction {pred.path} and reference {gt.path}"
+def check_same_grid(pred: Scan, gt: Scan, roles: tuple[str, str] = ("prediction", "reference")) -> None:
+    """Raise a one-line `MedvitError` naming both files (as `roles`) unless they share one grid."""
+    where = f"{roles[0]} {pred.path} and {roles[1]} {gt.path}"
     if pred.shape != gt.shape:
         raise MedvitError(one_line(f"{where} are not on the same grid: shape {pred.shape} vs {gt.shape}"))
     diff = np.abs(pred.affine - gt.affine)
@@ -163,22 +168,50 @@ def evaluate_pair(pred_path: str | Path, gt_path: str | Path, config: EvalConfig
     config = config or EvalConfig()
     _check_config(config)
     pred_scan, gt_scan = read_scan(pred_path), read_scan(gt_path)
-    _check_same_grid(pred_scan, gt_scan)
-    pred, gt = _labels_of(pred_scan), _labels_of(gt_scan)
+    check_same_grid(pred_scan, gt_scan)
+    pred, gt = label_array(pred_scan), label_array(gt_scan)
 
+    if config.labels is None:
+        names = None
+    else:
+        names = {int(k): str(v) for k, v in sorted(config.labels.items())}
+    voxel_ml = abs(float(np.linalg.det(gt_scan.affine[:3, :3]))) / 1000.0
+    rows = score_labels(pred, gt, names, gt_scan.spacing, voxel_ml, config.hd_percentile)
+    return [{"case": gt_scan.stem, **row} for row in rows]
+
+
+def score_labels(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    names: dict[int, str] | None,
+    spacing: Sequence[float],
+    voxel_ml: float,
+    hd_percentile: float = 95.0,
+) -> list[dict]:
+    """Dice, percentile HD and volumes of two label arrays on one grid, per label.
+
+    Args:
+        pred: Predicted label ids (non-negative integers).
+        gt: Reference label ids, same shape.
+        names: Label id -> name to score; None scores every id > 0 present in either
+            array, named ``label_<id>``.
+        spacing: Voxel size in mm along the array's axes.
+        voxel_ml: Volume of one voxel in millilitres.
+        hd_percentile: Percentile of the Hausdorff distance, in (0, 100].
+
+    Returns:
+        One row per label, sorted by id: ``label_id``, ``label``, ``dice``, ``hd95_mm``,
+        ``pred_ml`` and ``gt_ml`` (conventions for empty labels: the module docstring).
+    """
     # One pass each gives every label's bounding box: label maps with a hundred
     # structures are then measured on small crops instead of the whole volume.
     pred_boxes, gt_boxes = find_objects(pred), find_objects(gt)
-    if config.labels is None:
+    if names is None:
         present = {i + 1 for boxes in (pred_boxes, gt_boxes) for i, box in enumerate(boxes) if box is not None}
         names = {label_id: f"label_{label_id}" for label_id in sorted(present)}
-    else:
-        names = {int(k): str(v) for k, v in sorted(config.labels.items())}
-
-    spacing = tuple(float(s) for s in gt_scan.spacing)
-    voxel_ml = abs(float(np.linalg.det(gt_scan.affine[:3, :3]))) / 1000.0
+    spacing = tuple(float(s) for s in spacing)
     rows = []
-    for label_id, name in names.items():
+    for label_id, name in sorted(names.items()):
         pbox = pred_boxes[label_id - 1] if label_id <= len(pred_boxes) else None
         gbox = gt_boxes[label_id - 1] if label_id <= len(gt_boxes) else None
         if pbox is None and gbox is None:
@@ -192,10 +225,9 @@ def evaluate_pair(pred_path: str | Path, gt_path: str | Path, config: EvalConfig
             if n_pred == 0 or n_gt == 0:
                 dice, hd = 0.0, math.inf
             else:
-                dice, hd = _dice_hd(p, g, spacing, config.hd_percentile)
+                dice, hd = _dice_hd(p, g, spacing, hd_percentile)
         rows.append(
             {
-                "case": gt_scan.stem,
                 "label_id": label_id,
                 "label": name,
                 "dice": dice,
@@ -241,7 +273,9 @@ def _by_stem(paths: Sequence[Path], folder: Path) -> dict[str, Path]:
     return out
 
 
-def pair_cases(pred: str | Path, gt: str | Path) -> list[tuple[str, Path, Path]]:
+def pair_cases(
+    pred: str | Path, gt: str | Path, roles: tuple[str, str] = ("prediction", "reference mask")
+) -> list[tuple[str, Path, Path]]:
     """Pair predicted masks with reference masks by case name.
 
     Two files form one pair whatever their names. Otherwise files are matched by stem
@@ -253,6 +287,7 @@ def pair_cases(pred: str | Path, gt: str | Path) -> list[tuple[str, Path, Path]]
     Args:
         pred: Predicted mask file, or a folder of them.
         gt: Reference mask file, or a folder of them.
+        roles: What the two sides are, as messages name them (singular).
 
     Returns:
         ``(case, pred_path, gt_path)`` in the order of the reference files; ``case`` is
@@ -283,21 +318,21 @@ def pair_cases(pred: str | Path, gt: str | Path) -> list[tuple[str, Path, Path]]
     lone_gts = [p for s, p in gt_by_stem.items() if s not in matches]
     if not pairs:
         raise MedvitError(one_line(
-            f"no prediction in {pred} matches a reference mask in {gt} by name "
-            f"(predictions: {_names(preds)}; references: {_names(gts)}; "
-            f"a prediction matches as <case> or <case>{PRED_SUFFIX})"
+            f"no {roles[0]} in {pred} matches a {roles[1]} in {gt} by name "
+            f"({roles[0]}s: {_names(preds)}; {roles[1]}s: {_names(gts)}; "
+            f"a {roles[0]} matches as <case> or <case>{PRED_SUFFIX})"
         ))
     if not pred_single and not gt_single:
         if lone_gts:
             warnings.warn(
-                f"{len(lone_gts)} reference mask(s) in {gt} have no prediction and are not evaluated: "
+                f"{len(lone_gts)} {roles[1]}(s) in {gt} have no {roles[0]} and are not evaluated: "
                 f"{_names(lone_gts)}",
                 UnmatchedCaseWarning,
                 stacklevel=2,
             )
         if lone_preds:
             warnings.warn(
-                f"{len(lone_preds)} prediction(s) in {pred} have no reference mask and are not evaluated: "
+                f"{len(lone_preds)} {roles[0]}(s) in {pred} have no {roles[1]} and are not evaluated: "
                 f"{_names(lone_preds)}",
                 UnmatchedCaseWarning,
                 stacklevel=2,
@@ -319,15 +354,17 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     by_label: dict[int, list[dict]] = {}
     for row in rows:
         by_label.setdefault(int(row["label_id"]), []).append(row)
-    out = []
-    for label_id in sorted(by_label):
-        group = by_label[label_id]
-        mean = {"case": MEAN_CASE, "label_id": label_id, "label": group[0]["label"]}
-        for key in ("dice", "hd95_mm", "pred_ml", "gt_ml"):
-            mean[key] = float(np.mean([float(r[key]) for r in group]))
-        mean["n"] = len(group)
-        out.append(mean)
-    return out
+    return [mean_row(by_label[label_id], ("label_id", "label")) for label_id in sorted(by_label)]
+
+
+def mean_row(group: Sequence[dict], keep: Sequence[str]) -> dict:
+    """One ``mean`` row of a group of per-case rows: the `keep` keys of the first row, the metrics
+    (Dice, HD, volumes) averaged (an ``inf`` HD in any row makes the mean ``inf``), ``n`` rows."""
+    mean = {"case": MEAN_CASE, **{key: group[0][key] for key in keep}}
+    for key in ("dice", "hd95_mm", "pred_ml", "gt_ml"):
+        mean[key] = float(np.mean([float(r[key]) for r in group]))
+    mean["n"] = len(group)
+    return mean
 
 
 def write_csv(rows: Sequence[dict], csv_path: str | Path) -> Path:
