@@ -4,6 +4,8 @@ Usage: python benchmarks/bench_segment.py [--scan ../shared/data/ct/example_ct.n
        python benchmarks/bench_segment.py --large           # synthetic 512x512x400 CT
        python benchmarks/bench_segment.py --agreement CKPT  # default path vs exact path, trained weights
        python benchmarks/bench_segment.py --network swin_unetr  # MONAI SwinUNETR / swin_unetr_base
+       python benchmarks/bench_segment.py --scan ../shared/data/ct_dicom --crop-agreement CKPT
+                                            # windows over the body vs over the whole grid
 
 Both sides run in their own fresh process on the same scan and the same weights (a
 random-initialised MONAI `UNETR`, paper configuration, 14 classes, or with `--network
@@ -88,7 +90,7 @@ def child_monai(scan: str, weights: str, out: str, probs: str | None, network: s
                output_dtype=np.uint8, print_log=False)(d)
 
 
-def child_medvit(scan: str, ckpt: str, out: str, probs: str | None, precision: str = "auto") -> None:
+def child_medvit(scan: str, ckpt: str, out: str, probs: str | None, precision: str = "auto", crop: str = "auto") -> None:
     if probs:  # a separate, untimed run: the exact path's inverted probabilities
         from medvit.pipelines.io import read_scan
         from medvit.pipelines.segment import SegmentConfig, Segmenter
@@ -98,7 +100,8 @@ def child_medvit(scan: str, ckpt: str, out: str, probs: str | None, precision: s
         return
     from medvit.cli.main import main
 
-    main(["segment", scan, "--model", ckpt, "-o", out, "-q", "--precision", precision], standalone_mode=False)
+    main(["segment", scan, "--model", ckpt, "-o", out, "-q", "--precision", precision, "--body-crop", crop],
+         standalone_mode=False)  # fmt: skip
 
 
 def make_large_scan(source: Path, path: Path, shape: tuple[int, int, int] = (512, 512, 400)) -> Path:
@@ -151,6 +154,26 @@ def dice_per_label(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
     return out
 
 
+def crop_agreement(scan: str, ckpt: str, work: Path) -> None:
+    """Windows over the body against windows over the whole grid, same checkpoint, fp32."""
+    from medvit.pipelines.io import read_scan
+    from medvit.pipelines.segment import SegmentConfig, Segmenter
+
+    image = read_scan(scan)
+    masks = {}
+    for crop in ("auto", "none"):
+        seg = Segmenter(ckpt, SegmentConfig(progress=False, precision="fp32", body_crop=crop))
+        t0 = time.perf_counter()
+        masks[crop] = seg.predict(image)
+        run, full = seg.windows
+        print(f"--body-crop {crop}: {run} of {full} windows, {time.perf_counter() - t0:.1f} s")
+    a, b = masks["auto"], masks["none"]
+    print(f"identical mask voxels (body crop vs whole grid): {(a == b).mean() * 100:.4f} %")
+    labels = sorted((set(np.unique(a)) | set(np.unique(b))) - {0})
+    print("Dice per label (body crop vs whole grid): " + ", ".join(
+        f"{lab}: {2 * ((a == lab) & (b == lab)).sum() / ((a == lab).sum() + (b == lab).sum()):.4f}" for lab in labels))
+
+
 def agreement(scan: str, ckpt: str, work: Path) -> None:
     """Default path against the exact fp32 path, same trained checkpoint, separate processes."""
     import nibabel as nib
@@ -163,7 +186,7 @@ def agreement(scan: str, ckpt: str, work: Path) -> None:
         masks[precision] = np.asarray(nib.load(work / precision / f"{stem}_seg.nii.gz").dataobj)
     a, b = masks["auto"], masks["fp32"]
     print(f"identical mask voxels (default vs exact): {(a == b).mean() * 100:.4f} %")
-    labels = sorted(set(np.unique(a)) | set(np.unique(b)) - {0})
+    labels = sorted((set(np.unique(a)) | set(np.unique(b))) - {0})
     print("Dice per label (default vs exact): " + ", ".join(
         f"{lab}: {2 * ((a == lab) & (b == lab)).sum() / ((a == lab).sum() + (b == lab).sum()):.4f}" for lab in labels))
 
@@ -174,6 +197,7 @@ def main() -> None:
     p.add_argument("--large", action="store_true", help="a synthetic 512x512x400 CT instead of --scan")
     p.add_argument("--fidelity", action="store_true", help="also compare inverted probabilities")
     p.add_argument("--agreement", metavar="CKPT", help="only compare default and exact paths of CKPT")
+    p.add_argument("--crop-agreement", metavar="CKPT", help="only compare windows over the body with the whole grid")
     p.add_argument("--skip-reference", action="store_true", help="run only the medvit side")
     p.add_argument("--network", choices=sorted(NETWORKS), default="unetr", help="the MONAI reference network")
     p.add_argument("--work", default=None, help="folder for weights and masks (default: a temp dir)")
@@ -200,6 +224,9 @@ def main() -> None:
     if args.agreement:
         agreement(scan, args.agreement, work)
         return
+    if args.crop_agreement:
+        crop_agreement(scan, args.crop_agreement, work)
+        return
     torch.manual_seed(0)
     weights = work / f"monai_{args.network}.pt"
     torch.save(monai_network(args.network).state_dict(), weights)
@@ -207,7 +234,6 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "medvit.cli", "convert", str(weights), "-o", str(ckpt), "--from", "monai",
                     "--model", NETWORKS[args.network], "--num-classes", str(NUM_CLASSES), "--spacing", *map(str, SPACING)],
                    check=True, capture_output=True)
-    stem = Path(scan).name.replace(".nii.gz", "").replace(".nii", "")
     res = {}
     sides = (("monai", weights, args.network), ("medvit", ckpt, "auto"))
     if args.skip_reference:
@@ -221,11 +247,13 @@ def main() -> None:
     if args.fidelity:  # untimed runs that also dump the inverted probabilities
         for side, model_file, extra in sides:
             run_child(side, scan, str(model_file), str(work / f"{side}_fidelity"), str(work / f"{side}_probs.npy"), extra)
-    a = np.asarray(nib.load(work / "monai" / f"{stem}_seg.nii.gz").dataobj)
-    b = np.asarray(nib.load(work / "medvit" / f"{stem}_seg.nii.gz").dataobj)
-    print(f"shape {a.shape}")
+    (monai_mask,), (medvit_mask,) = (list((work / side).glob("*_seg.nii.gz")) for side in ("monai", "medvit"))
+    a, b = np.asarray(nib.load(monai_mask).dataobj), np.asarray(nib.load(medvit_mask).dataobj)
+    print(f"shape {a.shape}" + ("" if a.shape == b.shape else f" (MONAI) against {b.shape} (medvit)"))
     print(f"speed ratio (MONAI / medvit): {res['monai']['wall_s'] / res['medvit']['wall_s']:.2f}x")
     print(f"peak RSS ratio (MONAI / medvit): {res['monai']['peak_rss_mb'] / res['medvit']['peak_rss_mb']:.2f}x")
+    if a.shape != b.shape:
+        return
     print(f"identical mask voxels: {(a == b).mean() * 100:.4f} %")
     d = dice_per_label(a, b)
     print("Dice per label (medvit vs MONAI): " + ", ".join(f"{k}: {v:.4f}" for k, v in d.items()))
