@@ -48,6 +48,9 @@ class AttentionRecord:
         axes: Input axes the grids span, in order (None: all of them).
         tiled_grid: For windowed attention, the (unpadded) grid the windows tile; None when
             the query grid is the whole grid.
+        tiles: Copies of the query grid side by side along each input axis (all axes, not
+            only `axes`): sequences cut from patches of the input, as MedT's local branch;
+            gives `tiled_grid` when that is not known.
         key_offset: Where the first key token's cell starts relative to the first query
             token's, in query tokens along `axes` (a halo: `-halo`); None: both start at 0.
         key_step: Key token size in query tokens; None: the keys tile the queries' extent
@@ -65,6 +68,7 @@ class AttentionRecord:
     key_prefix: int | None = None
     axes: tuple[int, ...] | None = None
     tiled_grid: tuple[int, ...] | None = None
+    tiles: tuple[int, ...] | None = None
     key_offset: tuple[float, ...] | None = None
     key_step: tuple[float, ...] | None = None
     query_stride: tuple[float, ...] | None = None
@@ -129,7 +133,7 @@ def record_attention(module: nn.Module, probs: torch.Tensor, **layout: Any) -> N
     if cap is None:
         return
     fields = {**(_HINT.get() or {}), **{k: v for k, v in layout.items() if v is not None}}
-    for key in ("query_grid", "key_grid", "axes", "tiled_grid", "key_offset", "key_step"):
+    for key in ("query_grid", "key_grid", "axes", "tiled_grid", "tiles", "key_offset", "key_step"):
         if fields.get(key) is not None:
             fields[key] = tuple(float(g) if key.startswith("key_") and key != "key_grid" else int(g)
                                 for g in fields[key])
@@ -277,15 +281,19 @@ def _locate(rec: AttentionRecord, spatial_shape: tuple[int, ...], batch: int | N
     k_pre = n_k - _count(k_grid) if k_pre is None else k_pre
     if q_pre + _count(q_grid) != n_q or k_pre + _count(k_grid) != n_k:
         raise ValueError(f"{rec.name}: the recorded grids do not match {n_q} queries and {n_k} keys")
-    if rec.tiled_grid is None:  # the queries span the input: keys too
+    tiled = rec.tiled_grid
+    if tiled is None and rec.tiles is not None and q_grid:
+        tiled = tuple(g * rec.tiles[a] for g, a in zip(q_grid, axes))
+    if tiled is None:  # the queries span the input: keys too
         q_stride = tuple(s / g for s, g in zip(shape, q_grid)) if q_grid else ()
         k_stride = tuple(s / g for s, g in zip(shape, k_grid))
     else:
-        q_stride = tuple(s / g for s, g in zip(shape, rec.tiled_grid))
+        q_stride = tuple(s / g for s, g in zip(shape, tiled))
         steps = rec.key_step or tuple(qg / kg for qg, kg in zip(q_grid, k_grid))
         k_stride = tuple(st * f for st, f in zip(q_stride, steps))
     return replace(
         rec,
+        tiled_grid=tiled,
         query_grid=q_grid,
         key_grid=k_grid,
         query_prefix=q_pre,

@@ -144,3 +144,20 @@ def test_divided_space_time_attention_is_split_by_axes() -> None:
     assert axes == {(0,), (1, 2)}  # time at one location; space within a frame
     time = next(r for r in records if r.axes == (0,))
     assert time.query_grid == (x.shape[2],) and time.query_prefix == 0
+
+
+def test_medt_local_patches_keep_the_global_pixel_scale() -> None:
+    model = medvit.create_model("medt", **tiny_overrides("medt")).eval()
+    with torch.no_grad(), capture_attention(model) as records:
+        model(_input_for(model))
+    by_name = {r.name: r for r in records}
+    glob, local = by_name["global_branch.stages.0.0.attn_h"], by_name["local_branch.stages.0.0.attn_h"]
+    # the local branch attends along a column of one patch: its tokens are as large as the
+    # global branch's at the same depth, and the patches tile the image
+    assert local.query_stride == glob.query_stride and local.axes == (0,)
+    assert local.tiled_grid[0] * local.query_stride[0] == model.img_size[0]
+    # near-even attention over half the length: about half the distance (n/3 tokens apart on average)
+    n_local, n_global = local.query_grid[0], glob.query_grid[0]
+    for rec, n in ((local, n_local), (glob, n_global)):
+        even = (n * n - 1) / (3 * n) * rec.query_stride[0]
+        assert mean_attention_distance(rec).tolist() == pytest.approx([even] * rec.probs.shape[1], rel=0.1)
