@@ -23,6 +23,7 @@ COMMANDS = {
     "predict": "predict:predict",
     "models": "info:models",
     "info": "info:info",
+    "attention": "attention:attention",
 }
 
 _HELP = {
@@ -35,6 +36,7 @@ _HELP = {
     "export": "Export a checkpoint to ONNX or TorchScript, checked against torch.",
     "models": "List registered models and their kinds (--params: parameter counts).",
     "info": "Shape, spacing, orientation and intensity range of a scan.",
+    "attention": "Attention maps, rollout and mean attention distance of a checkpoint's model on one input.",
 }
 
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvit.layers.attention_capture import capturing, record_attention
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with a fused kernel and an explicit path for the weights.
@@ -62,9 +64,10 @@ class Attention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv_heads(x)
         attn = None
-        if return_attn:
+        if return_attn or capturing():
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = attn.softmax(dim=-1)
+            record_attention(self, attn)
             x = self.attn_drop(attn) @ v
         else:
             x = F.scaled_dot_product_attention(

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from medvit.layers.attention_capture import record_attention
 from medvit.layers.linear_norm import LinearNorm
 
 
@@ -87,8 +88,9 @@ class AttentionBias(_BiasTable):
             .view(b, n, self.num_heads, -1)
             .split([self.key_dim, self.key_dim, self.val_dim], dim=3)
         )
-        attn = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * self.scale + self.bias()
-        x = attn.softmax(dim=-1) @ v.transpose(1, 2)
+        attn = ((q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * self.scale + self.bias()).softmax(dim=-1)
+        record_attention(self, attn, query_prefix=0, key_prefix=0)
+        x = attn @ v.transpose(1, 2)
         return self.proj(x.transpose(1, 2).reshape(b, n, self.val_attn_dim))
 
 
@@ -151,6 +153,7 @@ class AttentionSubsample(_BiasTable):
         b, n, _ = x.shape
         k, v = self.kv(x).view(b, n, self.num_heads, -1).split([self.key_dim, self.val_dim], dim=3)
         q = self.q(x).view(b, -1, self.num_heads, self.key_dim).transpose(1, 2)
-        attn = (q @ k.permute(0, 2, 3, 1)) * self.scale + self.bias()
-        x = attn.softmax(dim=-1) @ v.transpose(1, 2)
+        attn = ((q @ k.permute(0, 2, 3, 1)) * self.scale + self.bias()).softmax(dim=-1)
+        record_attention(self, attn, query_prefix=0, key_prefix=0)
+        x = attn @ v.transpose(1, 2)
         return self.proj(x.transpose(1, 2).reshape(b, -1, self.val_attn_dim))

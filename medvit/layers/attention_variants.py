@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medvit.layers.attention import Attention
+from medvit.layers.attention_capture import capturing, record_attention
 
 
 class TalkingHeadAttn(Attention):
@@ -60,6 +61,7 @@ class TalkingHeadAttn(Attention):
         # heads are the last axis for the mixing linears: (B, heads, N, N) -> (B, N, N, heads)
         attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         attn = attn.softmax(dim=-1)
+        record_attention(self, attn)  # the heads' distributions, before they are mixed
         attn = self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         x = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, c)
         x = self.proj_drop(self.proj(x))
@@ -115,8 +117,9 @@ class XCA(nn.Module):
         q = F.normalize(q, dim=-1) * self.temperature
         k = F.normalize(k, dim=-1)
         attn = None
-        if return_attn:
+        if return_attn or capturing():
             attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+            record_attention(self, attn, kind="channel")
             y = self.attn_drop(attn) @ v
         else:
             y = F.scaled_dot_product_attention(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from medvit.layers.attention_capture import capturing, record_attention
 from medvit.layers.conv_blocks import PointwiseConv
 
 AXES = ("height", "width")
@@ -136,6 +137,9 @@ class GatedAxialAttention(nn.Module):
             out = self.norm_out(torch.stack([out_v, out_rel], dim=3).reshape(b * a, 2 * c, n))
             gates_v = torch.stack([self.gate_v1, self.gate_v2])
             out = (out.view(b * a, c, 2, n) * gates_v.view(1, 1, 2, 1)).sum(dim=2)
+        if capturing():  # one sequence per row / column: rows are grouped in the batch
+            axis = 0 if self.axis == "height" else 1
+            record_attention(self, attn, query_grid=(n,), query_prefix=0, key_prefix=0, axes=(axis,))
         out = out.view(b, a, c, n)
         return out.permute(0, 2, 3, 1) if self.axis == "height" else out.permute(0, 2, 1, 3)
 

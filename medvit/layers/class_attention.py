@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from medvit.layers.attention_capture import attend
 from medvit.layers.block import Block
 
 
@@ -65,8 +65,9 @@ class ClassAttn(nn.Module):
         k = self.k(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0
+        y = attend(
+            self, q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
+            query_grid=(), query_prefix=1, key_prefix=1,
         )
         y = y.transpose(1, 2).reshape(b, 1, c)
         return self.proj_drop(self.proj(y))

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from medvit.layers.attention_capture import record_attention
 from medvit.layers.helpers import batch_norm_nd, conv_nd
 
 
@@ -119,6 +120,8 @@ class ConvProjAttention(nn.Module):
         q = self._heads(self.proj_q(self._conv(self.conv_proj_q, grid_map, prefix)))
         k = self._heads(self.proj_k(self._conv(self.conv_proj_k, grid_map, prefix)))
         v = self._heads(self.proj_v(self._conv(self.conv_proj_v, grid_map, prefix)))
-        attn = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        record_attention(self, attn, query_prefix=self.num_prefix_tokens, key_prefix=self.num_prefix_tokens)
+        attn = self.attn_drop(attn)
         x = (attn @ v).transpose(1, 2).reshape(b, -1, self.dim_out)
         return self.proj_drop(self.proj(x))

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from medvit.layers.attention import Attention
+from medvit.layers.attention_capture import attend, attention_layout
 from medvit.layers.drop import DropPath
 from medvit.layers.mlp import Mlp
 
@@ -28,8 +28,10 @@ def attend_along(attn: nn.Module, x: torch.Tensor, axis: str) -> torch.Tensor:
     """
     b, t, n, d = x.shape
     if axis == "space":
-        return attn(x.reshape(b * t, n, d)).reshape(b, t, n, d)
-    y = attn(x.transpose(1, 2).reshape(b * n, t, d))
+        with attention_layout(axes=(1, 2), query_prefix=0, key_prefix=0):
+            return attn(x.reshape(b * t, n, d)).reshape(b, t, n, d)
+    with attention_layout(axes=(0,), query_grid=(t,), query_prefix=0, key_prefix=0):
+        y = attn(x.transpose(1, 2).reshape(b * n, t, d))
     return y.reshape(b, n, t, d).transpose(1, 2)
 
 
@@ -78,11 +80,11 @@ class FactorisedDotProductAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, t, n, 3, 2, h, self.head_dim)
         # spatial heads: sequences over n for each (b, t)
         qs, ks, vs = qkv[..., 0, :, :].permute(3, 0, 1, 4, 2, 5).unbind(0)
-        xs = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=p)  # (b, t, h, n, hd)
+        xs = attend(self, qs, ks, vs, dropout_p=p, axes=(1, 2), query_prefix=0, key_prefix=0)  # (b, t, h, n, hd)
         xs = xs.permute(0, 1, 3, 2, 4)
         # temporal heads: sequences over t for each (b, n)
         qt, kt, vt = qkv[..., 1, :, :].permute(3, 0, 2, 4, 1, 5).unbind(0)
-        xt = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=p)  # (b, n, h, t, hd)
+        xt = attend(self, qt, kt, vt, dropout_p=p, query_grid=(t,), axes=(0,), query_prefix=0)  # (b, n, h, t, hd)
         xt = xt.permute(0, 3, 1, 2, 4)
         out = torch.cat([xs, xt], dim=3).reshape(b, t, n, d)
         return self.proj_drop(self.proj(out))

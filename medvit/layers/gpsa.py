@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from medvit.layers.attention_capture import record_attention
+
 
 def relative_positions_2d(
     grid_size: Sequence[int], device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -130,6 +132,7 @@ class GPSA(nn.Module):
         attn = (1.0 - gate) * content + gate * self.positional_attention(x.device, x.dtype)
         # both parts are distributions; renormalising only matters in low precision
         attn = attn / attn.sum(dim=-1, keepdim=True)
+        record_attention(self, attn, query_grid=self.grid_size, query_prefix=0)
         x = self.attn_drop(attn) @ v
         x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
         return (x, attn) if return_attn else x

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvit.layers.attention_capture import capturing, record_attention
 from medvit.layers.rel_pos_attention import rel_logits_1d
 
 
@@ -108,5 +109,14 @@ class HaloAttention(nn.Module):
         kv = kv.reshape(b * self.num_heads, self.dim_head_qk + self.dim_head_v, nb, -1).permute(0, 2, 3, 1)
         k, v = kv.split([self.dim_head_qk, self.dim_head_v], dim=-1)
         attn = ((q @ k.transpose(-1, -2)) * self.scale + self.pos_embed(q)).softmax(dim=-1)
+        if capturing():  # (B * heads, blocks, ...) -> (B * blocks, heads, ...)
+            ratio = bs / bsd  # queries are subsampled when the layer strides
+            record_attention(
+                self,
+                attn.view(b, self.num_heads, nb, *attn.shape[-2:]).transpose(1, 2).flatten(0, 1),
+                query_grid=(bsd, bsd), key_grid=(self.win_size, self.win_size), query_prefix=0, key_prefix=0,
+                tiled_grid=(nh * bsd, nw * bsd), key_step=(1 / ratio, 1 / ratio),
+                key_offset=(-self.halo_size / ratio, -self.halo_size / ratio),
+            )
         out = (attn @ v).reshape(b, self.num_heads, nh, nw, bsd, bsd, self.dim_head_v)
         return out.permute(0, 1, 6, 2, 4, 3, 5).reshape(b, self.dim_out_v, nh * bsd, nw * bsd)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medvit.layers.attention import Attention
+from medvit.layers.attention_capture import capturing, record_attention
 
 
 def longformer_mask_1d(
@@ -71,9 +72,10 @@ class LongformerAttention1d(Attention):
         mask = longformer_mask_1d(n, self.window_size, self.num_global, x.device)
         q, k, v = self.qkv_heads(x)
         attn = None
-        if return_attn:
+        if return_attn or capturing():
             attn = ((q * self.scale) @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf"))
             attn = attn.softmax(dim=-1)
+            record_attention(self, attn, axes=(0,))  # over the frames of a clip
             x = self.attn_drop(attn) @ v
         else:
             x = F.scaled_dot_product_attention(

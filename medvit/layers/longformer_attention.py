@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvit.layers.attention_capture import capturing, record_attention
+
 
 class LongformerAttention2d(nn.Module):
     """Multi-head attention restricted to a 2D window, plus global (prefix) tokens.
@@ -124,8 +126,11 @@ class LongformerAttention2d(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         bias = self.attn_bias(x.device, q.dtype).unsqueeze(0)
         attn = None
-        if return_attn:
+        if return_attn or capturing():
             attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+            record_attention(
+                self, attn, query_grid=self.grid_size, query_prefix=self.num_global, key_prefix=self.num_global
+            )
             x = self.attn_drop(attn) @ v
         else:
             x = F.scaled_dot_product_attention(

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from medvit.layers.attention_capture import attend
 from medvit.layers.mlp import Mlp
 
 POOL_TYPES = ("token", "avg", "map", "")
@@ -71,7 +71,7 @@ class AttentionPoolLatent(nn.Module):
         q = self.q(self.latent.expand(b, -1, -1)).reshape(b, 1, self.num_heads, self.head_dim)
         kv = self.kv(x).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v)
+        y = attend(self, q.transpose(1, 2), k, v, query_grid=(), query_prefix=1)
         y = self.proj(y.transpose(1, 2).reshape(b, 1, c))
         y = y + self.mlp(self.norm(y))
         return y[:, 0]

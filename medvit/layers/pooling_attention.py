@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from medvit.layers.attention_capture import record_attention
+
 
 def _rel_index(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """Index into a relative table for every (query, key) pair of one axis, scaled to the
@@ -139,7 +141,12 @@ class PoolingAttention(nn.Module):
         attn = (q * self.scale) @ k.transpose(-2, -1)
         if self.rel_pos_h is not None:
             attn = add_decomposed_rel_pos(attn, q, q_size, k_size, self.rel_pos_h, self.rel_pos_w)
-        x = attn.softmax(dim=-1) @ v
+        attn = attn.softmax(dim=-1)
+        prefix = 1 if getattr(self, "has_cls_token", False) else 0
+        record_attention(
+            self, attn, query_grid=q_size, key_grid=k_size, query_prefix=prefix, key_prefix=prefix
+        )
+        x = attn @ v
         if self.residual_pooling:
             x = x + q
         x = x.transpose(1, 2).reshape(b, -1, self.dim_out)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from medvit.layers.attention import Attention
+from medvit.layers.attention_capture import record_attention
 
 
 class ReAttention(Attention):
@@ -62,6 +63,7 @@ class ReAttention(Attention):
         b, n, c = x.shape
         q, k, v = self.qkv_heads(x)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        record_attention(self, attn)  # the heads' distributions, before they are re-mixed
         attn = self.mix(self.attn_drop(attn))
         x = (attn @ v).transpose(1, 2).reshape(b, n, c)
         x = self.proj_drop(self.proj(x))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from medvit.layers.attention_capture import record_attention
 from medvit.layers.helpers import to_ntuple
 
 
@@ -117,5 +118,6 @@ class RelPosSelfAttention2d(nn.Module):
         k = k.reshape(b * self.num_heads, self.dim_head_qk, h * w)
         v = v.reshape(b * self.num_heads, self.dim_head_v, h * w).transpose(1, 2)
         attn = ((q @ k) * self.scale + self.pos_embed(q)).softmax(dim=-1)
+        record_attention(self, attn.view(b, self.num_heads, h * w, h * w), query_grid=(h, w), query_prefix=0)
         out = (attn @ v).transpose(1, 2).reshape(b, self.dim_out_v, h, w)
         return self.pool(out)

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from medvit.layers.attention_capture import attend
 from medvit.layers.helpers import adaptive_avg_pool_nd, check_spatial_dims, conv_nd
 from medvit.layers.token_map import map_to_tokens, tokens_to_map
 
@@ -132,8 +132,9 @@ class SpatialReductionAttention(nn.Module):
         q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv(self._reduce(x, grid)).reshape(b, -1, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0
+        x = attend(
+            self, q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
+            query_prefix=self.num_prefix_tokens, key_prefix=self.num_prefix_tokens,
         )
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 

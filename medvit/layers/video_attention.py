@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from medvit.layers.attention import Attention
+from medvit.layers.attention_capture import attention_layout
 from medvit.layers.drop import DropPath
 from medvit.layers.mlp import Mlp
 
@@ -55,6 +56,26 @@ def check_grouping(grid: Sequence[int], grouping: Grouping) -> None:
     """Raise ValueError when `grouping` cannot cut a `(T, H, W)` token grid."""
     for size, spec in zip(grid, grouping):
         _axis_split(size, spec)
+
+
+def grouping_layout(grid: Sequence[int], grouping: Grouping, prefix: int = 0) -> dict[str, object]:
+    """The `attention_layout` of the sequences `group_tokens` cuts (for `capture_attention`).
+
+    A windowed axis gives sequences of `w` neighbouring tokens, a strided one of tokens `s`
+    apart; axes of one token drop out.
+    """
+    axes, seq, tiled = [], [], []
+    for i, (size, spec) in enumerate(zip(grid, grouping)):
+        outer, inner, inner_seq = _axis_split(size, spec)
+        length = inner if inner_seq else outer
+        if length > 1:
+            axes.append(i)
+            seq.append(length)
+            tiled.append(size if inner_seq else size // inner)  # strided: one step is `s` tokens
+    return {
+        "axes": tuple(axes), "query_grid": tuple(seq), "tiled_grid": tuple(tiled),
+        "query_prefix": prefix, "key_prefix": prefix,
+    }
 
 
 def group_tokens(
@@ -171,11 +192,13 @@ class FactorisedSpaceTimeBlock(nn.Module):
         cls, patches = x[:, :1], x[:, 1:]
         for name, grouping in self.steps:
             seq, ungroup = group_tokens(patches, grid, grouping)
-            y = getattr(self, f"{name}_attn")(getattr(self, f"{name}_norm1")(seq))
+            with attention_layout(**grouping_layout(grid, grouping)):
+                y = getattr(self, f"{name}_attn")(getattr(self, f"{name}_norm1")(seq))
             patches = patches + getattr(self, f"{name}_fc")(self.drop_path(ungroup(y)))
         seq, ungroup = group_tokens(patches, grid, self.final)
         g = seq.shape[0] // b
-        y = self.attn(self.norm1(torch.cat([cls.repeat_interleave(g, dim=0), seq], dim=1)))
+        with attention_layout(**grouping_layout(grid, self.final, prefix=1)):
+            y = self.attn(self.norm1(torch.cat([cls.repeat_interleave(g, dim=0), seq], dim=1)))
         cls_out = y[:, :1].reshape(b, g, 1, -1).mean(dim=1)
         res = torch.cat([cls_out, ungroup(y[:, 1:])], dim=1)
         x = torch.cat([cls, patches], dim=1) + self.drop_path(res)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvit.layers.attention_capture import attend, capturing
+
 # timm and the reference Swin use -100 rather than -inf so fully masked rows stay finite
 MASK_VALUE = -100.0
 
@@ -182,20 +184,34 @@ class WindowAttention(nn.Module):
         return cached[1]
 
     def _window_attention(
-        self, x: torch.Tensor, masks: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        masks: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+        grid: Sequence[int],
     ) -> torch.Tensor:
         """Attention within windows `(B * num_windows, N, C)`.
 
         Args:
             x: Window tokens.
             masks: For shifted windows, `_shift_masks` of the padded grid.
+            grid: The unpadded token grid the windows tile (for `capture_attention`).
         """
         bw, n, c = x.shape
         q, k, v = self.qkv(x).reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         exporting = torch.compiler.is_exporting()  # traced tensors have no data to key a cache on
         bias = self._cached_bias() if not (torch.is_grad_enabled() or exporting) else self._relative_bias()
         drop = self.attn_drop if self.training else 0.0
-        if masks is None:
+        if capturing():
+            if masks is not None:  # the masks of the mixed windows, zeros elsewhere
+                nw, _, mixed, mask = masks
+                full = mask.new_zeros(nw, 1, n, n)
+                full[mixed] = mask[:, None]
+                bias = (bias + full).repeat(bw // nw, 1, 1, 1)
+            y = attend(
+                self, q, k, v, attn_mask=bias, dropout_p=drop, query_grid=self.window_size, query_prefix=0,
+                key_prefix=0, tiled_grid=grid,
+            )
+        elif masks is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         else:
             nw, plain, mixed, mask = masks
@@ -233,7 +249,7 @@ class WindowAttention(nn.Module):
         if any(self.shift_size):
             x = torch.roll(x, [-s for s in self.shift_size], dims)
             masks = _shift_masks(tuple(padded), self.window_size, self.shift_size, x.device, x.dtype)
-        y = self._window_attention(window_partition(x, self.window_size), masks)
+        y = self._window_attention(window_partition(x, self.window_size), masks, grid)
         x = window_reverse(y, self.window_size, padded)
         if any(self.shift_size):
             x = torch.roll(x, list(self.shift_size), dims)

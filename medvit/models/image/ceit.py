@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from medvit.layers import Block, grid_for
+from medvit.layers.attention_capture import attention_layout
 from medvit.layers.conv_ffn import ConvFeedForward
 from medvit.layers.helpers import to_ntuple
 from medvit.layers.hybrid_embed import HybridEmbed
@@ -169,7 +170,8 @@ class CeiT(VisionTransformer):
         if self.lca is not None:
             # the last class token is the only query that matters: its output does not
             # depend on the other rows, so running the plain block and keeping it is LCA
-            c = self.lca(torch.stack(cls_tokens, dim=1) + self.pos_layer_embed)[:, -1:]
+            with attention_layout(kind="sequence"):  # one class token per layer: no place in the image
+                c = self.lca(torch.stack(cls_tokens, dim=1) + self.pos_layer_embed)[:, -1:]
             x = torch.cat([c, x[:, 1:]], dim=1)
         return self.norm(x)
 

@@ -188,16 +188,6 @@ class ConViT(VisionTransformer):
         return self.norm(x), feats
 
     @torch.no_grad()
-    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Attention weights of every block, `(B, heads, T, T)`; GPSA's are the gated mix."""
-        x, _ = self.embed(x)
-        maps = []
-        for i in range(len(self.blocks)):
-            x, attn = self._run_block(x, i, return_attn=True)
-            maps.append(attn)
-        return maps
-
-    @torch.no_grad()
     def gating(self) -> torch.Tensor:
         """sigmoid(gate) of every GPSA block, `(local_up_to_layer, heads)`: 1 = positional."""
         gates = [blk.attn.gating_param for blk in self.blocks[: self.local_up_to_layer]]

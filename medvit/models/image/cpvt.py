@@ -125,18 +125,6 @@ class CPVT(VisionTransformer):
         feats = [format_intermediate(y, grid, output_fmt, final_norm, self.num_prefix_tokens) for y in taken]
         return feats if intermediates_only else (self.norm(x), feats)
 
-    @torch.no_grad()
-    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Softmax attention weights of every block, each `(B, heads, T, T)`."""
-        x, grid = self.embed(x)
-        maps = []
-        for i, blk in enumerate(self.blocks):
-            x, attn = blk(x, return_attn=True)
-            maps.append(attn)
-            if i == self.peg_index:
-                x = self.pos_block(x, grid, self.num_prefix_tokens)
-        return maps
-
 
 # -- registered variants ---------------------------------------------------------------
 # DeiT's Ti/S/B widths (Table 1 of DeiT), as the paper's CPVT-Ti/S/B with global average pooling.

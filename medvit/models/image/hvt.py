@@ -131,19 +131,6 @@ class HierarchicalVisionTransformer(VisionTransformer):
             return feats
         return self.norm(x), feats
 
-    @torch.no_grad()
-    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Softmax attention weights of every block, `(B, heads, L_i, L_i)` in stage i."""
-        x, _ = self.embed(x)
-        maps = []
-        for i, blk in enumerate(self.blocks):
-            if i % self.stage_depth == 0:
-                j = i // self.stage_depth
-                x = self.pool(x) + self.stage_pos_embed[j]
-            x, attn = blk(x, return_attn=True)
-            maps.append(attn)
-        return maps
-
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool is not None and global_pool not in ("avg", ""):
             raise ValueError(f"HVT supports global_pool 'avg' or '', got {global_pool!r}")

@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from medvit.layers import Mlp, PatchEmbed, grid_for, sincos_pos_embed
+from medvit.layers.attention_capture import attend
 from medvit.layers.helpers import to_ntuple
 from medvit.models.image.vit import VisionTransformer
 from medvit.registry import register_model
@@ -74,9 +74,7 @@ class T2TAttention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.in_dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
-        )
+        y = attend(self, q, k, v, dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
         y = self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, n, self.in_dim)))
         # the input width differs from the output's, so the residual goes through v
         return v.transpose(1, 2).reshape(b, n, self.in_dim) + y

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from medvit.layers import Block, check_pool_type, drop_path_schedule, grid_for
+from medvit.layers.attention_capture import attention_layout
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import TokenPoolHead, collect_intermediates, feature_take_last, format_intermediate
 from medvit.registry import register_model
@@ -80,6 +81,14 @@ class PixelEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
+def _pixel_layout(num_pixel: int, num_patches: int) -> dict[str, object]:
+    """`attention_layout` of the inner attention: pixels of one patch, patches on a square grid."""
+    side, g = math.isqrt(num_pixel), math.isqrt(num_patches)
+    if side * side != num_pixel or g * g != num_patches:
+        return {}
+    return {"query_grid": (side, side), "tiled_grid": (g * side, g * side), "query_prefix": 0, "key_prefix": 0}
+
+
 class TNTBlock(nn.Module):
     """Inner block on pixel tokens, pixel-to-patch projection, outer block on patch tokens.
 
@@ -127,8 +136,9 @@ class TNTBlock(nn.Module):
     def forward(
         self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        pixel_embed = self.inner(pixel_embed)
         b, n, _ = patch_embed.shape
+        with attention_layout(**_pixel_layout(pixel_embed.shape[1], n - 1)):
+            pixel_embed = self.inner(pixel_embed)
         update = self.norm2_proj(self.proj(self.norm1_proj(pixel_embed.reshape(b, n - 1, -1))))
         # the class token has no pixels
         patch_embed = torch.cat([patch_embed[:, :1], patch_embed[:, 1:] + update], dim=1)

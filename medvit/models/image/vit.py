@@ -27,6 +27,7 @@ from medvit.layers import (
     resample_pos_embed,
     sincos_pos_embed,
 )
+from medvit.layers.attention_capture import attention_maps
 from medvit.models._features import (
     check_output_fmt,
     collect_intermediates,
@@ -290,15 +291,9 @@ class VisionTransformer(nn.Module):
             return feats
         return self.norm(x), feats
 
-    @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Softmax attention weights of every block, each `(B, heads, T, T)`."""
-        x, _ = self.embed(x)
-        maps = []
-        for blk in self.blocks:
-            x, attn = blk(x, return_attn=True)
-            maps.append(attn)
-        return maps
+        """Softmax weights of every self-attention layer, each `(B, heads, T, T)` (`capture_attention`)."""
+        return attention_maps(self, x)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier (and optionally the pooling); 0 removes it."""

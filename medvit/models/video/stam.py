@@ -18,9 +18,10 @@ import torch
 import torch.nn as nn
 
 from medvit.layers import Block, drop_path_schedule
+from medvit.layers.attention_capture import attention_layout
 from medvit.models._features import check_output_fmt
-from medvit.registry import register_model
 from medvit.models.image.vit import VisionTransformer
+from medvit.registry import register_model
 
 
 class STAM(nn.Module):
@@ -110,14 +111,16 @@ class STAM(nn.Module):
         self._check(x)
         b, c, t, h, w = x.shape
         frames = x.transpose(1, 2).reshape(b * t, c, h, w)
-        cls = self.spatial.forward_head(self.spatial.forward_features(frames), pre_logits=True)
+        with attention_layout(axes=(1, 2)):  # one frame per sequence
+            cls = self.spatial.forward_head(self.spatial.forward_features(frames), pre_logits=True)
         return cls.reshape(b, t, -1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Temporal tokens (class token first) after the temporal transformer, `(B, 1 + T, D)`."""
         x = self.frame_tokens(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
-        return self.norm(self.temporal_blocks(x))
+        with attention_layout(axes=(0,)):
+            return self.norm(self.temporal_blocks(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x[:, 0])

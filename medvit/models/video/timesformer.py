@@ -25,8 +25,8 @@ import torch.nn as nn
 from medvit.layers import Block
 from medvit.layers.video_attention import GROUPINGS, FactorisedSpaceTimeBlock, check_grouping
 from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
-from medvit.registry import register_model
 from medvit.models.image.vit import VisionTransformer
+from medvit.registry import register_model
 
 # (steps before the last, last grouping) of each factorised scheme.
 _FACTORISED = {
@@ -227,9 +227,6 @@ class TimeSformer(VisionTransformer):
         if intermediates_only:
             return feats
         return self._clip_tokens(self.norm(x)), feats
-
-    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError("attention maps are not implemented for TimeSformer")
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the classifier (and optionally the pooling, `token` or `avg`); 0 removes it."""

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from medvit.layers import Attention, Block, PatchEmbed, check_pool_type, drop_path_schedule
+from medvit.layers.attention_capture import attention_layout
 from medvit.layers.factorised_attention import FactorisedDotProductAttention, FactorisedSelfAttentionBlock
 from medvit.layers.helpers import to_ntuple
 from medvit.models._features import TokenPoolHead, collect_intermediates, feature_take_last, format_intermediate
@@ -188,9 +189,12 @@ class ViViT(TokenPoolHead, nn.Module):
         """Final tokens: `(B, 1 + T'N, D)` (st), `(B, 1 + T', D)` (fe: the temporal
         encoder's), `(B, T'N, D)` (fsa, fdp)."""
         b = x.shape[0]
-        x = self.norm(self.blocks(self.embed(x)))
+        # fe: the spatial encoder sees one time index per sequence
+        with attention_layout(**(dict(axes=(1, 2)) if self.attention_type == "fe" else {})):
+            x = self.norm(self.blocks(self.embed(x)))
         if self.attention_type == "fe":
-            return self._temporal(x, b)
+            with attention_layout(axes=(0,)):
+                return self._temporal(x, b)
         return x.flatten(1, 2) if x.ndim == 4 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

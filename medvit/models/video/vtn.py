@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from medvit.layers import Block, Mlp, drop_path_schedule
+from medvit.layers.attention_capture import attention_layout
 from medvit.layers.longformer_1d import LongformerAttention1d
 from medvit.models._features import collect_intermediates, feature_take_last, format_intermediate
 from medvit.registry import register_model
@@ -115,7 +116,8 @@ class VTN(nn.Module):
         if x.ndim != 5 or x.shape[2] != self.num_frames:
             raise ValueError(f"expected input (B, C, {self.num_frames}, H, W), got {tuple(x.shape)}")
         b, c, t, h, w = x.shape
-        f = self.backbone(x.transpose(1, 2).reshape(b * t, c, h, w))
+        with attention_layout(axes=(1, 2)):  # one frame per sequence
+            f = self.backbone(x.transpose(1, 2).reshape(b * t, c, h, w))
         return f.reshape(b, t, -1)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:

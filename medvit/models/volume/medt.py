@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvit.layers.attention_capture import attention_layout
 from medvit.layers.axial_attention import GatedAxialBlock
 from medvit.layers.conv_blocks import PointwiseConv
 from medvit.layers.helpers import to_ntuple
@@ -219,7 +220,8 @@ class MedT(nn.Module):
         b, c, h, w = x.shape
         (ph, pw), (gh, gw) = self.patch_size, (h // self.patch_size[0], w // self.patch_size[1])
         patches = x.view(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b * gh * gw, c, ph, pw)
-        y = self.local_branch(patches)
+        with attention_layout(tiles=(gh, gw)):  # every patch is its own sequence of rows / columns
+            y = self.local_branch(patches)
         y = y.view(b, gh, gw, -1, ph, pw).permute(0, 3, 1, 4, 2, 5)
         return y.reshape(b, -1, h, w)
 
