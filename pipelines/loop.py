@@ -68,9 +68,11 @@ class EpochLoop:
     """The step loop of a training run.
 
     A subclass has `cfg` (with `progress`, `resume`), `out`, `is_main`, `world`, `step`,
-    `epoch`, `total_steps`, `train_loader`, `scheduler` and `split`, and implements
+    `epoch`, `total_steps`, `train_loader`, `scheduler` and `split` (None: no splits.json),
+    and implements
     `_run_info()` (what `config.json` holds), `_seed_epoch()`, `_train_step(batch) -> loss`
-    and `_end_of_epoch(writer)` (validation and checkpoints, on the main process).
+    and `_end_of_epoch(writer)` (validation and checkpoints, on the main process);
+    `_step_scalars()` adds TensorBoard scalars to each step's loss and LR.
     """
 
     def _run_info(self) -> dict[str, Any]:
@@ -85,6 +87,10 @@ class EpochLoop:
     def _end_of_epoch(self, writer: SummaryWriter | None) -> None:
         raise NotImplementedError
 
+    def _step_scalars(self) -> dict[str, float]:
+        """Further TensorBoard scalars of the step just taken (name -> value); none by default."""
+        return {}
+
     def run_loop(self) -> None:
         """Train to `total_steps`, validating every `cfg.val_every` epochs and at the end."""
         writer = None
@@ -95,7 +101,8 @@ class EpochLoop:
                 remove_temporaries(out / name)
             text = json.dumps(self._run_info(), default=str, indent=2)
             write_atomic(out / "config.json", lambda tmp: tmp.write_text(text))
-            write_json(out / SPLITS_FILE, self.split.splits)
+            if getattr(self, "split", None) is not None:  # runs without validation have no split
+                write_json(out / SPLITS_FILE, self.split.splits)
             # Events after the resumed step were logged by the lost part of the run; drop them.
             writer = SummaryWriter(str(out / "tb"), purge_step=self.step + 1 if self.cfg.resume else None)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train",
@@ -111,6 +118,8 @@ class EpochLoop:
                     if writer is not None:
                         writer.add_scalar("train/loss", loss, self.step)
                         writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+                        for key, value in self._step_scalars().items():
+                            writer.add_scalar(key, value, self.step)
                     if self.step >= self.total_steps:
                         break
                 self.epoch += 1
