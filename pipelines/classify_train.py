@@ -40,6 +40,7 @@ from medvit.pipelines.classify_recipe import (
     train_transform,
     RepeatedAugmentationSampler,
 )
+from medvit.pipelines.encoder_init import load_encoder
 from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.loop import STATE_FILE, EpochLoop, check_steps, epoch_seed, finish_process, seed_all, start_process
 from medvit.pipelines.runtime import autocast
@@ -73,6 +74,7 @@ class ClassifyConfig:
     ema: bool | None = None
     teacher: str | Path | None = None
     distill_weight: float = 0.5
+    init_encoder: str | Path | None = None
     val_fraction: float | None = None
     folds: int | None = None
     fold: int | str | None = None
@@ -125,6 +127,9 @@ class ClassifyTrainer(EpochLoop):
 
         self.model_args = self._model_args()
         self.model = self._build_model().to(self.device)
+        # a pretrained backbone (`medvit pretrain`), the head left random; before the EMA copy
+        self.init_encoder = (load_encoder(self.model, config.init_encoder, keep_head=True)
+                             if config.init_encoder else None)  # fmt: skip
         self.distilled = hasattr(self.model, "set_distilled_training") and config.teacher is not None
         if self.distilled:
             self.model.set_distilled_training(True)
@@ -252,6 +257,8 @@ class ClassifyTrainer(EpochLoop):
                            "metrics": self.last_metrics, "split": self.split.record(), "recipe": asdict(self.recipe)}  # fmt: skip
         if self.teacher is not None:
             self.card.extra["distillation"] = {"teacher": str(self.cfg.teacher), "weight": self.cfg.distill_weight}
+        if self.init_encoder:
+            self.card.extra["init_encoder"] = dict(self.init_encoder)
         save_checkpoint(self._weights(), self.card, self.out / f"{name}.safetensors")
         if name == "last":
             state = {

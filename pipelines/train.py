@@ -45,6 +45,7 @@ from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.augment import train_transforms
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
 from medvit.pipelines.distill import DEFAULT_DISTILL_WEIGHT, HardDistillationLoss, check_weight, load_teacher
+from medvit.pipelines.encoder_init import load_encoder
 from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.fingerprint import compute_fingerprint
 from medvit.pipelines.loop import STATE_FILE, EpochLoop, check_steps, epoch_seed, finish_process, seed_all, start_process
@@ -99,6 +100,7 @@ class TrainConfig:
     deep_supervision: bool = False
     teacher: str | Path | None = None
     distill_weight: float = DEFAULT_DISTILL_WEIGHT
+    init_encoder: str | Path | None = None
 
 
 @dataclass
@@ -150,6 +152,8 @@ class Trainer(EpochLoop):
         self.prep, self.card_prep = self._preprocessing()
         self.slices: SliceSpec | None = None
         self.model = self._build_model().to(self.device)
+        # a pretrained encoder (`medvit pretrain`); a resumed run's state overwrites it
+        self.init_encoder = load_encoder(self.model, config.init_encoder) if config.init_encoder else None
         self.card = ModelCard(
             model_name=config.model,
             model_args=self.model_args,
@@ -275,6 +279,8 @@ class Trainer(EpochLoop):
         }
         if self.distillation:
             self.card.extra["distillation"] = dict(self.distillation)
+        if self.init_encoder:
+            self.card.extra["init_encoder"] = dict(self.init_encoder)
         save_checkpoint(self.model, self.card, self.out / f"{name}.safetensors")
         if name == "last":
             # The weights travel with the optimiser: a kill between writing two files

@@ -139,12 +139,18 @@ class SiT(nn.Module):
     def encoder(self) -> nn.Module:
         return self.features.encoder
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The weighted loss of two views (components in `last_losses`)."""
-        x = torch.cat([x1, x2])
+    def prepare(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(rotation labels k, rotated x, corrupted rotated x, corruption mask)` of a batch."""
         k = torch.randint(0, NUM_ROTATIONS, (x.shape[0],), generator=generator).to(x.device)
         target = rotate_batch(x, k)
         corrupted, mask = corrupt_patches(target, self.stride, self.corrupt_ratio, generator)
+        return k, target, corrupted, mask
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The weighted loss of two views (components in `last_losses`)."""
+        k, target, corrupted, mask = self.prepare(torch.cat([x1, x2]), generator)
         pooled, fmap = self.features(corrupted)
         rot = F.cross_entropy(self.rotation_head(pooled), k)
         rec = reconstruction_loss(self.decoder(fmap), target, mask)
