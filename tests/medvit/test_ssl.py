@@ -196,7 +196,7 @@ def test_reconstruction_decoder_puts_channels_at_their_patch_offsets() -> None:
 def test_sit_loss_weights_and_gradients() -> None:
     model = SiT(vit(), in_chans=1, stride=(8, 8, 8), weights=(1.0, 0.0, 0.0), dim=8, mlp_dim=16)
     loss = model(*views(), generator=torch.Generator().manual_seed(0))
-    assert float(loss) == pytest.approx(model.last_losses["rotation"], rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(model.last_losses["rotation"], rel=1e-6)
     loss.backward()
     assert model.rotation_head.weight.grad.abs().sum() > 0
     assert not model.decoder.net[0].weight.grad.any()  # a zero weight: no gradient from reconstruction
