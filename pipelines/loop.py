@@ -20,13 +20,31 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from medvit.pipelines.atomic import remove_temporaries, write_atomic, write_json
-from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.checkpoint import ModelCard
+from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.runtime import process_rank, resolve_device
 from medvit.pipelines.splits import SPLITS_FILE
 
 STATE_FILE = "last_state.pt"
 # Files a run folder gets; a temporary one of these left by a killed run is removed at start.
 RUN_FILES = ("last.safetensors", "best.safetensors", STATE_FILE, "config.json", SPLITS_FILE)
+
+
+def read_state(out: Path, device: torch.device) -> tuple[dict[str, Any], ModelCard, Path]:
+    """The resume state of the run in `out`: `(state, its model card, the state file)`.
+
+    Raises:
+        MedvitError: No state, or a file that is not one (one line).
+    """
+    path = out / STATE_FILE
+    if not path.exists():
+        raise MedvitError(f"{out}: nothing to resume (no {STATE_FILE})")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        card = ModelCard.from_json(state["card"], path)
+    except (KeyError, RuntimeError, OSError, EOFError) as e:
+        raise MedvitError(f"{path}: not a resumable training state ({one_line(str(e))[:160]})") from None
+    return state, card, path
 
 
 def start_process(device: str) -> tuple[int, int, torch.device]:
@@ -138,3 +156,11 @@ def finish_process(world: int) -> None:
     """Leave the process group a torchrun run started."""
     if world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_to_end(trainer: Any) -> Any:
+    """`trainer.run()`, leaving the process group afterwards however it ends."""
+    try:
+        return trainer.run()
+    finally:
+        finish_process(trainer.world)

@@ -34,7 +34,9 @@ from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
 from medvit.pipelines.encoder_init import pretraining_encoder
 from medvit.pipelines.errors import MedvitError, one_line
-from medvit.pipelines.loop import STATE_FILE, EpochLoop, check_steps, epoch_seed, finish_process, seed_all, start_process
+from medvit.pipelines.loop import (
+    STATE_FILE, EpochLoop, check_steps, epoch_seed, read_state, run_to_end, seed_all, start_process,
+)  # fmt: skip
 from medvit.pipelines.preprocessing import DEFAULT_CT_WINDOW, DEFAULT_SPACING, Preprocessing
 from medvit.pipelines.pretrain_data import GLOBAL_SCALE, LOCAL_SCALE, ViewDataset, ViewSpec, load_volumes
 from medvit.pipelines.runtime import autocast
@@ -218,14 +220,7 @@ class Pretrainer(EpochLoop):
             write_atomic(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
     def _resume(self) -> None:
-        path = self.out / STATE_FILE
-        if not path.exists():
-            raise MedvitError(f"{self.out}: nothing to resume (no {STATE_FILE})")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-            card = ModelCard.from_json(state["card"], path)
-        except (KeyError, RuntimeError, OSError, EOFError) as e:
-            raise MedvitError(f"{path}: not a resumable pretraining state ({one_line(str(e))[:160]})") from None
+        state, card, path = read_state(self.out, self.device)
         same = (card.task == "pretraining" and card.model_name == self.cfg.model and card.model_args == self.model_args
                 and card.extra.get("method") == self.cfg.method
                 and card.extra.get("hyper_parameters") == json.loads(json.dumps(self.method.hyper_parameters())))  # fmt: skip
@@ -313,8 +308,4 @@ class Pretrainer(EpochLoop):
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
     """Pretrain as configured; under torchrun every process calls this."""
-    trainer = Pretrainer(config)
-    try:
-        return trainer.run()
-    finally:
-        finish_process(trainer.world)
+    return run_to_end(Pretrainer(config))

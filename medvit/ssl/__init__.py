@@ -23,10 +23,10 @@ METHODS = ("moco", "dino", "sit")
 
 __all__ = [
     "DINO",
+    "METHODS",
     "DINOHead",
     "DINOLoss",
     "EncoderFeatures",
-    "METHODS",
     "MoCoV3",
     "SiT",
     "contrastive_loss",

@@ -7,17 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from medvit.cli.main import main
 from medvit.pipelines.checkpoint import checkpoint_tensors, load_checkpoint, read_card
 from medvit.pipelines.classify_train import ClassifyConfig, ClassifyTrainer
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.phantom import write_phantom_dataset
 from medvit.pipelines.pretrain import PretrainConfig, Pretrainer, pretrain
 from medvit.pipelines.train import TrainConfig, Trainer
+
+from helpers import cli_ok, cli_one_line_error, make_tiny_checkpoint
 
 UNETR_ARGS = {"feature_size": 4, "skip_indices": [0, 1, 2], "encoder_args": {"embed_dim": 32, "depth": 3, "num_heads": 2}}
 UNETR = ["--model", "unetr_tiny", "--model-arg", "feature_size=4", "--model-arg", "skip_indices=[0,1,2]",
@@ -27,29 +27,12 @@ QUICK = ["--crop", "32", "32", "32", "--spacing", "4", "4", "4", "--batch-size",
 TINY_HEADS = {
     "moco": ["--method-arg", "dim=16", "--method-arg", "mlp_dim=32"],
     "dino": ["--method-arg", "out_dim=64", "--method-arg", "hidden_dim=32", "--method-arg", "bottleneck_dim=16",
-             "--local-crops", "2"],  # fmt: skip
+             "--local-crops", "2"],
     "sit": ["--method-arg", "dim=16", "--method-arg", "mlp_dim=32", "--method-arg", "weights=[1,2,0.5]"],
-}
+}  # fmt: skip
 
 
-def run(args: list) -> object:
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(args: list) -> str:
-    result = run(args)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
-
-
-def one_line_error(args: list, *fragments: str) -> str:
-    result = run(args)
-    assert result.exit_code != 0
-    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("Error")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
+ok, one_line_error = cli_ok, cli_one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +116,6 @@ def test_init_encoder_mismatch_and_wrong_checkpoint_are_refused_in_one_line(pret
     one_line_error(["train", dataset, "-o", tmp_path / "b", *UNETR, *larger, "--init-encoder", pretrained],
                    "pos_embed", "(1, 8, 32)", "(1, 64, 32)")  # fmt: skip
     seg = tmp_path / "seg.safetensors"
-    from helpers import make_tiny_checkpoint
-
     make_tiny_checkpoint(seg)
     one_line_error(["train", dataset, "-o", tmp_path / "c", *UNETR, *common, "--init-encoder", seg],
                    "a segmentation checkpoint", "medvit pretrain")  # fmt: skip
