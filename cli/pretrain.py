@@ -71,5 +71,7 @@ def pretrain(data, out_dir, method, model, model_args, method_args, spatial_dims
     )  # fmt: skip
     with terminate_unwinds():
         result = run(cfg)
+    if not result.main:  # another process under torchrun: rank 0 reports
+        return
     click.echo(f"pretrained {result.steps} steps ({result.epochs} epochs) with {method}; last epoch loss "
                f"{result.last_loss:.4f}, best {result.best_loss:.4f}; encoder in {result.out_dir / 'last.safetensors'}")

@@ -259,7 +259,10 @@ def _pretraining_problem(d: dict[str, Any]) -> str | None:
         return "a pretraining card must name its method in extra"
     if d.get("extra", {}).get("weights", "model") not in ("model", "encoder"):
         return "extra weights must be \"model\" or \"encoder\""
-    return _preprocessing_problem(d["preprocessing"])
+    prep = d["preprocessing"]
+    if isinstance(prep, dict) and prep.get("kind") == "image":  # pretrained on 2D images
+        return _classify_prep_problem(prep, d["patch_size"])
+    return _preprocessing_problem(prep)
 
 
 def _classify_prep_problem(prep: Any, size: list) -> str | None:
@@ -270,6 +273,17 @@ def _classify_prep_problem(prep: Any, size: list) -> str | None:
     if not _is_int(prep.get("in_chans")) or not 1 <= prep["in_chans"] <= 16:
         return "classification preprocessing in_chans must be an integer from 1 to 16"
     return None
+
+
+def refuse_pretraining(card: ModelCard, path: str | Path) -> None:
+    """Refuse a `medvit pretrain` checkpoint where a trained model is needed (it holds an encoder).
+
+    Raises:
+        MedvitError: The card's task is `pretraining`.
+    """
+    if card.task == "pretraining":
+        raise MedvitError(f"{path}: a pretraining checkpoint (an encoder, no head); fine-tune it first with "
+                          "medvit train --init-encoder")  # fmt: skip
 
 
 def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path:

@@ -3,7 +3,7 @@
 The methods (`medvit.ssl`): MoCo v3, DINO (multi-crop, 2D or 3D), SiT-style multi-task.
 The data: scans resampled to a spacing and CT-windowed in memory, random views of random
 regions (`pipelines.pretrain_data`); 3D views for volume encoders, views of axial slices
-for 2D ones. The run shares the trainers' loop (`pipelines.loop`): DDP under torchrun,
+(or of 2D images, when DATA holds PNG / JPEG / BMP / TIFF files) for 2D ones. The run shares the trainers' loop (`pipelines.loop`): DDP under torchrun,
 per-epoch seeding from (seed, rank, epoch), TensorBoard (`train/loss`, `train/lr`, and for
 DINO `dino/teacher_entropy` and `dino/center_norm`, for SiT the three losses), one atomic
 resume state, `config.json`. `last.safetensors` and `best.safetensors` (the lowest mean
@@ -38,7 +38,9 @@ from medvit.pipelines.loop import (
     STATE_FILE, EpochLoop, check_steps, epoch_seed, read_state, run_to_end, seed_all, start_process,
 )  # fmt: skip
 from medvit.pipelines.preprocessing import DEFAULT_CT_WINDOW, DEFAULT_SPACING, Preprocessing
-from medvit.pipelines.pretrain_data import GLOBAL_SCALE, LOCAL_SCALE, ViewDataset, ViewSpec, load_volumes
+from medvit.pipelines.pretrain_data import (
+    GLOBAL_SCALE, LOCAL_SCALE, REGION, ViewDataset, ViewSpec, image_files, load_images, load_volumes,
+)  # fmt: skip
 from medvit.pipelines.runtime import autocast
 from medvit.ssl import DINO, METHODS, EncoderFeatures, MoCoV3, SiT, cosine_momentum
 
@@ -87,6 +89,7 @@ class PretrainResult:
     epochs: int
     best_loss: float
     last_loss: float
+    main: bool = True  # the process that writes checkpoints and reports (rank 0)
 
 
 class Pretrainer(EpochLoop):
@@ -112,7 +115,7 @@ class Pretrainer(EpochLoop):
         )
         self.local_size = self._local_size(encoder) if config.method == "dino" else None
         self.method = self._build_method(encoder).to(self.device)
-        self.volumes = [v for _, v in load_volumes(config.data, self.prep)]
+        self.volumes = self._load_data()
         self.train_loader = self._loader()
         steps_per_epoch = max(1, len(self.train_loader))
         epochs = config.epochs if config.epochs is not None or config.max_steps else DEFAULT_EPOCHS
@@ -133,10 +136,11 @@ class Pretrainer(EpochLoop):
                 self.method = nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_method = nn.parallel.DistributedDataParallel(self.method, device_ids=ids)
+        prep = {"kind": "image", "in_chans": 1, "intensity": "auto"} if self.images else self.prep.to_dict()
         self.card = ModelCard(
-            model_name=config.model, model_args=self.model_args, labels={}, preprocessing=self.prep.to_dict(),
+            model_name=config.model, model_args=self.model_args, labels={}, preprocessing=prep,
             patch_size=self.crop, task="pretraining",
-            slicing={"axis": 2, "slab": 1} if config.spatial_dims == 2 else None,
+            slicing={"axis": 2, "slab": 1} if config.spatial_dims == 2 and not self.images else None,
         )  # fmt: skip
         self.step = self.epoch = 0
         self.best = math.inf
@@ -146,6 +150,17 @@ class Pretrainer(EpochLoop):
             self._resume()
 
     # -- set-up ---------------------------------------------------------------------------
+    def _load_data(self) -> list[torch.Tensor]:
+        """The volumes (resampled, CT-windowed), or for 2D encoders the images if DATA holds images."""
+        images = image_files(self.cfg.data) if self.cfg.spatial_dims == 2 else []
+        self.images = bool(images)
+        if not images:
+            return [v for _, v in load_volumes(self.cfg.data, self.prep)]
+        others = [p for p in map(Path, self.cfg.data) if not (p.is_dir() or p in images)]
+        if others:
+            raise MedvitError.at(others[0], "DATA mixes 2D images and scans; pretrain on one kind")
+        return [x for _, x in load_images(images, [round(REGION * c) for c in self.crop])]
+
     def _local_size(self, encoder: nn.Module) -> tuple[int, ...]:
         """DINO's local view size: half the crop where the encoder takes it (a ViT's patch
         embedding is let take other sizes), else the crop's."""
@@ -293,7 +308,7 @@ class Pretrainer(EpochLoop):
     def run(self) -> PretrainResult:
         self.method.train()
         self.run_loop()
-        return PretrainResult(self.out, self.step, self.epoch, self.best, self.last_loss)
+        return PretrainResult(self.out, self.step, self.epoch, self.best, self.last_loss, self.is_main)
 
     def _end_of_epoch(self, writer: SummaryWriter | None) -> None:
         if self._epoch_losses:

@@ -4,7 +4,8 @@ Each scan (NIfTI, NRRD, MetaImage, a DICOM series folder) is read, resampled to 
 spacing in RAS and scaled with the CT window, as `medvit segment` prepares a scan
 (`geometry`, `intensity`, no MONAI), and kept in memory. A sample is a random region of a
 volume (twice the crop along each axis; for 2D encoders, of a random axial slice) from
-which the views are cropped at random sizes, resized to the view size, mirrored and
+which the views are cropped at random sizes (2D images, PNG / JPEG / BMP / TIFF files or
+folders of them, are read as one grey channel in 0..1 at the region's size), resized to the view size, mirrored and
 jittered in intensity (MONAI transforms): global views (MoCo v3 and SiT take two) cover
 half to all of the region along each axis, DINO's local views a fifth to a half.
 """
@@ -29,6 +30,7 @@ from monai.transforms import (
 )
 from torch.utils.data import Dataset
 
+from medvit.pipelines.classify_load import IMAGE_SUFFIXES, load_item
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.geometry import model_grid, resample_scan
 from medvit.pipelines.intensity import scale_intensity
@@ -38,6 +40,29 @@ from medvit.pipelines.preprocessing import Preprocessing
 REGION = 2.0  # the region a sample's views come from, in crops
 GLOBAL_SCALE = (0.5, 1.0)  # view side / region side
 LOCAL_SCALE = (0.2, 0.5)
+
+
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The 2D image files (PNG, JPEG, BMP, TIFF) among `paths` and directly inside its folders."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                            and not f.name.startswith("."))  # fmt: skip
+    return found
+
+
+def load_images(paths: Sequence[Path], size: Sequence[int]) -> list[tuple[Path, torch.Tensor]]:
+    """2D images as `(path, (1, H, W) float32)` in 0..1 at `size` (one channel, luminance;
+    `classify_load`'s reading and intensity rules).
+
+    Raises:
+        MedvitError: An image cannot be read (one line naming it).
+    """
+    return [(p, load_item(p, "image", size, in_chans=1)) for p in paths]
 
 
 def load_volumes(paths: Sequence[str | Path], prep: Preprocessing) -> list[tuple[Path, torch.Tensor]]:
@@ -85,10 +110,10 @@ def view_transform(spec: ViewSpec, region: Sequence[int]) -> Compose:
 
 
 class ViewDataset(Dataset):
-    """Views of random regions of in-memory volumes; item `i` is from volume `i % n`.
+    """Views of random regions of in-memory volumes or images; item `i` is from volume `i % n`.
 
     Args:
-        volumes: `(1, X, Y, Z)` model-space volumes.
+        volumes: `(1, X, Y, Z)` model-space volumes, or `(1, H, W)` images for 2D views.
         crop: Global view size (2 entries: 2D views of axial slices).
         views: The views of a sample, global first.
         samples_per_volume: Samples per volume and epoch.
@@ -117,7 +142,7 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, index: int) -> list[torch.Tensor]:
         vol = self.volumes[index % len(self.volumes)]
-        if self.dims == 2:
+        if vol.ndim == self.dims + 2:  # a volume, 2D views: one of its axial slices
             vol = vol[..., int(self.rng.integers(vol.shape[-1]))]
         region = self.region_crop(self.pad(vol))
         out = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,41 @@ def test_bad_options_are_one_line(scans, tmp_path) -> None:
                    "nothing.nii.gz", "no such file")  # fmt: skip
     one_line_error(["pretrain", scans[0], "-o", tmp_path / "c", "--model", "convit_tiny", *QUICK],
                    "no 3D form")  # fmt: skip
+
+
+def test_2d_images_folder_pretrains_with_an_image_card(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    out = tmp_path / "run"
+    ok(["pretrain", tmp_path / "imgs", "-o", out, "--method", "sit", "--model", "vit_tiny_patch16_224",
+        "--model-arg", "embed_dim=32", "--model-arg", "depth=2", "--model-arg", "num_heads=2", "--model-arg",
+        "patch_size=8", "--spatial-dims", "2", "--crop", "32", "32", "1", "--max-steps", "1", "--batch-size", "2",
+        "--device", "cpu", "-q", *TINY_HEADS["moco"]])  # fmt: skip
+    card = read_card(out / "last.safetensors")
+    assert card.preprocessing == {"kind": "image", "in_chans": 1, "intensity": "auto"} and card.slicing is None
+    assert card.patch_size == (32, 32) and card.model_args["spatial_dims"] == 2
+
+
+def test_segment_and_predict_refuse_a_pretraining_checkpoint(pretrained, scans, tmp_path) -> None:
+    for cmd in (["segment", scans[0], "-m", pretrained, "-o", tmp_path / "seg"],
+                ["predict", scans[0], "-m", pretrained, "-o", tmp_path / "p.csv"]):  # fmt: skip
+        one_line_error(cmd, "a pretraining checkpoint", "--init-encoder")
+
+
+def test_ddp_two_cpu_processes_gather_keys_and_report_once(scans, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "medvit.cli",
+           "pretrain", *map(str, scans), "-o", str(out), "--method", "moco", *UNETR, *QUICK, "--samples-per-volume",
+           "2", *TINY_HEADS["moco"]]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("pretrained 2 steps") == 1  # rank 0 reports
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    card = read_card(out / "last.safetensors")
+    assert card.extra["step"] == 2 and card.extra["epoch"] == 2  # 4 samples over 2 ranks, batch 2: a step an epoch
