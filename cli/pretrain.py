@@ -54,7 +54,9 @@ def pretrain(data, out_dir, method, model, model_args, method_args, spatial_dims
              ct_window, epochs, max_steps, batch_size, samples_per_volume, lr, weight_decay, workers, device, amp,
              resume, seed, quiet) -> None:  # fmt: skip
     """Pretrain an encoder on the unlabelled scans DATA (files, DICOM series folders, folders
-    of those): resampled to --spacing, CT-windowed, random views of random regions.
+    of those): resampled to --spacing, CT-windowed, random views of random regions. With
+    --spatial-dims 2 the views come from axial slices, or from DATA's 2D images (PNG, JPEG,
+    BMP, TIFF files or folders of them).
 
     The checkpoints hold the encoder (DINO's teacher) with a card of task `pretraining`;
     load it with `medvit train ... --model SAME --init-encoder OUTPUT/last.safetensors`.

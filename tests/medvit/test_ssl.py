@@ -61,7 +61,7 @@ def test_moco_momentum_update_is_m_old_plus_one_minus_m_new() -> None:
     old = [p.clone() for p in model.momentum_parameters()]
     new = [p.clone() for p in model.base_parameters()]
     model.update_momentum(0.9)
-    for o, n, m in zip(old, new, model.momentum_parameters()):
+    for o, n, m in zip(old, new, model.momentum_parameters(), strict=True):
         assert torch.allclose(m, 0.9 * o + 0.1 * n, atol=1e-6)
     assert not any(p.requires_grad for p in model.momentum_parameters())
 
@@ -95,7 +95,7 @@ def test_dino_centre_update_and_teacher_ema_by_hand() -> None:
     old = [p.clone() for p in model.teacher_parameters()]
     new = [p.clone() for p in model.student_parameters()]
     model.update_teacher(0.996)
-    for o, n, p in zip(old, new, model.teacher_parameters()):
+    for o, n, p in zip(old, new, model.teacher_parameters(), strict=True):
         assert torch.allclose(p, 0.996 * o + 0.004 * n, atol=1e-6)
 
 
