@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from medvit.pipelines.atomic import write_json
-from medvit.pipelines.checkpoint import ModelCard, load_model, model_precision, refuse_pretraining
+from medvit.pipelines.checkpoint import ModelCard, load_model, model_precision
 from medvit.pipelines.dicom_seg import check_dicom_seg_input, read_seg_sources, write_dicom_seg
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.geometry import model_grid, resample_scan
@@ -217,6 +217,8 @@ class Segmenter:
         # than it saves there
         native = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         model, card = load_model(path, self.device, torch.bfloat16 if native else None)
+        from medvit.pipelines.checkpoint import refuse_pretraining  # noqa: PLC0415
+
         refuse_pretraining(card, path)
         if card.task != "segmentation":
             raise MedvitError(f"{path}: a {card.task} checkpoint ({card.num_classes} classes) makes no masks; "
