@@ -217,7 +217,7 @@ class Segmenter:
         # than it saves there
         native = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         model, card = load_model(path, self.device, torch.bfloat16 if native else None)
-        from medvit.pipelines.checkpoint import refuse_pretraining  # noqa: PLC0415
+        from medvit.pipelines.checkpoint import refuse_pretraining
 
         refuse_pretraining(card, path)
         if card.task != "segmentation":
