@@ -16,6 +16,7 @@ import medvit
 COMMANDS = {
     "segment": "segment:segment",
     "train": "train:train",
+    "pretrain": "pretrain:pretrain",
     "preprocess": "preprocess:preprocess",
     "evaluate": "evaluate:evaluate",
     "convert": "convert:convert",
@@ -29,6 +30,7 @@ COMMANDS = {
 _HELP = {
     "segment": "Segment scans with a trained checkpoint; masks on each scan's own grid.",
     "train": "Train a segmentation model (dataset.json, preprocessed folder) or a classifier (class folders, CSV).",
+    "pretrain": "Self-supervised pretraining (MoCo v3, DINO, SiT) of an encoder on unlabelled scans.",
     "predict": "Class probabilities of images, volumes or clips from a classifier checkpoint (CSV).",
     "preprocess": "Cache resampled, normalised volumes and write a dataset fingerprint.",
     "evaluate": "Per-label Dice and HD95 of masks against references, or a folder of --statistics as one CSV.",

@@ -46,6 +46,9 @@ from medvit.pipelines.recipes import recipe_names
               "preprocessing and input: adds DeiT's hard-label distillation to the loss.")
 @click.option("--distill-weight", default=0.5, show_default=True,
               help="With --teacher: loss = (1-W) DiceCE(labels) + W CE(argmax of the teacher's logits).")
+@click.option("--init-encoder", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Start the encoder (a segmenter's, or a classifier's backbone; its head stays random) from a "
+              "`medvit pretrain` checkpoint of the same model and size; refused when a key or shape differs.")
 @click.option("--batch-size", type=int, default=None, help="[default: 2; classification: 32]")
 @click.option("--samples-per-volume", default=2, show_default=True, help="Random crops per volume and pass.")
 @click.option("--lr", type=float, default=None,
@@ -84,7 +87,7 @@ from medvit.pipelines.recipes import recipe_names
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice_axis, slab, spacing, intensity, recipe,
-          deep_supervision, teacher, distill_weight, batch_size, samples_per_volume, lr, weight_decay, val_fraction,
+          deep_supervision, teacher, distill_weight, init_encoder, batch_size, samples_per_volume, lr, weight_decay, val_fraction,
           folds, fold, split_file, val_every, device, amp, input_size, kind, frames, in_chans, optimizer, sam, sam_rho,
           ema, resume, seed, quiet) -> None:
     """Train on DATA: a dataset.json (MSD or nnU-Net v2) or a `medvit preprocess` folder
@@ -116,7 +119,7 @@ def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice
         samples_per_volume=samples_per_volume, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction, folds=folds, fold=fold,
         split_file=split_file, val_every=val_every,
         device=device, amp=amp, resume=resume, seed=seed, progress=not quiet, recipe=recipe,
-        deep_supervision=deep_supervision, teacher=teacher, distill_weight=distill_weight,
+        deep_supervision=deep_supervision, teacher=teacher, distill_weight=distill_weight, init_encoder=init_encoder,
     )
     with terminate_unwinds():
         result = run(cfg)
@@ -168,7 +171,8 @@ def train_classifier(o: dict) -> None:
         recipe=o["recipe"] or "deit", kind=o["kind"], size=_size(o["input_size"]), frames=o["frames"],
         in_chans=o["in_chans"], epochs=o["epochs"], max_steps=o["max_steps"], batch_size=o["batch_size"] or 32,
         lr=o["lr"], weight_decay=o["weight_decay"], optimizer=o["optimizer"], sam=o["sam"], sam_rho=o["sam_rho"],
-        ema=o["ema"], teacher=o["teacher"], distill_weight=o["distill_weight"], val_fraction=o["val_fraction"],
+        ema=o["ema"], teacher=o["teacher"], distill_weight=o["distill_weight"], init_encoder=o["init_encoder"],
+        val_fraction=o["val_fraction"],
         folds=o["folds"], fold=o["fold"], split_file=o["split_file"], val_every=o["val_every"], device=o["device"],
         amp=o["amp"], resume=o["resume"], seed=o["seed"], progress=not o["quiet"],
     )

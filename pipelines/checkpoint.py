@@ -55,8 +55,11 @@ class ModelCard:
         postprocessing: Connected-component rules chosen on validation, applied to the
             masks `medvit segment` writes (`medvit.pipelines.postprocess`); None in
             checkpoints from before they existed or not made by training.
-        task: `segmentation` (masks; `medvit segment`) or `classification` (class
-            probabilities; `medvit predict`).
+        task: `segmentation` (masks; `medvit segment`), `classification` (class
+            probabilities; `medvit predict`) or `pretraining` (a self-supervised encoder,
+            `medvit pretrain`: no labels; `model_name` / `model_args` name the backbone, or
+            the segmenter whose `encoder` the weights are when `extra["weights"]` is
+            `"encoder"`; `extra["method"]` and `extra["hyper_parameters"]` the method).
     """
 
     model_name: str
@@ -110,7 +113,10 @@ class ModelCard:
             path: The checkpoint the card came from, named in errors.
         """
         try:
-            return medvit.create_model(self.model_name, **self.model_args)
+            model = medvit.create_model(self.model_name, **self.model_args)
+            if self.task == "pretraining" and self.extra.get("weights") == "encoder":
+                return model.encoder
+            return model
         except MemoryError:
             raise
         except Exception as e:  # unknown arguments, impossible sizes: whatever the constructor says
@@ -120,7 +126,7 @@ class ModelCard:
 
 _CARD_REQUIRED = {"model_name", "model_args", "labels", "preprocessing", "patch_size"}
 _CARD_OPTIONAL = {"slicing", "medvit_version", "format_version", "extra", "postprocessing", "task"}
-TASKS = ("segmentation", "classification")
+TASKS = ("segmentation", "classification", "pretraining")
 _AXIS_PAIRS = ("LR", "AP", "IS")
 
 
@@ -241,7 +247,22 @@ def _card_problem(d: Any) -> str | None:
         return f"task must be one of {', '.join(TASKS)}, got {task!r}"
     if task == "classification":
         return _labels_problem(d["labels"], task) or _classify_prep_problem(d["preprocessing"], d["patch_size"])
+    if task == "pretraining":
+        return _pretraining_problem(d)
     return _labels_problem(d["labels"]) or _preprocessing_problem(d["preprocessing"])
+
+
+def _pretraining_problem(d: dict[str, Any]) -> str | None:
+    if d["labels"] != {}:
+        return "a pretraining checkpoint has no labels"
+    if not isinstance(d.get("extra", {}).get("method"), str):
+        return "a pretraining card must name its method in extra"
+    if d.get("extra", {}).get("weights", "model") not in ("model", "encoder"):
+        return "extra weights must be \"model\" or \"encoder\""
+    prep = d["preprocessing"]
+    if isinstance(prep, dict) and prep.get("kind") == "image":  # pretrained on 2D images
+        return _classify_prep_problem(prep, d["patch_size"])
+    return _preprocessing_problem(prep)
 
 
 def _classify_prep_problem(prep: Any, size: list) -> str | None:
@@ -252,6 +273,17 @@ def _classify_prep_problem(prep: Any, size: list) -> str | None:
     if not _is_int(prep.get("in_chans")) or not 1 <= prep["in_chans"] <= 16:
         return "classification preprocessing in_chans must be an integer from 1 to 16"
     return None
+
+
+def refuse_pretraining(card: ModelCard, path: str | Path) -> None:
+    """Refuse a `medvit pretrain` checkpoint where a trained model is needed (it holds an encoder).
+
+    Raises:
+        MedvitError: The card's task is `pretraining`.
+    """
+    if card.task == "pretraining":
+        raise MedvitError(f"{path}: a pretraining checkpoint (an encoder, no head); fine-tune it first with "
+                          "medvit train --init-encoder")  # fmt: skip
 
 
 def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path:
@@ -438,6 +470,18 @@ def _entry_problem(info: Any, data_size: int) -> str | None:
     if offsets[1] - offsets[0] != math.prod(shape) * _ITEM_SIZES[info["dtype"]]:
         return f"data_offsets {offsets!r} do not hold a {info['dtype']} tensor of shape {shape}"
     return None
+
+
+def checkpoint_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of a checkpoint, read one at a time after checking its header.
+
+    Raises:
+        CheckpointError: Not a safetensors file this loader can read.
+    """
+    path = Path(path)
+    read_card(path)  # a checkpoint with a card, and never a pickle
+    index, start = _tensor_index(path)
+    return _read_tensors(path, index, start)
 
 
 def _read_tensors(path: Path, index: dict[str, Any], start: int) -> Iterator[tuple[str, torch.Tensor]]:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from medvit.pipelines.checkpoint import ModelCard, load_checkpoint
+from medvit.pipelines.checkpoint import ModelCard, load_checkpoint, refuse_pretraining
 from medvit.pipelines.classify_data import (
     ClassificationDataset,
     ClassificationSet,
@@ -96,6 +96,7 @@ def predict(
     """
     dev = resolve_device(device)
     model, card = load_checkpoint(checkpoint, dev)
+    refuse_pretraining(card, checkpoint)
     if card.task != "classification":
         raise MedvitError(f"{checkpoint}: a {card.task} checkpoint; segment scans with medvit segment")
     prep, classes = card.preprocessing, card_classes(card)

@@ -40,8 +40,11 @@ from medvit.pipelines.classify_recipe import (
     train_transform,
     RepeatedAugmentationSampler,
 )
+from medvit.pipelines.encoder_init import load_encoder
 from medvit.pipelines.errors import MedvitError, one_line
-from medvit.pipelines.loop import STATE_FILE, EpochLoop, check_steps, epoch_seed, finish_process, seed_all, start_process
+from medvit.pipelines.loop import (
+    STATE_FILE, EpochLoop, check_steps, epoch_seed, read_state, run_to_end, seed_all, start_process,
+)  # fmt: skip
 from medvit.pipelines.runtime import autocast
 from medvit.pipelines.splits import run_split
 from medvit.registry import create_model, model_kind, variant_accepts
@@ -73,6 +76,7 @@ class ClassifyConfig:
     ema: bool | None = None
     teacher: str | Path | None = None
     distill_weight: float = 0.5
+    init_encoder: str | Path | None = None
     val_fraction: float | None = None
     folds: int | None = None
     fold: int | str | None = None
@@ -125,6 +129,9 @@ class ClassifyTrainer(EpochLoop):
 
         self.model_args = self._model_args()
         self.model = self._build_model().to(self.device)
+        # a pretrained backbone (`medvit pretrain`), the head left random; before the EMA copy
+        self.init_encoder = (load_encoder(self.model, config.init_encoder, keep_head=True)
+                             if config.init_encoder else None)  # fmt: skip
         self.distilled = hasattr(self.model, "set_distilled_training") and config.teacher is not None
         if self.distilled:
             self.model.set_distilled_training(True)
@@ -252,6 +259,8 @@ class ClassifyTrainer(EpochLoop):
                            "metrics": self.last_metrics, "split": self.split.record(), "recipe": asdict(self.recipe)}  # fmt: skip
         if self.teacher is not None:
             self.card.extra["distillation"] = {"teacher": str(self.cfg.teacher), "weight": self.cfg.distill_weight}
+        if self.init_encoder:
+            self.card.extra["init_encoder"] = dict(self.init_encoder)
         save_checkpoint(self._weights(), self.card, self.out / f"{name}.safetensors")
         if name == "last":
             state = {
@@ -264,14 +273,7 @@ class ClassifyTrainer(EpochLoop):
             write_atomic(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
     def _resume(self) -> None:
-        path = self.out / STATE_FILE
-        if not path.exists():
-            raise MedvitError(f"{self.out}: nothing to resume (no {STATE_FILE})")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-            card = ModelCard.from_json(state["card"], path)
-        except (KeyError, RuntimeError, OSError, EOFError) as e:
-            raise MedvitError(f"{path}: not a resumable training state ({one_line(str(e))[:160]})") from None
+        state, card, path = read_state(self.out, self.device)
         if card.model_name != self.cfg.model or card.model_args != self.model_args or card.labels != self.card.labels:
             raise MedvitError(f"{path}: was trained as {card.model_name} {card.model_args} on classes "
                               f"{card.label_names()}; resume with the same settings and data")  # fmt: skip
@@ -373,8 +375,4 @@ class ClassifyTrainer(EpochLoop):
 
 def train_classifier(config: ClassifyConfig) -> ClassifyResult:
     """Train as configured; under torchrun every process calls this."""
-    trainer = ClassifyTrainer(config)
-    try:
-        return trainer.run()
-    finally:
-        finish_process(trainer.world)
+    return run_to_end(ClassifyTrainer(config))

@@ -20,13 +20,31 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from medvit.pipelines.atomic import remove_temporaries, write_atomic, write_json
-from medvit.pipelines.errors import MedvitError
+from medvit.pipelines.checkpoint import ModelCard
+from medvit.pipelines.errors import MedvitError, one_line
 from medvit.pipelines.runtime import process_rank, resolve_device
 from medvit.pipelines.splits import SPLITS_FILE
 
 STATE_FILE = "last_state.pt"
 # Files a run folder gets; a temporary one of these left by a killed run is removed at start.
 RUN_FILES = ("last.safetensors", "best.safetensors", STATE_FILE, "config.json", SPLITS_FILE)
+
+
+def read_state(out: Path, device: torch.device) -> tuple[dict[str, Any], ModelCard, Path]:
+    """The resume state of the run in `out`: `(state, its model card, the state file)`.
+
+    Raises:
+        MedvitError: No state, or a file that is not one (one line).
+    """
+    path = out / STATE_FILE
+    if not path.exists():
+        raise MedvitError(f"{out}: nothing to resume (no {STATE_FILE})")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        card = ModelCard.from_json(state["card"], path)
+    except (KeyError, RuntimeError, OSError, EOFError) as e:
+        raise MedvitError(f"{path}: not a resumable training state ({one_line(str(e))[:160]})") from None
+    return state, card, path
 
 
 def start_process(device: str) -> tuple[int, int, torch.device]:
@@ -68,9 +86,11 @@ class EpochLoop:
     """The step loop of a training run.
 
     A subclass has `cfg` (with `progress`, `resume`), `out`, `is_main`, `world`, `step`,
-    `epoch`, `total_steps`, `train_loader`, `scheduler` and `split`, and implements
+    `epoch`, `total_steps`, `train_loader`, `scheduler` and `split` (None: no splits.json),
+    and implements
     `_run_info()` (what `config.json` holds), `_seed_epoch()`, `_train_step(batch) -> loss`
-    and `_end_of_epoch(writer)` (validation and checkpoints, on the main process).
+    and `_end_of_epoch(writer)` (validation and checkpoints, on the main process);
+    `_step_scalars()` adds TensorBoard scalars to each step's loss and LR.
     """
 
     def _run_info(self) -> dict[str, Any]:
@@ -85,6 +105,10 @@ class EpochLoop:
     def _end_of_epoch(self, writer: SummaryWriter | None) -> None:
         raise NotImplementedError
 
+    def _step_scalars(self) -> dict[str, float]:
+        """Further TensorBoard scalars of the step just taken (name -> value); none by default."""
+        return {}
+
     def run_loop(self) -> None:
         """Train to `total_steps`, validating every `cfg.val_every` epochs and at the end."""
         writer = None
@@ -95,7 +119,8 @@ class EpochLoop:
                 remove_temporaries(out / name)
             text = json.dumps(self._run_info(), default=str, indent=2)
             write_atomic(out / "config.json", lambda tmp: tmp.write_text(text))
-            write_json(out / SPLITS_FILE, self.split.splits)
+            if getattr(self, "split", None) is not None:  # runs without validation have no split
+                write_json(out / SPLITS_FILE, self.split.splits)
             # Events after the resumed step were logged by the lost part of the run; drop them.
             writer = SummaryWriter(str(out / "tb"), purge_step=self.step + 1 if self.cfg.resume else None)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train",
@@ -111,6 +136,8 @@ class EpochLoop:
                     if writer is not None:
                         writer.add_scalar("train/loss", loss, self.step)
                         writer.add_scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+                        for key, value in self._step_scalars().items():
+                            writer.add_scalar(key, value, self.step)
                     if self.step >= self.total_steps:
                         break
                 self.epoch += 1
@@ -129,3 +156,11 @@ def finish_process(world: int) -> None:
     """Leave the process group a torchrun run started."""
     if world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_to_end(trainer: Any) -> Any:
+    """`trainer.run()`, leaving the process group afterwards however it ends."""
+    try:
+        return trainer.run()
+    finally:
+        finish_process(trainer.world)

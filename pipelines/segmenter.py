@@ -231,6 +231,9 @@ class Segmenter:
         # than it saves there
         native = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         model, card = load_model(path, self.device, torch.bfloat16 if native else None)
+        from medvit.pipelines.checkpoint import refuse_pretraining
+
+        refuse_pretraining(card, path)
         if card.task != "segmentation":
             raise MedvitError(f"{path}: a {card.task} checkpoint ({card.num_classes} classes) makes no masks; "
                               "use medvit predict")

@@ -45,9 +45,12 @@ from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.augment import train_transforms
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
 from medvit.pipelines.distill import DEFAULT_DISTILL_WEIGHT, HardDistillationLoss, check_weight, load_teacher
-from medvit.pipelines.errors import MedvitError, one_line
+from medvit.pipelines.encoder_init import load_encoder
+from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.fingerprint import compute_fingerprint
-from medvit.pipelines.loop import STATE_FILE, EpochLoop, check_steps, epoch_seed, finish_process, seed_all, start_process
+from medvit.pipelines.loop import (
+    STATE_FILE, EpochLoop, check_steps, epoch_seed, read_state, run_to_end, seed_all, start_process,
+)  # fmt: skip
 from medvit.pipelines.postprocess import ValidationCase, determine_postprocessing
 from medvit.pipelines.preprocessing import DEFAULT_SPACING, Preprocessing, default_intensity
 from medvit.pipelines.recipes import get_recipe, lr_lambda
@@ -99,6 +102,7 @@ class TrainConfig:
     deep_supervision: bool = False
     teacher: str | Path | None = None
     distill_weight: float = DEFAULT_DISTILL_WEIGHT
+    init_encoder: str | Path | None = None
 
 
 @dataclass
@@ -150,6 +154,8 @@ class Trainer(EpochLoop):
         self.prep, self.card_prep = self._preprocessing()
         self.slices: SliceSpec | None = None
         self.model = self._build_model().to(self.device)
+        # a pretrained encoder (`medvit pretrain`); a resumed run's state overwrites it
+        self.init_encoder = load_encoder(self.model, config.init_encoder) if config.init_encoder else None
         self.card = ModelCard(
             model_name=config.model,
             model_args=self.model_args,
@@ -275,6 +281,8 @@ class Trainer(EpochLoop):
         }
         if self.distillation:
             self.card.extra["distillation"] = dict(self.distillation)
+        if self.init_encoder:
+            self.card.extra["init_encoder"] = dict(self.init_encoder)
         save_checkpoint(self.model, self.card, self.out / f"{name}.safetensors")
         if name == "last":
             # The weights travel with the optimiser: a kill between writing two files
@@ -293,15 +301,7 @@ class Trainer(EpochLoop):
             write_atomic(self.out / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
     def _resume(self) -> None:
-        state_path = self.out / STATE_FILE
-        if not state_path.exists():
-            raise MedvitError(f"{self.out}: nothing to resume (no {STATE_FILE})")
-        try:
-            state = torch.load(state_path, map_location=self.device, weights_only=True)
-            card = ModelCard.from_json(state["card"], state_path)
-        except (KeyError, RuntimeError, OSError, EOFError) as e:
-            reason = one_line(str(e))[:160]
-            raise MedvitError(f"{state_path}: not a resumable training state ({reason})") from None
+        state, card, state_path = read_state(self.out, self.device)
         if card.model_name != self.cfg.model or card.model_args != json.loads(json.dumps(self.model_args)):
             raise MedvitError(
                 f"{state_path}: was trained as {card.model_name} {card.model_args}; resume with the same settings"
@@ -409,8 +409,4 @@ class Trainer(EpochLoop):
 
 def train(config: TrainConfig) -> TrainResult:
     """Train as configured; under torchrun every process calls this."""
-    trainer = Trainer(config)
-    try:
-        return trainer.run()
-    finally:
-        finish_process(trainer.world)
+    return run_to_end(Trainer(config))

@@ -68,3 +68,30 @@ def dicom_series_with_uids(source: Path, dest: Path) -> Path:
         ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.11"
         ds.save_as(dest / path.name)
     return dest
+
+
+def cli_run(args: list):
+    """`medvit ARGS` through click's test runner (arguments made strings)."""
+    from click.testing import CliRunner
+
+    from medvit.cli.main import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def cli_ok(args: list) -> str:
+    """The output of `medvit ARGS`, which must succeed."""
+    result = cli_run(args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def cli_one_line_error(args: list, *fragments: str) -> str:
+    """The one `Error:` line of `medvit ARGS`, which must fail without a traceback and name `fragments`."""
+    result = cli_run(args)
+    assert result.exit_code != 0
+    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("Error")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]

@@ -10,35 +10,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from medvit.cli.main import main
 from medvit.pipelines.checkpoint import load_checkpoint, read_card
+
+from helpers import cli_ok, cli_one_line_error, cli_run
 
 TINY = ["--model-arg", "embed_dim=32", "--model-arg", "depth=2", "--model-arg", "num_heads=2"]
 QUICK = ["--batch-size", "4", "--device", "cpu", "-q"]
 
 
-def run(args: list[str]):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
-
-
-def ok(args: list[str]) -> str:
-    result = run(args)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result.output
-
-
-def one_line_error(args: list[str], *fragments: str) -> str:
-    result = run(args)
-    assert result.exit_code != 0
-    lines = [ln for ln in result.output.strip().splitlines() if ln.startswith("Error")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
+run, ok, one_line_error = cli_run, cli_ok, cli_one_line_error
 
 
 @pytest.fixture(scope="module")
