@@ -1,7 +1,9 @@
 """Training levers for transformers, each measured on the generalisation proxy.
 
 Usage:
-    python benchmarks/levers.py -o OUT [--only NAME ...] [--steps 1150] [--proxy PROXY]
+    python benchmarks/levers.py -o OUT [--only NAME ...] [--steps 1150] [--proxy PROXY] [--skip-baseline]
+    python benchmarks/levers.py -o OUT --only unetr_mit_b0_2d_slab1 unetr_mit_b0_2d_slab1_dino --skip-baseline \
+        --steps 400 --pretrain-steps 200      # self-supervised pretraining against scratch
 
 Each lever is one `medvit train` run on the labelled scan (``PROXY/train_full``) with the
 recommended CPU configuration (``train_real_ct.py``'s: segformer_b0, axial slabs of 3,
@@ -42,7 +44,23 @@ LEVERS: dict[str, list[str]] = {
     # a plain CNN with the same recipe, then the baseline distilled from it (DeiT's hard-label rule)
     "cnn_unet_2d": ["--model", "unet_nnunet_2d"],
     "distilled_from_cnn": ["--teacher", "{out}/cnn_unet_2d/last.safetensors"],
+    # self-supervised pretraining (DINO on the unlabelled full CT and DICOM series, axial
+    # slices) of the same encoder, against it from scratch; one-channel slices (slab 1)
+    "unetr_mit_b0_2d_slab1": ["--model", "unetr_mit_b0", "--model-arg", "spatial_dims=2", "--slab", "1"],
+    "unetr_mit_b0_2d_slab1_dino": ["--model", "unetr_mit_b0", "--model-arg", "spatial_dims=2", "--slab", "1",
+                                   "--init-encoder", "{out}/pretrain_dino/last.safetensors"],
 }
+PRETRAIN = ["--method", "dino", "--model", "unetr_mit_b0", "--model-arg", "spatial_dims=2", "--spatial-dims", "2",
+            "--crop", "96", "96", "1", "--spacing", "3", "3", "3", "--batch-size", "8", "--lr", "1e-4"]
+
+
+def pretrain(out: Path, steps: int) -> float:
+    """DINO on the shared unlabelled scans (the full CT and the DICOM series); its wall time."""
+    data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    cmd = [sys.executable, "-m", "medvit.cli", "pretrain", str(data / "ct" / "example_ct.nii.gz"),
+           str(data / "ct_dicom"), "-o", str(out / "pretrain_dino"), "-q", *PRETRAIN, "--max-steps", str(steps)]
+    seconds, _ = run_logged(cmd, out / "logs" / "pretrain_dino.log")
+    return seconds
 
 
 def run_lever(name: str, proxy: Path, out: Path, steps: int) -> dict:
@@ -80,6 +98,8 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=list(LEVERS), default=list(LEVERS),
                    help="levers to run, in this file's order (the baseline always runs first)")
     p.add_argument("--steps", type=int, default=1150)
+    p.add_argument("--pretrain-steps", type=int, default=200, help="DINO steps before the *_dino lever")
+    p.add_argument("--skip-baseline", action="store_true", help="do not train the baseline first")
     args = p.parse_args()
     proxy = args.proxy or args.out / "proxy"
     if not (proxy / "proxy.json").exists():
@@ -87,7 +107,9 @@ def main() -> None:
     check_proxy(proxy)
     if "distilled_from_cnn" in args.only and "cnn_unet_2d" not in args.only:
         raise SystemExit("distilled_from_cnn needs its teacher: add cnn_unet_2d to --only")
-    names = ["baseline", *[n for n in LEVERS if n in args.only and n != "baseline"]]
+    names = ([] if args.skip_baseline else ["baseline"]) + [n for n in LEVERS if n in args.only and n != "baseline"]
+    if any(n.endswith("_dino") for n in names):
+        print(f"DINO pretraining, {args.pretrain_steps} steps: {pretrain(args.out, args.pretrain_steps):.0f} s", flush=True)
     results = {name: run_lever(name, proxy, args.out, args.steps) for name in names}
     print(table(results))
     path = args.out / "levers.json"
