@@ -22,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from _proxy import ORGANS
 from _scoring import shifted_summary
 from generalisation import build, check_proxy, medvit_labels, medvit_segment, report
 from vs_nnunet import run_logged
@@ -55,7 +56,10 @@ PRETRAIN = ["--method", "dino", "--model", "unetr_mit_b0", "--model-arg", "spati
 
 
 def pretrain(out: Path, steps: int) -> float:
-    """DINO on the shared unlabelled scans (the full CT and the DICOM series); its wall time."""
+    """DINO on the shared unlabelled scans (the full CT and the DICOM series); its wall time
+    (0 when OUT already holds the pretrained encoder: it is reused)."""
+    if (out / "pretrain_dino" / "last.safetensors").exists():
+        return 0.0
     data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
     cmd = [sys.executable, "-m", "medvit.cli", "pretrain", str(data / "ct" / "example_ct.nii.gz"),
            str(data / "ct_dicom"), "-o", str(out / "pretrain_dino"), "-q", *PRETRAIN, "--max-steps", str(steps)]
@@ -103,7 +107,7 @@ def main() -> None:
     args = p.parse_args()
     proxy = args.proxy or args.out / "proxy"
     if not (proxy / "proxy.json").exists():
-        build(proxy, 10, ())
+        build(proxy, 10, ORGANS)
     check_proxy(proxy)
     if "distilled_from_cnn" in args.only and "cnn_unet_2d" not in args.only:
         raise SystemExit("distilled_from_cnn needs its teacher: add cnn_unet_2d to --only")
