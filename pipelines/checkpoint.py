@@ -83,6 +83,10 @@ class ModelCard:
         """Label id written in masks -> name (background excluded); class index -> name."""
         return {int(v["id"]): str(v["name"]) for v in self.labels.values()}
 
+    def class_names(self) -> list[str]:
+        """The names of the model's outputs in output order (labels, without background)."""
+        return [str(self.labels[i]["name"]) for i in sorted(self.labels)]
+
     def to_json(self) -> str:
         d = asdict(self)
         d["labels"] = {str(k): v for k, v in self.labels.items()}
@@ -275,15 +279,22 @@ def _classify_prep_problem(prep: Any, size: list) -> str | None:
     return None
 
 
-def refuse_pretraining(card: ModelCard, path: str | Path) -> None:
-    """Refuse a `medvit pretrain` checkpoint where a trained model is needed (it holds an encoder).
+_TASK_USE = {"segmentation": "segment scans with medvit segment", "classification": "classify with medvit predict"}
+
+
+def require_task(card: ModelCard, path: str | Path, task: str) -> None:
+    """Refuse a checkpoint made for another task than `task` in one line saying what to do with it.
 
     Raises:
-        MedvitError: The card's task is `pretraining`.
+        MedvitError: The card's task is not `task` (a pretraining checkpoint holds an encoder only).
     """
+    if card.task == task:
+        return
     if card.task == "pretraining":
         raise MedvitError(f"{path}: a pretraining checkpoint (an encoder, no head); fine-tune it first with "
                           "medvit train --init-encoder")  # fmt: skip
+    raise MedvitError(f"{path}: a {card.task} checkpoint ({card.num_classes} classes), not a {task} one; "
+                      f"{_TASK_USE.get(card.task, 'use the command made for it')}")  # fmt: skip
 
 
 def save_checkpoint(model: nn.Module, card: ModelCard, path: str | Path) -> Path:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from medvit.pipelines.checkpoint import ModelCard, load_checkpoint, refuse_pretraining
+from medvit.pipelines.checkpoint import load_checkpoint, require_task
 from medvit.pipelines.classify_data import (
     ClassificationDataset,
     ClassificationSet,
@@ -26,11 +26,6 @@ from medvit.pipelines.classify_data import (
 from medvit.pipelines.classify_metrics import write_predictions_csv
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.runtime import resolve_device
-
-
-def card_classes(card: ModelCard) -> list[str]:
-    """The class names of a classification card, by output index."""
-    return [card.labels[i]["name"] for i in sorted(card.labels)]
 
 
 def prediction_items(inputs: Sequence[str | Path], kind: str) -> list[Item]:
@@ -96,10 +91,8 @@ def predict(
     """
     dev = resolve_device(device)
     model, card = load_checkpoint(checkpoint, dev)
-    refuse_pretraining(card, checkpoint)
-    if card.task != "classification":
-        raise MedvitError(f"{checkpoint}: a {card.task} checkpoint; segment scans with medvit segment")
-    prep, classes = card.preprocessing, card_classes(card)
+    require_task(card, checkpoint, "classification")
+    prep, classes = card.preprocessing, card.class_names()
     kind = prep["kind"]
     items = prediction_items(inputs, kind)
     frames = prep.get("frames")

@@ -30,7 +30,7 @@ from medvit.optim.factory import make_optimizer
 from medvit.optim.param_groups import param_groups
 from medvit.optim.schedule import schedule_factor
 from medvit.pipelines.atomic import write_atomic
-from medvit.pipelines.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from medvit.pipelines.checkpoint import ModelCard, load_checkpoint, require_task, save_checkpoint
 from medvit.pipelines.classify_data import ClassificationDataset, check_trainable, read_classification_data
 from medvit.pipelines.classify_metrics import classification_metrics
 from medvit.pipelines.classify_recipe import (
@@ -213,7 +213,8 @@ class ClassifyTrainer(EpochLoop):
 
     def _load_teacher(self) -> nn.Module:
         teacher, card = load_checkpoint(self.cfg.teacher, self.device)
-        if card.task != "classification" or [card.labels[i]["name"] for i in sorted(card.labels)] != self.classes:
+        require_task(card, self.cfg.teacher, "classification")
+        if card.class_names() != self.classes:
             raise MedvitError(f"{self.cfg.teacher}: the teacher must classify this run's classes ({', '.join(self.classes)})")
         if card.preprocessing.get("kind") != self.kind or card.preprocessing.get("in_chans") != self.in_chans:
             raise MedvitError(f"{self.cfg.teacher}: the teacher takes {card.preprocessing.get('kind')} inputs with "

@@ -24,7 +24,7 @@ import torch
 
 from medvit.pipelines.atomic import write_json
 from medvit.pipelines.body import body_box, window_box
-from medvit.pipelines.checkpoint import ModelCard, load_model, model_precision
+from medvit.pipelines.checkpoint import ModelCard, load_model, model_precision, require_task
 from medvit.pipelines.dicom_seg import check_dicom_seg_input, read_seg_sources, write_dicom_seg
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.geometry import model_grid, resample_scan
@@ -231,12 +231,7 @@ class Segmenter:
         # than it saves there
         native = self.dtype == torch.bfloat16 and self.device.type == "cpu"
         model, card = load_model(path, self.device, torch.bfloat16 if native else None)
-        from medvit.pipelines.checkpoint import refuse_pretraining
-
-        refuse_pretraining(card, path)
-        if card.task != "segmentation":
-            raise MedvitError(f"{path}: a {card.task} checkpoint ({card.num_classes} classes) makes no masks; "
-                              "use medvit predict")
+        require_task(card, path, "segmentation")
         return _Member(path, model, card, Preprocessing.from_dict(card.preprocessing), slice_spec(card, model), native)
 
     def _kept_classes(self, names: Sequence[str] | None) -> np.ndarray:
@@ -270,9 +265,9 @@ class Segmenter:
         scaled: dict[str, torch.Tensor] = {}
         for member in self.members:
             prep = member.prep
-            key = json.dumps([prep.intensity, prep.ct_window, prep.ct_norm() if prep.intensity == "ct-fingerprint" else None])
-            if key not in scaled:
-                norm = prep.ct_norm() if prep.intensity == "ct-fingerprint" else None
+            norm = prep.ct_norm() if prep.intensity == "ct-fingerprint" else None
+            key = json.dumps([prep.intensity, prep.ct_window, norm])
+            if key not in scaled:  # scale_intensity works in place: a copy unless there is one member
                 scaled[key] = scale_intensity(resampled if len(self.members) == 1 else resampled.clone(),
                                               prep.intensity, prep.ct_window, norm)
             images.append(scaled[key])
