@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
@@ -151,12 +151,27 @@ def _expected(header: nib.Nifti1Header, blob: bytes) -> tuple[tuple[int, ...], n
     slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
     voxels = raw.astype(raw.dtype.newbyteorder("="))
     if np.isfinite(slope) and slope != 0 and (slope, inter) != (1.0, 0.0):
-        voxels = raw.astype(np.float64 if dtype == np.float64 else np.float32) * slope + inter
+        # scaled in the precision of the header's own scl fields (float32 in NIfTI-1, float64
+        # in NIfTI-2) when that is wider, then stored as the reader's float type
+        fields = header["scl_slope"].dtype
+        work = np.result_type(np.float64 if dtype == np.float64 else np.float32, fields)
+        out = np.float64 if dtype == np.float64 else np.float32
+        voxels = (raw.astype(work) * work.type(slope) + work.type(inter)).astype(out)
     return full[:3], affine, voxels.reshape(full[:3])
+
+
+# NIfTI-2 scales in float64: a float32 reference would round the intercept first
+_FLOAT64_SCALING = dict(
+    nifti2=True, dim=[3, 1, 1, 3, 1, 1, 1, 1], datatype=16, pixdim=[1.0] * 8, qform_code=0, sform_code=1,
+    quatern=[0.0, 0.0, 0.0], qoffset=[0.0, 0.0, 0.0], srow=[[0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]],
+    scl_slope=1.0, scl_inter=1e38, xyzt_units=0, intent_code=0, vox_delta=0, vox_offset=None, payload="exact", magic=None,
+    compress=False,
+)
 
 
 @FUZZ
 @given(spec=nifti_headers())
+@example(spec=_FLOAT64_SCALING)
 def test_fuzzed_nifti_header_is_read_on_its_grid_or_refused(spec: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / ("scan.nii.gz" if spec["compress"] else "scan.nii")
