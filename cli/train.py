@@ -67,6 +67,12 @@ from medvit.pipelines.recipes import recipe_names
               help="Take the folds from this file (nnU-Net's splits_final.json, or a run's splits.json) "
               "instead of drawing them; with --fold.")
 @click.option("--val-every", default=1, show_default=True, help="Validate every N epochs.")
+@click.option("--workers", type=int, default=None,
+              help="Segmentation: processes that read crops and augment them while the model trains "
+              "[default: on a GPU all cores but one, at most 8; on a CPU one per four cores].")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Segmentation: where cases are kept preprocessed, filled once and reused by later runs "
+              "[default: $MEDVIT_CACHE_DIR, else ~/.cache/medvit/cases]; safe to delete.")
 @device_option()
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only; ignored on CPU).")
 @click.option("--input-size", default=None, metavar="HxW|DxHxW",
@@ -88,7 +94,7 @@ from medvit.pipelines.recipes import recipe_names
 @user_errors
 def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice_axis, slab, spacing, intensity, recipe,
           deep_supervision, teacher, distill_weight, init_encoder, batch_size, samples_per_volume, lr, weight_decay, val_fraction,
-          folds, fold, split_file, val_every, device, amp, input_size, kind, frames, in_chans, optimizer, sam, sam_rho,
+          folds, fold, split_file, val_every, workers, cache_dir, device, amp, input_size, kind, frames, in_chans, optimizer, sam, sam_rho,
           ema, resume, seed, quiet) -> None:
     """Train on DATA: a dataset.json (MSD or nnU-Net v2) or a `medvit preprocess` folder
     (segmentation), or a folder per class / a CSV of path,label (classification).
@@ -117,7 +123,7 @@ def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice
         data=data, out_dir=out_dir, model=model, model_args=model_args, epochs=epochs, max_steps=max_steps,
         patch_size=tuple(patch_size), slice_axis=parse_axis(slice_axis), slab=slab, spacing=tuple(spacing), intensity=intensity, batch_size=batch_size,
         samples_per_volume=samples_per_volume, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction, folds=folds, fold=fold,
-        split_file=split_file, val_every=val_every,
+        split_file=split_file, val_every=val_every, workers=workers, cache_dir=cache_dir,
         device=device, amp=amp, resume=resume, seed=seed, progress=not quiet, recipe=recipe,
         deep_supervision=deep_supervision, teacher=teacher, distill_weight=distill_weight, init_encoder=init_encoder,
     )
@@ -128,7 +134,10 @@ def train(data, out_dir, model, model_args, epochs, max_steps, patch_size, slice
     click.echo(f"best mean Dice {result.best_dice:.3f}; checkpoints in {result.out_dir}")
 
 
-SEGMENTATION_ONLY = ("patch_size", "slice_axis", "slab", "spacing", "intensity", "deep_supervision", "samples_per_volume")
+SEGMENTATION_ONLY = (
+    "patch_size", "slice_axis", "slab", "spacing", "intensity", "deep_supervision", "samples_per_volume", "workers",
+    "cache_dir",
+)
 CLASSIFICATION_ONLY = ("input_size", "kind", "frames", "in_chans", "optimizer", "sam", "sam_rho", "ema")
 
 

@@ -1,7 +1,8 @@
 """Training transforms built from a `Recipe`: crop sampling, mirroring, spatial and intensity
 augmentation, all MONAI dictionary transforms.
 
-Order: pad to the (enlarged) crop, sample crops, mirror; 2D models then turn each thin crop
+Order: sample crops of the enlarged size (`crop_sampling`: from a cached case on disk, or
+from arrays, padded to the crop as MONAI's SpatialPadd would), mirror; 2D models then turn each thin crop
 into slab channels, so the spatial and intensity steps below act in the slice plane only;
 rotation + scaling (and optional elastic deformation) and a centre crop back to the patch
 size; then noise, blur, brightness, contrast, low resolution and gamma, in nnU-Net's order.
@@ -16,15 +17,11 @@ from typing import Any
 import numpy as np
 from monai.transforms import (
     CenterSpatialCropd,
-    ClassesToIndicesd,
     Compose,
-    DeleteItemsd,
     Rand2DElasticd,
     Rand3DElasticd,
     RandAdjustContrastd,
     RandAffined,
-    RandCropByLabelClassesd,
-    RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -32,18 +29,14 @@ from monai.transforms import (
     RandScaleIntensityFixedMeand,
     RandShiftIntensityd,
     RandSimulateLowResolutiond,
-    SpatialPadd,
 )
 
+from medvit.pipelines.crop_sampling import SampleCropsd
 from medvit.pipelines.recipes import Recipe, enlarged, mirror_axes
 from medvit.pipelines.slicing import in_plane
 from medvit.pipelines.transforms import SlabToChannelsd
 
 KEYS = ["image", "label"]
-INDICES_KEY = "label_cls_indices"
-# Crop centres kept per class: enough to cover an organ, and a 512^3 scan's background
-# does not become a gigabyte of cached indices.
-MAX_CENTRES_PER_CLASS = 50_000
 
 
 def train_transforms(
@@ -70,8 +63,7 @@ def train_transforms(
     aug_axes = [a for a in range(3) if a != slice_axis]
     spatial = recipe.affine_prob > 0 or recipe.elastic_prob > 0
     crop = enlarged(patch_size, recipe.margin, aug_axes) if spatial else [int(p) for p in patch_size]
-    steps: list[Any] = [SpatialPadd(KEYS, spatial_size=crop)]
-    steps += _sampler(recipe, crop, num_classes, num_samples)
+    steps: list[Any] = [_sampler(recipe, crop, num_classes, num_samples)]
     steps += [RandFlipd(KEYS, prob=recipe.mirror_prob, spatial_axis=a) for a in mirror_axes(recipe, label_names, orientation)]
     out_size = [int(p) for p in patch_size]
     if slice_axis is not None:
@@ -84,25 +76,15 @@ def train_transforms(
     return Compose(steps)
 
 
-def _sampler(recipe: Recipe, crop: Sequence[int], num_classes: int, num_samples: int) -> list[Any]:
+def _sampler(recipe: Recipe, crop: Sequence[int], num_classes: int, num_samples: int) -> SampleCropsd:
     if recipe.sampler == "posneg":
-        return [RandCropByPosNegLabeld(
-            KEYS, "label", spatial_size=crop, pos=recipe.fg_fraction, neg=1.0 - recipe.fg_fraction,
-            num_samples=num_samples, image_key="image", image_threshold=0.0,
-        )]
+        return SampleCropsd(crop, num_classes, num_samples, pos_fraction=recipe.fg_fraction)
     # Each foreground class gets the same share of the foreground crops, however small it
     # is; background centres come from the whole (uncropped) scan, so crops also show
-    # anatomy without any labelled organ. Indices are computed once and cached.
+    # anatomy without any labelled organ.
     fg = num_classes - 1
     ratios = [1.0 - recipe.fg_fraction] + [recipe.fg_fraction / max(fg, 1)] * fg
-    return [
-        ClassesToIndicesd("label", num_classes=num_classes, max_samples_per_class=MAX_CENTRES_PER_CLASS),
-        RandCropByLabelClassesd(
-            KEYS, "label", spatial_size=crop, ratios=ratios, num_classes=num_classes, num_samples=num_samples,
-            indices_key=INDICES_KEY, warn=False,
-        ),
-        DeleteItemsd(INDICES_KEY),
-    ]
+    return SampleCropsd(crop, num_classes, num_samples, ratios=ratios)
 
 
 def _spatial(recipe: Recipe, dims: int) -> list[Any]:

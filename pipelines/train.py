@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.data import CacheDataset, DataLoader, list_data_collate
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.metrics import compute_dice
 from torch.utils.tensorboard import SummaryWriter
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 import medvit
 from medvit.pipelines.atomic import write_atomic
 from medvit.pipelines.augment import train_transforms
+from medvit.pipelines.case_cache import CaseCache, default_cache_dir
 from medvit.pipelines.checkpoint import ModelCard, save_checkpoint
 from medvit.pipelines.distill import DEFAULT_DISTILL_WEIGHT, HardDistillationLoss, check_weight, load_teacher
 from medvit.pipelines.encoder_init import load_encoder
@@ -58,6 +58,7 @@ from medvit.pipelines.runtime import autocast
 from medvit.pipelines.slicing import SliceSpec, in_plane
 from medvit.pipelines.splits import SPLITS_FILE, check_split_options, read_splits, run_split
 from medvit.pipelines.stitch import stream_probabilities, stream_slice_probabilities
+from medvit.pipelines.train_data import CropDataset, EpochLoader, default_workers
 from medvit.pipelines.train_images import overlay_slice
 from medvit.pipelines.transforms import preprocess_transforms
 from medvit.pipelines.verify import format_problems, verified_dataset
@@ -103,6 +104,8 @@ class TrainConfig:
     teacher: str | Path | None = None
     distill_weight: float = DEFAULT_DISTILL_WEIGHT
     init_encoder: str | Path | None = None
+    workers: int | None = None  # None: `train_data.default_workers`
+    cache_dir: str | Path | None = None  # None: `case_cache.default_cache_dir()`
 
 
 @dataclass
@@ -171,8 +174,9 @@ class Trainer(EpochLoop):
             self.teacher = load_teacher(config.teacher, self.card, self.device)
             self.distillation = {"teacher": Path(config.teacher).name, "weight": config.distill_weight}
         by_name = {c.name: c for c in self.spec.cases}
+        self.cache = self._cache()
         self.train_loader = self._loader([by_name[n] for n in self.split.train])
-        self.val_data = self._val_data([by_name[n] for n in self.split.val]) if self.is_main else []
+        self.val_cases = [by_name[n] for n in self.split.val] if self.is_main else []
         steps_per_epoch = len(self.train_loader)
         # --max-steps alone sets the length (an epoch of a one-case dataset is one step);
         # --epochs alone, or both (whichever ends first); neither: DEFAULT_EPOCHS
@@ -239,18 +243,17 @@ class Trainer(EpochLoop):
         except (ValueError, TypeError) as e:
             raise MedvitError(f"cannot build model {self.cfg.model!r} for this run: {e}") from None
 
-    def _items(self, cases: list) -> list[dict[str, str]]:
-        return [{"image": str(c.image), "label": str(c.label)} for c in cases]
-
-    def _load_transform(self):
+    def _cache(self) -> CaseCache:
+        """The preprocessed cases of this preprocessing, on disk (filled as cases are first used)."""
         remap = None if getattr(self.spec, "remapped", False) else self.class_ids
-        return preprocess_transforms(
+        load = preprocess_transforms(
             self.prep, ("image", "label"), label_ids=remap, crop_foreground=self.recipe.crop_to_body
         )
+        settings = {"preprocessing": self.prep.to_dict(), "remap": remap, "crop_to_body": self.recipe.crop_to_body}
+        root = self.cfg.cache_dir if self.cfg.cache_dir is not None else default_cache_dir()
+        return CaseCache(root, load, settings, self.num_classes)
 
-    def _loader(self, cases: list) -> DataLoader:
-        from monai.transforms import Compose
-
+    def _loader(self, cases: list) -> EpochLoader:
         crop = list(self.cfg.patch_size)
         axis = None
         if self.slices is not None:
@@ -260,18 +263,11 @@ class Trainer(EpochLoop):
             self.recipe, crop, self.num_classes, self.cfg.samples_per_volume, slice_axis=axis,
             label_names=self.spec.class_names, orientation=self.prep.orientation,
         )
-        # flattened, so CacheDataset caches every step before the first random one
-        tf = Compose([self._load_transform(), aug]).flatten()
-        ds = CacheDataset(self._items(cases), tf, progress=False, num_workers=0)
-        gen = torch.Generator().manual_seed(self.cfg.seed + self.rank)
-        return DataLoader(
-            ds, batch_size=self.cfg.batch_size, shuffle=True, num_workers=0,
-            collate_fn=list_data_collate, generator=gen, drop_last=False,
-        )
-
-    def _val_data(self, cases: list) -> list[dict]:
-        tf = self._load_transform()
-        return [tf(item) for item in self._items(cases)]
+        workers = self.cfg.workers if self.cfg.workers is not None else default_workers(self.device)
+        if workers < 0:
+            raise MedvitError(f"--workers must be >= 0, got {workers}")
+        ds = CropDataset(cases, self.cache, aug, self.cfg.seed, self.rank)
+        return EpochLoader(ds, self.cfg.batch_size, workers, pin_memory=self.device.type == "cuda")
 
     # -- checkpoints ----------------------------------------------------------------------
     def _save(self, name: str) -> None:
@@ -331,8 +327,7 @@ class Trainer(EpochLoop):
         repeats a lost epoch exactly: shuffling, crops, augmentations, dropout."""
         seed = epoch_seed(self.cfg.seed, self.rank, self.epoch)
         seed_all(seed)
-        self.train_loader.generator.manual_seed(seed)
-        self.train_loader.dataset.transform.set_random_state(seed=seed)
+        self.train_loader.set_epoch(self.epoch)  # crops and augmentation: seeded per item
 
     # -- loop -----------------------------------------------------------------------------
     def _train_step(self, batch: dict) -> float:
@@ -369,14 +364,15 @@ class Trainer(EpochLoop):
     def validate(self, writer: SummaryWriter | None) -> dict[str, float]:
         self.model.eval()
         dices, shown, cases = [], False, []
-        for item in self.val_data:
-            img = item["image"].as_tensor().to(self.device)
+        for case in self.val_cases:  # one case in memory at a time
+            cached = self.cache.get(case)
+            image, label = cached.arrays(mmap=False)
+            img = torch.from_numpy(image).to(self.device)
             pred = self._probabilities(img).argmax(0)[None, None]
-            lab = item["label"].as_tensor()[None].long()
+            lab = torch.from_numpy(label.astype(np.int64))[None, None]
             onehot = lambda t: torch.nn.functional.one_hot(t[:, 0], self.num_classes).movedim(-1, 1)  # noqa: E731
             dices.append(compute_dice(onehot(pred), onehot(lab), include_background=False, ignore_empty=False)[0])
-            voxel_ml = abs(float(np.linalg.det(np.asarray(item["image"].affine)[:3, :3]))) / 1000.0
-            cases.append(ValidationCase(pred[0, 0].cpu().numpy(), lab[0, 0].numpy(), voxel_ml))
+            cases.append(ValidationCase(pred[0, 0].cpu().numpy(), label, cached.voxel_ml))
             if writer is not None and not shown:
                 writer.add_image("val/prediction", overlay_slice(img[0].cpu(), pred[0, 0], lab[0, 0]), self.step)
                 shown = True
@@ -391,7 +387,10 @@ class Trainer(EpochLoop):
 
     def run(self) -> TrainResult:
         self.model.train()
-        self.run_loop()
+        try:
+            self.run_loop()
+        finally:
+            self.train_loader.close()
         return TrainResult(self.out, self.step, self.epoch, self.best, self.last_dice)
 
     def _end_of_epoch(self, writer: SummaryWriter | None) -> None:

@@ -24,6 +24,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _case_cache(tmp_path_factory) -> None:
+    """Training's preprocessed-case cache in a folder of this test session (inherited by the
+    CLI subprocesses), not the user's."""
+    import os
+
+    os.environ["MEDVIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("case_cache"))
+
+
 @pytest.fixture(scope="session")
 def timm() -> ModuleType:
     return require("timm")

@@ -137,10 +137,18 @@ def dataset(tmp_path_factory):
 
 
 def test_train_cli_then_segment(tmp_path, dataset, phantom_scan) -> None:
-    run_dir = tmp_path / "run"
-    res = run(["train", dataset, "-o", run_dir, *TINY_ARGS, "--epochs", "1", "--batch-size", "1"])
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    res = run(["train", dataset, "-o", run_dir, *TINY_ARGS, "--epochs", "1", "--batch-size", "1",
+               "--workers", "1", "--cache-dir", cache])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "trained 1 steps" in res.output or "trained 2 steps" in res.output
+    # every case preprocessed once into the cache; a second run reads them, writes none
+    filled = {p.name: (p / "image.npy").stat().st_mtime_ns for p in cache.iterdir()}
+    assert len(filled) == 2 and all(n.isalnum() for n in filled)
+    res = run(["train", dataset, "-o", tmp_path / "run2", *TINY_ARGS, "--max-steps", "1", "--workers", "0",
+               "--cache-dir", cache])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert {p.name: (p / "image.npy").stat().st_mtime_ns for p in cache.iterdir()} == filled
     img, _ = phantom_scan
     res = run(["segment", img, "--model", run_dir / "best.safetensors", "-o", tmp_path / "seg", "-q"])
     assert res.exit_code == 0, res.output
@@ -151,6 +159,7 @@ def test_train_cli_then_segment(tmp_path, dataset, phantom_scan) -> None:
     [
         (["--model", "unetr_nope"], "unetr_nope"),
         (["--patch-size", "30", "32", "32"], "does not divide"),
+        (["--workers", "-1"], "--workers must be >= 0"),
     ],
 )
 def test_train_bad_settings(tmp_path, dataset, extra, fragment) -> None:
@@ -195,9 +204,11 @@ def test_train_options_reach_the_training_config(tmp_path, dataset, monkeypatch)
         raise training.MedvitError("stopped after reading the options")
 
     monkeypatch.setattr(training, "train", capture)
-    res = run(["train", dataset, "-o", tmp_path / "run", *TINY_ARGS, "--weight-decay", "0.05", "--lr", "3e-4"])
+    res = run(["train", dataset, "-o", tmp_path / "run", *TINY_ARGS, "--weight-decay", "0.05", "--lr", "3e-4",
+               "--workers", "3", "--cache-dir", tmp_path / "c"])  # fmt: skip
     assert_user_error(res, "stopped after reading the options")
     assert seen["cfg"].weight_decay == 0.05 and seen["cfg"].lr == 3e-4
+    assert seen["cfg"].workers == 3 and seen["cfg"].cache_dir == tmp_path / "c"
 
 
 @pytest.fixture(scope="module")

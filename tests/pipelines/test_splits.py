@@ -178,7 +178,7 @@ def _config(dataset: Path, out: Path, **kw) -> TrainConfig:
 
 
 def _validated_files(trainer: Trainer) -> list[str]:
-    return sorted(Path(item["image"].meta["filename_or_obj"]).name for item in trainer.val_data)
+    return sorted(Path(case.image).name for case in trainer.val_cases)
 
 
 def test_fold_all_validates_on_every_case(dataset: Path, tmp_path: Path) -> None:

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from monai.transforms import RandCropByLabelClassesd, RandCropByPosNegLabeld, RandFlipd
+from monai.transforms import RandFlipd
 
 from medvit.cli.main import main
 from medvit.pipelines.checkpoint import read_card
+from medvit.pipelines.crop_sampling import SampleCropsd
 from medvit.pipelines.dataset_preprocessing import PreprocessConfig, preprocess_dataset
 from medvit.pipelines.datasets import load_dataset
 from medvit.pipelines.errors import MedvitError
@@ -49,16 +50,20 @@ def test_default_recipe_is_strong_and_lr_safe(dataset, tmp_path) -> None:
     trainer = Trainer(config(dataset, tmp_path))
     assert trainer.cfg.recipe == "default" and trainer.recipe.name == "strong"
     steps = _steps(trainer)
-    assert any(isinstance(t, RandCropByLabelClassesd) for t in steps)
+    assert any(isinstance(t, SampleCropsd) and t.ratios is not None for t in steps)  # class-balanced
     flips = [t.flipper.spatial_axis for t in steps if isinstance(t, RandFlipd)]
     assert flips == [1, 2]  # the phantom's kidneys are lateralised: never flipped across the body
-    # everything before the first random step is cached, including the crop-centre indices
-    cached = trainer.train_loader.dataset._cache[0]
-    assert "label_cls_indices" in cached and cached["image"].shape[1:] == cached["label"].shape[1:]
+    # the case on disk in model space, with the crop-centre indices of every class
+    cached = trainer.train_loader.dataset.case(0)
+    image, label = cached.arrays()
+    assert image.shape[1:] == label.shape == cached.shape and image.shape[0] == 1
+    for k in range(trainer.num_classes):
+        centres = cached.centres(f"class{k}")
+        assert centres.size and (label.reshape(-1)[centres] == k).all()
 
     light = Trainer(config(dataset, tmp_path / "light", recipe="light"))
     steps = _steps(light)
-    assert any(isinstance(t, RandCropByPosNegLabeld) for t in steps)
+    assert any(isinstance(t, SampleCropsd) and t.ratios is None for t in steps)  # pos-neg
     assert [t.flipper.spatial_axis for t in steps if isinstance(t, RandFlipd)] == [0, 1, 2]
     with pytest.raises(MedvitError, match="unknown training recipe 'heavy'"):
         Trainer(config(dataset, tmp_path / "x", recipe="heavy"))
