@@ -74,7 +74,9 @@ from medvit.pipelines.recipes import recipe_names
               help="Segmentation: where cases are kept preprocessed, filled once and reused by later runs "
               "[default: $MEDVIT_CACHE_DIR, else ~/.cache/medvit/cases]; safe to delete.")
 @device_option()
-@click.option("--amp", is_flag=True, help="Mixed precision (CUDA only; ignored on CPU).")
+@click.option("--amp/--no-amp", default=None,
+              help="Mixed precision: fp16 with loss scaling on CUDA; segmentation also bf16 on CPUs with native "
+              "bf16 (AVX512-BF16, AMX) [default: segmentation on where the device has it; classification off].")
 @click.option("--input-size", default=None, metavar="HxW|DxHxW",
               help="Classification: input size [default: 224x224 images and clips, 64x64x64 volumes].")
 @click.option("--kind", type=click.Choice(["image", "volume", "video"]), default=None,
@@ -183,7 +185,7 @@ def train_classifier(o: dict) -> None:
         ema=o["ema"], teacher=o["teacher"], distill_weight=o["distill_weight"], init_encoder=o["init_encoder"],
         val_fraction=o["val_fraction"],
         folds=o["folds"], fold=o["fold"], split_file=o["split_file"], val_every=o["val_every"], device=o["device"],
-        amp=o["amp"], resume=o["resume"], seed=o["seed"], progress=not o["quiet"],
+        amp=bool(o["amp"]), resume=o["resume"], seed=o["seed"], progress=not o["quiet"],
     )
     with terminate_unwinds():
         result = run(cfg)

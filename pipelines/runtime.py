@@ -79,6 +79,19 @@ def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def training_dtype(device: torch.device, amp: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype of training steps, None for fp32: fp16 (with loss scaling) on CUDA,
+    bf16 on CPUs with native bf16 kernels; `amp=None` turns it on where the device has it,
+    `amp=True` where it can run (not on a CPU without bf16, where it would be slower)."""
+    if amp is False:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
     """Autocast to `dtype` when enabled (fp16 on CUDA by default); fp32 is a no-op."""
     if not enabled or dtype == torch.float32:

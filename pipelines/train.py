@@ -54,7 +54,7 @@ from medvit.pipelines.loop import (
 from medvit.pipelines.postprocess import ValidationCase, determine_postprocessing
 from medvit.pipelines.preprocessing import DEFAULT_SPACING, Preprocessing, default_intensity
 from medvit.pipelines.recipes import get_recipe, lr_lambda
-from medvit.pipelines.runtime import autocast
+from medvit.pipelines.runtime import autocast, training_dtype
 from medvit.pipelines.slicing import SliceSpec, in_plane
 from medvit.pipelines.splits import SPLITS_FILE, check_split_options, read_splits, run_split
 from medvit.pipelines.stitch import stream_probabilities, stream_slice_probabilities
@@ -95,7 +95,7 @@ class TrainConfig:
     val_every: int = 1
     overlap: float = 0.25
     device: str = "auto"
-    amp: bool = False
+    amp: bool | None = None  # None: where the device has it (`training_dtype`)
     resume: bool = False
     seed: int = 0
     progress: bool = True
@@ -188,7 +188,8 @@ class Trainer(EpochLoop):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.recipe.schedule, self.total_steps, self.warmup)
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and self.device.type == "cuda")
+        self.amp_dtype = training_dtype(self.device, config.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn: nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
         if self.model_args.get("deep_supervision"):
             self.loss_fn = deep_supervision_loss(1 + len(self.model.aux_heads))
@@ -334,7 +335,7 @@ class Trainer(EpochLoop):
         x = batch["image"].to(self.device)
         y = batch["label"].to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.cfg.amp):
+        with autocast(self.device, self.amp_dtype is not None, self.amp_dtype):
             if self.teacher is None:
                 loss = self.loss_fn(self.ddp_model(x), y)
             else:
@@ -348,7 +349,7 @@ class Trainer(EpochLoop):
         return float(loss.detach())
 
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device, self.cfg.amp):
+        with autocast(self.device, self.amp_dtype is not None, self.amp_dtype):
             return self.model(x)
 
     def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
@@ -383,7 +384,8 @@ class Trainer(EpochLoop):
         return {n: float(d) for n, d in zip(names, mean)}
 
     def _run_info(self) -> dict[str, Any]:
-        return {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps}
+        precision = str(self.amp_dtype or torch.float32).removeprefix("torch.")
+        return {**asdict(self.cfg), "world_size": self.world, "total_steps": self.total_steps, "precision": precision}
 
     def run(self) -> TrainResult:
         self.model.train()

@@ -85,3 +85,15 @@ def test_cuda_defaults_to_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
     assert inference_dtype(torch.device("cuda"), "auto") == torch.float16
+
+
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_training_precision(monkeypatch: pytest.MonkeyPatch, has_bf16: bool) -> None:
+    import medvit.pipelines.runtime as runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: has_bf16)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert runtime.training_dtype(cuda, None) == runtime.training_dtype(cuda, True) == torch.float16
+    assert runtime.training_dtype(cuda, False) is None and runtime.training_dtype(cpu, False) is None
+    want = torch.bfloat16 if has_bf16 else None  # bf16 without native kernels would be slower than fp32
+    assert runtime.training_dtype(cpu, None) == runtime.training_dtype(cpu, True) == want

@@ -17,6 +17,7 @@ from medvit.optim.schedule import lr_factor
 from medvit.pipelines.checkpoint import load_checkpoint, read_card
 from medvit.pipelines.errors import MedvitError
 from medvit.pipelines.phantom import write_phantom_dataset
+from medvit.pipelines.runtime import cpu_has_bf16
 from medvit.pipelines.train import TrainConfig, Trainer, deep_supervision_loss, train
 
 from helpers import TINY_UNETR_ARGS
@@ -137,6 +138,7 @@ def test_ddp_two_cpu_processes_with_gloo(dataset, tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads((out / "config.json").read_text())
     assert info["world_size"] == 2
+    assert info["precision"] == ("bfloat16" if cpu_has_bf16() else "float32")  # `--amp` on where the CPU has it
     assert read_card(out / "last.safetensors").extra["step"] == info["total_steps"] == 4
     assert "trained 4 steps" in proc.stdout
 
