@@ -180,6 +180,27 @@ def test_instance_norm_equals_torch_and_keeps_channels_last() -> None:
     torch.testing.assert_close(InstanceNorm(5)(x[..., 0]), torch.nn.InstanceNorm2d(5)(x[..., 0]), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_instance_norm_trains_in_bf16_like_torch_and_keeps_the_layout(dims: int) -> None:
+    """The bf16 training path (a channels-first copy, for GroupNorm's fast backward) gives
+    torch's values and gradients, and hands back the layout it was given."""
+    from medvit.layers.conv_blocks import InstanceNorm
+
+    fmt = torch.channels_last_3d if dims == 3 else torch.channels_last
+    x = (torch.randn(2, 5, 6, 7, 8)[..., : 8 if dims == 3 else 1].squeeze(-1) * 4 + 30).bfloat16()
+    dy = torch.randn(x.shape)
+    ref_in = x.float().requires_grad_()
+    ref = (torch.nn.InstanceNorm3d if dims == 3 else torch.nn.InstanceNorm2d)(5)(ref_in)
+    ref.backward(dy)
+    for layout in (fmt, torch.contiguous_format):
+        xi = x.contiguous(memory_format=layout).requires_grad_()
+        y = InstanceNorm(5)(xi)
+        assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=layout)
+        y.backward(dy.bfloat16().contiguous(memory_format=layout))
+        assert (y.float() - ref).abs().max() < 0.05
+        assert (xi.grad.float() - ref_in.grad).abs().max() < 0.05 * ref_in.grad.abs().max()
+
+
 @torch.no_grad()
 def test_pointwise_conv_equals_conv_and_keeps_channels_last() -> None:
     from medvit.layers.conv_blocks import PointwiseConv

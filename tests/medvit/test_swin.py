@@ -321,3 +321,23 @@ def test_inference_bias_cache_follows_the_weights() -> None:
         after = attn(x)
     torch.testing.assert_close(after, attn(x))  # the grad-enabled path recomputes the bias
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("shift", [(0, 0, 0), (1, 1, 1)])
+def test_training_attention_equals_the_inference_path(shift) -> None:
+    """With gradients on a CPU the window attention is written out (no SDPA); it computes
+    what the SDPA path computes, shifted windows and their masks included, over a batch."""
+    from medvit.layers.window_attention import WindowAttention
+
+    attn = WindowAttention(8, 2, (3, 3, 3), shift_size=shift).eval()
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    x = torch.randn(2, 6, 6, 5, 8)  # padded to 6 x 6 x 6, two windows per axis
+    with torch.no_grad():
+        want = attn(x)
+    xi = x.clone().requires_grad_()
+    got = attn(xi)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.square().sum().backward()
+    assert xi.grad is not None and xi.grad.abs().sum() > 0
+    assert attn.relative_position_bias_table.grad.abs().sum() > 0
