@@ -66,7 +66,9 @@ from medvit.pipelines.recipes import recipe_names
 @click.option("--split-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Take the folds from this file (nnU-Net's splits_final.json, or a run's splits.json) "
               "instead of drawing them; with --fold.")
-@click.option("--val-every", default=1, show_default=True, help="Validate every N epochs.")
+@click.option("--val-every", type=int, default=None,
+              help="Validate every N epochs [default: every epoch; segmentation: every epoch, or as many "
+              "epochs as make 250 steps when epochs are shorter (a few cases), and at the end].")
 @click.option("--workers", type=int, default=None,
               help="Segmentation: processes that read crops and augment them while the model trains "
               "[default: on a GPU all cores but one, at most 8; on a CPU one per four cores].")
@@ -184,7 +186,7 @@ def train_classifier(o: dict) -> None:
         lr=o["lr"], weight_decay=o["weight_decay"], optimizer=o["optimizer"], sam=o["sam"], sam_rho=o["sam_rho"],
         ema=o["ema"], teacher=o["teacher"], distill_weight=o["distill_weight"], init_encoder=o["init_encoder"],
         val_fraction=o["val_fraction"],
-        folds=o["folds"], fold=o["fold"], split_file=o["split_file"], val_every=o["val_every"], device=o["device"],
+        folds=o["folds"], fold=o["fold"], split_file=o["split_file"], val_every=o["val_every"] or 1, device=o["device"],
         amp=bool(o["amp"]), resume=o["resume"], seed=o["seed"], progress=not o["quiet"],
     )
     with terminate_unwinds():

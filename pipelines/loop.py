@@ -110,7 +110,8 @@ class EpochLoop:
         return {}
 
     def run_loop(self) -> None:
-        """Train to `total_steps`, validating every `cfg.val_every` epochs and at the end."""
+        """Train to `total_steps`, validating every `val_every` epochs (the trainer's, else
+        `cfg.val_every`) and at the end."""
         writer = None
         if self.is_main:
             out: Path = self.out
@@ -142,7 +143,8 @@ class EpochLoop:
                         break
                 self.epoch += 1
                 end = self.step >= self.total_steps
-                if self.is_main and (end or self.epoch % self.cfg.val_every == 0):
+                every = getattr(self, "val_every", None) or self.cfg.val_every
+                if self.is_main and (end or self.epoch % every == 0):
                     self._end_of_epoch(writer)
         finally:
             bar.close()

@@ -66,6 +66,9 @@ from medvit.registry import variant_accepts
 
 
 DEFAULT_EPOCHS = 100
+# Validation (a sliding window over every validation case, then two checkpoints) at most about
+# this often by default: nnU-Net's epoch is 250 steps; an epoch of a few cases is one or two.
+VAL_STEPS = 250
 
 
 @dataclass
@@ -92,7 +95,7 @@ class TrainConfig:
     folds: int | None = None
     fold: int | str | None = None
     split_file: str | Path | None = None
-    val_every: int = 1
+    val_every: int | None = None  # None: every epoch, or every VAL_STEPS steps' worth of short epochs
     overlap: float = 0.25
     device: str = "auto"
     amp: bool | None = None  # None: where the device has it (`training_dtype`)
@@ -184,6 +187,9 @@ class Trainer(EpochLoop):
         total = epochs * steps_per_epoch if epochs is not None else config.max_steps
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         self.warmup = max(1, int(config.warmup_fraction * self.total_steps))
+        self.val_every = config.val_every if config.val_every is not None else max(1, -(-VAL_STEPS // steps_per_epoch))
+        if self.val_every < 1:
+            raise MedvitError(f"--val-every must be >= 1, got {self.val_every}")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.recipe.schedule, self.total_steps, self.warmup)
@@ -332,8 +338,8 @@ class Trainer(EpochLoop):
 
     # -- loop -----------------------------------------------------------------------------
     def _train_step(self, batch: dict) -> float:
-        x = batch["image"].to(self.device)
-        y = batch["label"].to(self.device)
+        x = batch["image"].to(self.device, non_blocking=True)  # pinned by the loader on CUDA
+        y = batch["label"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp_dtype is not None, self.amp_dtype):
             if self.teacher is None:

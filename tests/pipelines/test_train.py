@@ -35,7 +35,7 @@ def config(dataset, out, **kw) -> TrainConfig:
     base = dict(
         data=dataset, out_dir=out, model="unetr_tiny", model_args=MODEL_ARGS, epochs=3,
         patch_size=(32, 32, 32), spacing=(4.0, 4.0, 4.0), batch_size=2, samples_per_volume=1,
-        lr=1e-3, progress=False,
+        lr=1e-3, progress=False, val_every=1,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -55,8 +55,18 @@ def test_training_length_from_epochs_and_max_steps(dataset, tmp_path, epochs, ma
     assert Trainer(config(dataset, tmp_path, epochs=epochs, max_steps=max_steps)).total_steps == total
 
 
+def test_short_epochs_validate_every_250_steps_by_default(dataset, tmp_path) -> None:
+    """An epoch of two cases is one step: validating (and writing two checkpoints) after each
+    would cost more than training; by default it waits for 250 steps' worth of epochs."""
+    assert Trainer(config(dataset, tmp_path, epochs=2, val_every=None)).val_every == 250
+    assert Trainer(config(dataset, tmp_path, epochs=2, batch_size=1, val_every=None)).val_every == 125
+    assert Trainer(config(dataset, tmp_path, epochs=2, val_every=1)).val_every == 1
+    with pytest.raises(MedvitError, match="--val-every must be >= 1"):
+        Trainer(config(dataset, tmp_path, val_every=0))
+
+
 def test_train_writes_checkpoints_card_and_tensorboard(dataset, tmp_path) -> None:
-    result = train(config(dataset, tmp_path, epochs=2))
+    result = train(config(dataset, tmp_path, epochs=2, val_every=1))
     assert result.steps == 2 and result.epochs == 2  # 2 training cases, batch 2: 1 step an epoch
     for name in ("last.safetensors", "best.safetensors", "last_state.pt", "config.json"):
         assert (tmp_path / name).exists(), name
@@ -73,6 +83,7 @@ def test_train_writes_checkpoints_card_and_tensorboard(dataset, tmp_path) -> Non
     assert {"train/loss", "train/lr", "val/mean_dice", "val/dice_liver"} <= set(tags["scalars"])
     assert "val/prediction" in tags["images"]
     assert len(events.Scalars("train/loss")) == 2
+    assert [e.step for e in events.Scalars("val/mean_dice")] == [1, 2]  # every epoch, as asked
 
 
 def test_loss_decreases_when_overfitting(dataset, tmp_path) -> None:

@@ -44,7 +44,7 @@ def config(dataset: Path, out: Path, **kw) -> TrainConfig:
     base = dict(
         data=str(dataset), out_dir=str(out), model="unetr_tiny", model_args=MODEL_ARGS, epochs=EPOCHS,
         patch_size=(32, 32, 32), spacing=(4.0, 4.0, 4.0), batch_size=1, samples_per_volume=1, lr=1e-3,
-        progress=False,
+        progress=False, val_every=1,  # a checkpoint every epoch to resume from
     )
     base.update(kw)
     return TrainConfig(**base)
