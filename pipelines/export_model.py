@@ -155,6 +155,7 @@ def _export(
     out = Path(out_path)
     _check_output(out)
     model, card = load_checkpoint(checkpoint)
+    model.eval()  # what `medvit segment` runs: no dropout or stochastic depth
     slice_spec(card, model)  # the card's slicing fits the model, as `medvit segment` will need
     window = (int(model.in_chans), *(int(p) for p in card.patch_size))
     gen = torch.Generator().manual_seed(0)

@@ -78,7 +78,6 @@ def border_window_masks(
     return mixed, torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
 
 
-@functools.lru_cache(maxsize=8)  # a 3D Swin uses one entry per shifted stage and dtype
 def _biased_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
     masks: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None, drop: float,
@@ -100,6 +99,7 @@ def _biased_attention(
     return torch.matmul(attn, v)
 
 
+@functools.lru_cache(maxsize=8)  # a 3D Swin uses one entry per shifted stage and dtype
 def _shift_masks(
     grid: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...], device: torch.device, dtype: torch.dtype
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -232,7 +232,7 @@ class WindowAttention(nn.Module):
                 self, q, k, v, attn_mask=bias, dropout_p=drop, query_grid=self.window_size, query_prefix=0,
                 key_prefix=0, tiled_grid=grid,
             )
-        elif q.requires_grad and q.device.type == "cpu" and not exporting:
+        elif self.training and torch.is_grad_enabled() and q.device.type == "cpu" and not exporting:
             y = _biased_attention(q, k, v, bias, masks, drop)
         elif masks is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)

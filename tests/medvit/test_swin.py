@@ -335,6 +335,7 @@ def test_training_attention_equals_the_inference_path(shift) -> None:
     x = torch.randn(2, 6, 6, 5, 8)  # padded to 6 x 6 x 6, two windows per axis
     with torch.no_grad():
         want = attn(x)
+    attn.train()  # no dropout configured: training and evaluation compute the same
     xi = x.clone().requires_grad_()
     got = attn(xi)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
