@@ -12,12 +12,7 @@ from the first process's start to the last mask on disk:
 - one call with prefetch: the next scan read and preprocessed in a thread while the model
   runs (the default on CUDA);
 - torchrun: `torchrun --nproc_per_node N -m medvit.cli segment FOLDER`, each process with
-  cores / N threads and its own share of the scans;
-- MONAI: the reference a MONAI user writes for a folder, in one process with the model
-  loaded once: LoadImaged -> Orientationd -> Spacingd -> ScaleIntensityRanged (the
-  checkpoint's preprocessing) -> sliding_window_inference (the checkpoint's network and
-  window, overlap 0.5 as medvit's default, gaussian) -> Invertd -> argmax -> SaveImaged;
-  its masks' agreement with medvit's is printed.
+  cores / N threads and its own share of the scans.
 
 Printed: scans per minute of each and its ratio to the separate calls; the masks of every
 way are checked equal to the first's (fp32 throughout, so thread counts cannot flip a voxel).
@@ -49,40 +44,6 @@ PREFETCH = (
     "import sys; from medvit.pipelines.segment import SegmentConfig, segment; "
     "segment([sys.argv[1]], sys.argv[2], sys.argv[3], SegmentConfig(progress=False, precision='fp32', prefetch=True))"
 )
-
-
-def monai_folder(folder: str, ckpt: str, out: str) -> None:
-    """The MONAI reference over every scan of `folder` (run as `--child-monai`)."""
-    import torch
-    from monai.data import MetaTensor
-    from monai.inferers import sliding_window_inference
-    from monai.transforms import (
-        AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd, SaveImaged,
-        ScaleIntensityRanged, Spacingd,
-    )  # fmt: skip
-
-    from medvit.pipelines.checkpoint import load_checkpoint
-
-    model, card = load_checkpoint(ckpt)
-    model.eval()
-    prep = card.preprocessing
-    lo, hi = prep["ct_window"]
-    pre = Compose([
-        LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes="RAS"),
-        Spacingd("image", pixdim=prep["spacing"], mode="bilinear"),
-        ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-    ])  # fmt: skip
-    for scan in sorted(Path(folder).iterdir()):
-        d = pre({"image": str(scan)})
-        with torch.no_grad():
-            logits = sliding_window_inference(d["image"][None], card.patch_size, 4, model, overlap=0.5, mode="gaussian")
-        d["pred"] = MetaTensor(torch.softmax(logits[0], 0), meta=d["image"].meta,
-                               applied_operations=d["image"].applied_operations)  # fmt: skip
-        d = AsDiscreted("pred", argmax=True)(Invertd("pred", pre, orig_keys="image", nearest_interp=False)(d))
-        name = scan.name.removesuffix(".nii.gz")
-        SaveImaged("pred", output_dir=out, output_postfix="seg", separate_folder=False, resample=False,
-                   output_dtype=np.uint8, print_log=False, output_name_formatter=lambda meta, saver: {
-                       "subject": name, "idx": None})(d)  # fmt: skip
 
 
 def make_folder(folder: Path, copies: int) -> list[Path]:
@@ -118,11 +79,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "sample_data" / "phantom_segformer3d.safetensors"))
     parser.add_argument("--copies", type=int, default=2)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--child-monai", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child_monai:
-        monai_folder(*args.child_monai)
-        return
     if not DATA.exists():
         sys.exit(f"shared real scans not found at {DATA}")
     cores = os.cpu_count() or 1
@@ -140,10 +97,8 @@ def main() -> None:
             f"torchrun x{args.nproc}": [[sys.executable, "-m", "torch.distributed.run", "--standalone",
                                          "--nproc_per_node", str(args.nproc), "-m", "medvit.cli", "segment",
                                          str(folder), *opts, "-o", str(work / "torchrun")]],  # fmt: skip
-            "MONAI, one process": [[sys.executable, __file__, "--child-monai", str(folder), args.model,
-                                    str(work / "monai")]],  # fmt: skip
         }
-        outs = ["separate", "default", "prefetch", "torchrun", "monai"]
+        outs = ["separate", "default", "prefetch", "torchrun"]
         print(f"{len(scans)} scans ({', '.join(SCANS)} x{args.copies}), model {Path(args.model).name}, "
               f"{cores} cores, fp32")  # fmt: skip
         times = {}
@@ -155,11 +110,8 @@ def main() -> None:
             got = masks(work / out)
             if len(got) != len(scans):
                 sys.exit(f"{way}: {len(got)} masks for {len(scans)} scans")
-            first = masks(work / "separate")
-            if out == "monai":
-                agree = [float((got[n] == first[n]).mean()) if got[n].shape == first[n].shape else 0.0 for n in first]
-                print(f"  MONAI's masks agree with medvit's on {100 * min(agree):.3f}-{100 * max(agree):.3f} % of voxels")
-            elif out != "separate":
+            if out != "separate":
+                first = masks(work / "separate")
                 differ = [n for n in got if not np.array_equal(got[n], first[n])]
                 if differ:
                     print(f"  note: {way} masks differ from the separate calls' for {', '.join(differ)}")
