@@ -153,7 +153,7 @@ class CaseCache:
         affine = np.asarray(data["image"].affine, dtype=np.float64)
         del data
         label = np.rint(label).astype(np.uint8 if self.num_classes <= 256 else np.int16)
-        groups = centre_groups(label, image[0], self.num_classes, np.random.default_rng(int(self.key(case)[:8], 16)))
+        groups = centre_groups(label, image[0], self.num_classes, np.random.default_rng(int(folder.name[:8], 16)))
         spans, start = {}, 0
         for name, idx in groups.items():
             spans[name] = [start, start + idx.size]

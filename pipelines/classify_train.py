@@ -145,6 +145,7 @@ class ClassifyTrainer(EpochLoop):
         else:
             epochs = config.epochs if config.epochs is not None else -(-config.max_steps // self.steps_per_epoch)
         self.total_steps = epochs * self.steps_per_epoch
+        self.val_every = config.val_every
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.warmup = min(self.recipe.warmup_epochs * self.steps_per_epoch, self.total_steps // 4)

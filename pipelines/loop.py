@@ -86,7 +86,8 @@ class EpochLoop:
     """The step loop of a training run.
 
     A subclass has `cfg` (with `progress`, `resume`), `out`, `is_main`, `world`, `step`,
-    `epoch`, `total_steps`, `train_loader`, `scheduler` and `split` (None: no splits.json),
+    `epoch`, `total_steps`, `val_every` (epochs between validations), `train_loader`, `scheduler`
+    and `split` (None: no splits.json),
     and implements
     `_run_info()` (what `config.json` holds), `_seed_epoch()`, `_train_step(batch) -> loss`
     and `_end_of_epoch(writer)` (validation and checkpoints, on the main process);
@@ -110,8 +111,7 @@ class EpochLoop:
         return {}
 
     def run_loop(self) -> None:
-        """Train to `total_steps`, validating every `val_every` epochs (the trainer's, else
-        `cfg.val_every`) and at the end."""
+        """Train to `total_steps`, validating every `val_every` epochs and at the end."""
         writer = None
         if self.is_main:
             out: Path = self.out
@@ -143,8 +143,7 @@ class EpochLoop:
                         break
                 self.epoch += 1
                 end = self.step >= self.total_steps
-                every = getattr(self, "val_every", None) or self.cfg.val_every
-                if self.is_main and (end or self.epoch % every == 0):
+                if self.is_main and (end or self.epoch % self.val_every == 0):
                     self._end_of_epoch(writer)
         finally:
             bar.close()

@@ -121,6 +121,7 @@ class Pretrainer(EpochLoop):
         epochs = config.epochs if config.epochs is not None or config.max_steps else DEFAULT_EPOCHS
         total = epochs * steps_per_epoch if epochs is not None else config.max_steps
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
+        self.val_every = config.val_every
         self.warmup = max(1, int(config.warmup_fraction * self.total_steps))
 
         wd = WEIGHT_DECAY[config.method] if config.weight_decay is None else config.weight_decay
