@@ -71,7 +71,8 @@ from medvit.pipelines.recipes import recipe_names
               "epochs as make 250 steps when epochs are shorter (a few cases), and at the end].")
 @click.option("--workers", type=int, default=None,
               help="Segmentation: processes that read crops and augment them while the model trains "
-              "[default: on a GPU all cores but one, at most 8; on a CPU one per four cores].")
+              "[default: on a GPU all cores but one, at most 8; on a CPU one per four cores, at least one "
+              "from two].")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Segmentation: where cases are kept preprocessed, filled once and reused by later runs "
               "[default: $MEDVIT_CACHE_DIR, else ~/.cache/medvit/cases]; safe to delete.")
