@@ -66,7 +66,9 @@ def test_large_blocks_are_reused_inside_and_handed_back_after() -> None:
     # most later steps fault in no new map (glibc may still hand a block back now and then)
     assert sum(f < map_pages // 10 for f in r["inside"][2:]) >= 2, r
     assert sum(r["inside"]) < sum(r["outside"]) / 2, r
-    assert sum(r["nested"]) < map_pages // 10, r
+    # a nested block leaving keeps the outer setting: no step maps afresh as every step outside does
+    # (one block handed back and faulted in again is a map's pages, not the outside's many)
+    assert max(r["nested"]) < min(r["outside"]) / 2, r
     assert r["map"] <= r["held"] < 8 * r["map"], r  # the freed maps stay in the heap while inside...
     assert r["left"] < r["map"], r  # ...and are handed back to the OS on leaving
 
