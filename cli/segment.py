@@ -33,7 +33,7 @@ from medvit.cli._common import device_option, terminate_unwinds, user_errors
               help="nifti: <stem>_seg.nii.gz; dicom-seg: <stem>_seg.dcm, a DICOM Segmentation object referencing "
                    "the source series (DICOM series folders only); both.")
 @click.option("--body-crop", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
-              help="auto: CT models run their windows only over the box that holds the body (background outside); "
+              help="auto: CT models run only the windows that hold some of the body (background outside them); "
                    "none: over the whole grid.")
 @click.option("--skip-existing", is_flag=True,
               help="Leave out scans whose masks and <stem>_volumes.json exist (resume a stopped batch); "

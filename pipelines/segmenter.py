@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from medvit.pipelines.atomic import write_json
-from medvit.pipelines.body import body_box, window_box
+from medvit.pipelines.body import body_box, body_mask, head_foot_axis, window_box
 from medvit.pipelines.checkpoint import ModelCard, load_model, model_precision, require_task
 from medvit.pipelines.dicom_seg import check_dicom_seg_input, read_seg_sources, write_dicom_seg
 from medvit.pipelines.errors import MedvitError
@@ -45,12 +45,13 @@ from medvit.pipelines.slicing import SliceSpec
 from medvit.pipelines.statistics import STATS_SUFFIX, label_statistics, statistics_payload, voxel_volume_ml
 from medvit.pipelines.stitch import (
     Placed,
-    window_starts,
     accumulator_device,
     invert_argmax,
     invert_probabilities,
     stream_probabilities,
     stream_slice_probabilities,
+    window_runs,
+    window_starts,
 )
 
 
@@ -176,12 +177,15 @@ class Prepared:
             intensity settings share one tensor).
         voxel_to_model: Map from scan voxels to model-space voxels.
         box: The part of the model grid the windows run over (`body_crop`); None: all of it.
+        body: The body grown by its margin, boolean over the model grid (`body_crop`): windows
+            inside the box that hold none of it are skipped. None: every window runs.
     """
 
     scan: Scan
     images: list[torch.Tensor]
     voxel_to_model: np.ndarray
     box: tuple[slice, slice, slice] | None = None
+    body: torch.Tensor | None = None
 
 
 class Segmenter:
@@ -260,7 +264,11 @@ class Segmenter:
         if any(s < 1 for s in shape):
             raise MedvitError(f"{scan.path}: empty after resampling")
         resampled = resample_scan(scan.array, affine, scan.affine, shape)
-        box = self._body_box(resampled) if self.config.body_crop == "auto" else None
+        box = body = None
+        if self.config.body_crop == "auto" and self._is_ct:
+            axial = head_foot_axis(self.prep.orientation)
+            box = body_box(resampled, self.prep.spacing, axial_axis=axial)
+            body = body_mask(resampled, self.prep.spacing, axial_axis=axial)
         images: list[torch.Tensor] = []
         scaled: dict[str, torch.Tensor] = {}
         for member in self.members:
@@ -271,13 +279,12 @@ class Segmenter:
                 scaled[key] = scale_intensity(resampled if len(self.members) == 1 else resampled.clone(),
                                               prep.intensity, prep.ct_window, norm)
             images.append(scaled[key])
-        return Prepared(scan, images, np.linalg.solve(affine, np.asarray(scan.affine, dtype=float)), box)
+        return Prepared(scan, images, np.linalg.solve(affine, np.asarray(scan.affine, dtype=float)), box, body)
 
-    def _body_box(self, hu: torch.Tensor) -> tuple[slice, slice, slice] | None:
-        """The body's box on the model grid, for models whose inputs are CT in HU."""
-        if any(m.prep.intensity not in ("ct", "ct-fingerprint") for m in self.members):
-            return None
-        return body_box(hu, self.prep.spacing)
+    @property
+    def _is_ct(self) -> bool:
+        """Whether every member's inputs are CT in HU (where the body can be found)."""
+        return all(m.prep.intensity in ("ct", "ct-fingerprint") for m in self.members)
 
     def _member_box(self, member: _Member, body: Sequence[slice], size: Sequence[int]) -> tuple[slice, ...]:
         """The windows of `member` that reach into the body (and a 2D model's slab neighbours)."""
@@ -293,8 +300,10 @@ class Segmenter:
         plane = iter(member.card.patch_size)
         return tuple(member.slices.slab if a == member.slices.axis else int(next(plane)) for a in range(3))
 
-    def _window_count(self, member: _Member, size: Sequence[int]) -> int:
+    def _window_count(self, member: _Member, size: Sequence[int], region: torch.Tensor | None = None) -> int:
         window = self._window3d(member)
+        if region is not None:  # 3D members only (`_region`)
+            return int(window_runs(size, window, self.config.overlap, region).sum())
         if member.slices is not None:
             return int(size[member.slices.axis]) * int(np.prod(
                 [len(window_starts(max(s, w), w, self.config.overlap)) for a, (s, w) in enumerate(zip(size, window))
@@ -317,10 +326,13 @@ class Segmenter:
         return run
 
     @torch.inference_mode()
-    def _probabilities(self, images: Sequence[torch.Tensor], box: tuple[slice, ...] | None = None) -> torch.Tensor | Placed:
+    def _probabilities(
+        self, images: Sequence[torch.Tensor], box: tuple[slice, ...] | None = None, body: torch.Tensor | None = None
+    ) -> torch.Tensor | Placed:
         """Model-space class probabilities `(K, X, Y, Z)` on the CPU: averaged over the
         flips with TTA, then over the ensemble's members; with a `box`, those of the box
-        (`Placed`: background outside it)."""
+        (`Placed`: background outside it); with a `body` mask, 3D members skip the windows
+        that hold none of it."""
         dims = [1 + a for a in self.tta_axes]
         flips = [()] if not self.config.tta else [
             axes for n in range(len(dims) + 1) for axes in itertools.combinations(dims, n)
@@ -335,11 +347,13 @@ class Segmenter:
         run = full = 0
         for member, image, own in zip(self.members, images, boxes, strict=True):
             x = (image[:, own[0], own[1], own[2]] if own is not None else image).to(self.device)
-            run += len(flips) * self._window_count(member, x.shape[1:])
+            region = self._region(member, body, own)
             full += len(flips) * self._window_count(member, size)
             for axes in flips:
                 xi = torch.flip(x, axes) if axes else x
-                prob = self._stream(member, xi, progress)
+                ri = torch.flip(region, [a - 1 for a in axes]) if axes and region is not None else region
+                run += self._window_count(member, xi.shape[1:], ri)
+                prob = self._stream(member, xi, progress, ri)
                 prob = torch.flip(prob, axes) if axes else prob
                 if own is not None and own != union:  # onto the union of the members' boxes
                     prob = _placed_in(prob, own, union)
@@ -361,7 +375,15 @@ class Segmenter:
             axes.remove(left_right_axis(self.prep.orientation))
         return axes
 
-    def _stream(self, member: _Member, x: torch.Tensor, progress: bool) -> torch.Tensor:
+    @staticmethod
+    def _region(member: _Member, body: torch.Tensor | None, own: Sequence[slice] | None) -> torch.Tensor | None:
+        """The body over a 3D member's box, whose windows run only where they hold some of it
+        (2D members run every slice of their box)."""
+        if body is None or member.slices is not None:
+            return None
+        return body[own[0], own[1], own[2]] if own is not None else body
+
+    def _stream(self, member: _Member, x: torch.Tensor, progress: bool, region: torch.Tensor | None = None) -> torch.Tensor:
         k, patch = member.card.num_classes, member.card.patch_size
         if member.slices is not None:
             return stream_slice_probabilities(
@@ -370,13 +392,13 @@ class Segmenter:
             )
         return stream_probabilities(
             self._predictor(member), x, patch, k, self.sw_batch_size, self.config.overlap,
-            self.store_dtype, accumulate_on=accumulator_device(x, k, patch), progress=progress,
+            self.store_dtype, accumulate_on=accumulator_device(x, k, patch), progress=progress, region=region,
         )
 
     def predict_proba(self, scan: Scan) -> torch.Tensor:
         """Class probabilities `(C, *scan.shape)` float32 on the scan's own grid."""
         prepared = self.prepare(scan)
-        prob = self._probabilities(prepared.images, prepared.box)
+        prob = self._probabilities(prepared.images, prepared.box, prepared.body)
         return invert_probabilities(prob, prepared.voxel_to_model, scan.shape)
 
     def predict(self, scan: Scan | Prepared) -> np.ndarray:
@@ -384,7 +406,7 @@ class Segmenter:
         prepared = scan if isinstance(scan, Prepared) else self.prepare(scan)
         scan = prepared.scan
         return_freed_memory()
-        prob = self._probabilities(prepared.images, prepared.box)
+        prob = self._probabilities(prepared.images, prepared.box, prepared.body)
         prepared.images = []  # the model-space volumes are not needed any more
         return_freed_memory()
         classes = invert_argmax(prob, prepared.voxel_to_model, scan.shape, self.keep)

@@ -62,6 +62,7 @@ def stream_probabilities(
     store_dtype: torch.dtype = torch.float16,
     accumulate_on: torch.device | None = None,
     progress: bool = False,
+    region: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities `(K, X, Y, Z)` (on the CPU) of a 3D model over image `(C, X, Y, Z)`.
 
@@ -75,6 +76,8 @@ def stream_probabilities(
         store_dtype: Precision the finished probabilities are kept in.
         accumulate_on: Device of the one-window-deep accumulator (default: the image's).
         progress: Show a progress bar.
+        region: Boolean `(X, Y, Z)`: only the windows that hold some of it run (`window_runs`);
+            voxels no window covers are background. None: every window.
     """
     # stream along the longest axis (the last on ties): the accumulator spans the other two
     extents = [s - r for s, r in zip(image.shape[1:], roi)]
@@ -90,6 +93,7 @@ def stream_probabilities(
         moved = stream_probabilities(
             predict_moved, image.permute(0, *[1 + a for a in order]), [roi[a] for a in order], num_classes,
             sw_batch_size, overlap, store_dtype, accumulate_on, progress,
+            None if region is None else region.permute(*order),
         )
         return moved.permute(0, *[1 + b for b in back])
     roi = tuple(int(r) for r in roi)
@@ -99,6 +103,7 @@ def stream_probabilities(
     acc_device = accumulate_on or image.device
     weights = gaussian_weights(roi, acc_device)
     starts = [window_starts(s, r, overlap) for s, r in zip(padded, roi)]
+    runs = window_runs(size, roi, overlap, region)
     out = torch.empty(num_classes, *size, dtype=store_dtype)
     depth = roi[2]
     # the exact path accumulates in fp32; the default one in fp16 (sums of <= 8 weighted
@@ -108,12 +113,12 @@ def stream_probabilities(
     wsum = torch.zeros(padded[0], padded[1], depth, device=acc_device)
     acc_weights = weights.to(acc_dtype)
     rows = starts[2]
-    bar = tqdm(total=len(starts[0]) * len(starts[1]) * len(rows), desc="windows", unit="win", disable=not progress)
+    bar = tqdm(total=int(runs.sum()), desc="windows", unit="win", disable=not progress)
     # every window allocates the same activations: keep them in the heap from one window to
     # the next (the output and accumulators above stay outside, mapped on their own)
     with reuse_large_blocks():
         for r, z in enumerate(rows):
-            windows = [(x, y) for x in starts[0] for y in starts[1]]
+            windows = [(x, y) for i, x in enumerate(starts[0]) for j, y in enumerate(starts[1]) if runs[i, j, r]]
             for b in range(0, len(windows), sw_batch_size):
                 batch = windows[b : b + sw_batch_size]
                 x_in = torch.stack([image[:, x : x + roi[0], y : y + roi[1], z : z + depth] for x, y in batch])
@@ -131,14 +136,40 @@ def stream_probabilities(
     return out
 
 
+def window_runs(size: Sequence[int], roi: Sequence[int], overlap: float, region: torch.Tensor | None = None) -> np.ndarray:
+    """Which of the sliding windows over a volume of `size` run: a boolean per window position
+    `(len(starts x), len(starts y), len(starts z))`, True where the window holds some of
+    `region` (every window when `region` is None). Positions are MONAI's, over the volume
+    zero-padded to the window as `stream_probabilities` pads it."""
+    pads = _pads(size, roi)
+    padded = [s + a + b for s, (a, b) in zip(size, pads)]
+    starts = [window_starts(s, r, overlap) for s, r in zip(padded, roi)]
+    if region is None:
+        return np.ones([len(s) for s in starts], dtype=bool)
+    if tuple(region.shape) != tuple(size):
+        raise ValueError(f"region {tuple(region.shape)} does not match the volume {tuple(size)}")
+    # windows of the padded volume, in the unpadded volume's coordinates
+    spans = [[(max(0, st - a), max(0, min(n, st - a + r))) for st in ss] for ss, (a, _), r, n in zip(starts, pads, roi, size)]
+    out = np.zeros([len(s) for s in starts], dtype=bool)
+    for i, (x0, x1) in enumerate(spans[0]):
+        for j, (y0, y1) in enumerate(spans[1]):
+            for k, (z0, z1) in enumerate(spans[2]):
+                out[i, j, k] = bool(region[x0:x1, y0:y1, z0:z1].any())
+    return out
+
+
 def _pad_to_window(x: torch.Tensor, roi: Sequence[int]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Zero-pad the trailing spatial axes of `x` that are shorter than the window, symmetrically
     as MONAI does; the padded tensor and the (before, after) padding per axis."""
-    size = x.shape[x.ndim - len(roi) :]
-    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size)]
+    pads = _pads(x.shape[x.ndim - len(roi) :], roi)
     if any(p for pair in pads for p in pair):
         x = F.pad(x, [p for pair in reversed(pads) for p in pair])
     return x, pads
+
+
+def _pads(size: Sequence[int], roi: Sequence[int]) -> list[tuple[int, int]]:
+    """MONAI's symmetric zero padding of axes shorter than the window: (before, after) per axis."""
+    return [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for r, s in zip(roi, size)]
 
 
 def _slide(buf: torch.Tensor, done: int) -> None:
@@ -237,8 +268,13 @@ def _finish(
         if hi <= lo:
             continue
         a, b = lo - (z - z0), hi - (z - z0)  # the same planes in the accumulator
-        logits = acc[:, x0 : x0 + sx, y0 : y0 + sy, a:b].float() / wsum[x0 : x0 + sx, y0 : y0 + sy, a:b]
-        out[..., lo:hi] = torch.softmax(logits, dim=0).to(out.dtype)
+        w = wsum[x0 : x0 + sx, y0 : y0 + sy, a:b]
+        prob = torch.softmax(acc[:, x0 : x0 + sx, y0 : y0 + sy, a:b].float() / w, dim=0)
+        empty = w == 0  # no window ran here (`region`): background
+        if empty.any():
+            prob[:, empty] = 0.0
+            prob[0, empty] = 1.0
+        out[..., lo:hi] = prob.to(out.dtype)
 
 
 def _plane_cost(voxel_to_model: np.ndarray, shape: Sequence[int]) -> int:

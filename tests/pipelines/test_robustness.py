@@ -43,7 +43,7 @@ def threshold_case(tmp_path_factory, phantom_scan) -> tuple[Segmenter, Path, Pat
     level = (THRESHOLD_HU - lo) / (hi - lo)
     calls: list[int] = []
 
-    def fake(images: list[torch.Tensor], box=None) -> torch.Tensor:  # noqa: ANN001 - the whole grid, box or not
+    def fake(images: list[torch.Tensor], box=None, body=None) -> torch.Tensor:  # noqa: ANN001 - the whole grid, box or not
         calls.append(1)
         x = torch.as_tensor(images[0])[0]
         out = torch.zeros(seg.card.num_classes, *x.shape)

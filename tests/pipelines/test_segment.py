@@ -28,7 +28,7 @@ def _threshold_logits(seg: Segmenter, prep_window=(-175.0, 250.0)):
     lo, hi = prep_window
     level = (THRESHOLD_HU - lo) / (hi - lo)
 
-    def fake(images: list[torch.Tensor], box=None) -> torch.Tensor:  # noqa: ANN001 - the whole grid, box or not
+    def fake(images: list[torch.Tensor], box=None, body=None) -> torch.Tensor:  # noqa: ANN001 - the whole grid, box or not
         x = torch.as_tensor(images[0])[0]
         out = torch.zeros(seg.card.num_classes, *x.shape)
         out[1] = (x > level).float()

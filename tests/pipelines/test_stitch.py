@@ -16,6 +16,7 @@ from medvit.pipelines.stitch import (
     invert_probabilities,
     stream_probabilities,
     slice_windows,
+    window_runs,
     window_starts,
 )
 
@@ -59,6 +60,39 @@ def test_stream_equals_monai_sliding_window(shape, overlap) -> None:
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
     fp16 = stream_probabilities(net, image, (16, 16, 16), 3, 3, overlap, torch.float16)
     assert fp16.dtype == torch.float16 and (fp16.float() - ref).abs().max() < 1e-3
+
+
+# streamed along z and along x (the longest: the region is permuted with the image)
+@pytest.mark.parametrize("shape", [(40, 33, 45), (47, 33, 40)])
+def test_windows_holding_no_region_are_skipped_and_the_region_is_exact(shape) -> None:
+    torch.manual_seed(0)
+    net = LocalNet().eval()
+    image = torch.rand(1, *shape)
+    region = torch.zeros(shape, dtype=torch.bool)
+    region[2:10, 25:31, 30:38] = True  # a blob in one corner
+    calls = []
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return net(x)
+
+    with torch.no_grad():
+        ref = torch.softmax(sliding_window_inference(image[None], (16, 16, 16), 3, net, 0.5, "gaussian")[0], 0)
+        ours = stream_probabilities(counted, image, (16, 16, 16), 3, 3, 0.5, torch.float32, region=region)
+    # the windows that run: MONAI's windows that hold some of the region, and only those
+    windows = dense_patch_slices(shape, (16, 16, 16), (8, 8, 8))
+    held = [w for w in windows if region[w].any()]
+    assert 0 < sum(calls) == len(held) == window_runs(shape, (16, 16, 16), 0.5, region).sum() < len(windows)
+    # every region voxel lies only in windows that run: its probabilities are the whole run's
+    torch.testing.assert_close(ours[:, region], ref[:, region], atol=1e-5, rtol=0)
+    covered = torch.zeros(shape, dtype=torch.bool)
+    for w in held:
+        covered[w] = True
+    assert (ours[0, ~covered] == 1).all() and (ours[1:, ~covered] == 0).all()  # no window ran: background
+    assert not torch.allclose(ours[:, covered & ~region], ref[:, covered & ~region], atol=1e-3)  # blended from fewer
+    # no region at all runs nothing; the whole grid as region runs everything
+    assert not window_runs(shape, (16, 16, 16), 0.5, torch.zeros(shape, dtype=torch.bool)).any()
+    assert window_runs((9, 20, 16), (16, 16, 16), 0.5, torch.ones(9, 20, 16, dtype=torch.bool)).shape == (1, 2, 1)
 
 
 # planes larger than the window (two overlaps) and smaller than it along one axis (padded)
