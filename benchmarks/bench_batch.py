@@ -1,6 +1,7 @@
-"""A folder of scans: scans per minute of `medvit segment` run four ways, in one run.
+"""A folder of scans: scans per minute of `medvit segment` run four ways and of the MONAI
+reference, in one run.
 
-Usage: python benchmarks/bench_batch.py [--model CKPT] [--copies 2] [--nproc 2]
+Usage: python benchmarks/bench_batch.py [--model CKPT] [--copies 2] [--nproc 2] [--skip-monai]
 
 The folder holds the shared real scans (example_ct, example_ct_sm, ct_patient3 and the
 DICOM series, copied), each `--copies` times under other names: 8 scans by default, of
@@ -12,10 +13,17 @@ from the first process's start to the last mask on disk:
 - one call with prefetch: the next scan read and preprocessed in a thread while the model
   runs (the default on CUDA);
 - torchrun: `torchrun --nproc_per_node N -m medvit.cli segment FOLDER`, each process with
-  cores / N threads and its own share of the scans.
+  cores / N threads and its own share of the scans;
+- one call at the default precision (bf16 on a CPU that has it), as a user runs it;
+- MONAI: the inference loop of MONAI's tutorials over the same folder, the same network and
+  weights (loaded once, fp32): Dataset + DataLoader (one worker reads and preprocesses the
+  next scan while the model runs) with LoadImaged, EnsureChannelFirstd, Orientationd,
+  Spacingd, ScaleIntensityRanged; sliding_window_inference (the checkpoint's patch, overlap
+  0.5, gaussian, sw_batch_size 4); decollate_batch, Invertd, AsDiscreted(argmax), SaveImaged.
 
-Printed: scans per minute of each and its ratio to the separate calls; the masks of every
-way are checked equal to the first's (fp32 throughout, so thread counts cannot flip a voxel).
+Printed: scans per minute of each and its ratio to the separate calls and to MONAI; the masks
+of every fp32 medvit way are checked equal to the first's (thread counts cannot flip a
+voxel); MONAI's and the default precision's are compared by the share of identical voxels.
 """
 
 from __future__ import annotations
@@ -44,6 +52,42 @@ PREFETCH = (
     "import sys; from medvit.pipelines.segment import SegmentConfig, segment; "
     "segment([sys.argv[1]], sys.argv[2], sys.argv[3], SegmentConfig(progress=False, precision='fp32', prefetch=True))"
 )
+
+
+def child_monai(folder: str, ckpt: str, out: str) -> None:
+    """MONAI's tutorial inference loop over a folder, with the checkpoint's network and settings."""
+    import torch
+    from monai.data import DataLoader, Dataset, decollate_batch
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import (
+        AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged, Orientationd,
+        SaveImaged, ScaleIntensityRanged, Spacingd,
+    )
+
+    from medvit.pipelines.checkpoint import load_checkpoint
+
+    model, card = load_checkpoint(ckpt)  # the same network and weights, fp32
+    prep = card.preprocessing
+    low, high = prep["ct_window"]
+    pre = Compose([
+        LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", axcodes=prep["orientation"]),
+        Spacingd("image", pixdim=prep["spacing"], mode="bilinear"),
+        ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+    ])
+    post = Compose([
+        Invertd("pred", pre, orig_keys="image", nearest_interp=False),
+        AsDiscreted("pred", argmax=True),
+        SaveImaged("pred", output_dir=out, output_postfix="seg", separate_folder=False, resample=False,
+                   output_dtype=np.uint8, print_log=False),
+    ])  # fmt: skip
+    files = [{"image": str(p)} for p in sorted(Path(folder).iterdir())]
+    loader = DataLoader(Dataset(files, pre), batch_size=1, num_workers=1)
+    with torch.no_grad():
+        for batch in loader:
+            logits = sliding_window_inference(batch["image"], card.patch_size, 4, model, overlap=0.5, mode="gaussian")
+            batch["pred"] = torch.softmax(logits, 1)
+            for item in decollate_batch(batch):
+                post(item)
 
 
 def make_folder(folder: Path, copies: int) -> list[Path]:
@@ -79,7 +123,12 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "sample_data" / "phantom_segformer3d.safetensors"))
     parser.add_argument("--copies", type=int, default=2)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--skip-monai", action="store_true", help="leave out the MONAI reference")
+    parser.add_argument("--child-monai", nargs=3, metavar=("FOLDER", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_monai:
+        child_monai(*args.child_monai)
+        return
     if not DATA.exists():
         sys.exit(f"shared real scans not found at {DATA}")
     cores = os.cpu_count() or 1
@@ -98,9 +147,13 @@ def main() -> None:
                                          "--nproc_per_node", str(args.nproc), "-m", "medvit.cli", "segment",
                                          str(folder), *opts, "-o", str(work / "torchrun")]],  # fmt: skip
         }
-        outs = ["separate", "default", "prefetch", "torchrun"]
+        ways["one call, default precision"] = [[*medvit, str(folder), "-m", args.model, "-q", "-o", str(work / "auto")]]
+        outs = ["separate", "default", "prefetch", "torchrun", "auto"]
+        if not args.skip_monai:
+            ways["MONAI loop"] = [[sys.executable, __file__, "--child-monai", str(folder), args.model, str(work / "monai")]]
+            outs.append("monai")
         print(f"{len(scans)} scans ({', '.join(SCANS)} x{args.copies}), model {Path(args.model).name}, "
-              f"{cores} cores, fp32")  # fmt: skip
+              f"{cores} cores, fp32 unless said")  # fmt: skip
         times = {}
         for (way, cmds), out in zip(ways.items(), outs):
             run_env = dict(env)
@@ -110,15 +163,22 @@ def main() -> None:
             got = masks(work / out)
             if len(got) != len(scans):
                 sys.exit(f"{way}: {len(got)} masks for {len(scans)} scans")
-            if out != "separate":
-                first = masks(work / "separate")
+            first = masks(work / "separate")
+            if out in ("monai", "auto"):  # another pipeline, or another precision: compared, not required equal
+                same = {n: float((got[n] == first[n]).mean()) if got[n].shape == first[n].shape else 0.0 for n in got}
+                worst = min(same, key=same.get)
+                print(f"  {way}: {min(same.values()) * 100:.3f}-{max(same.values()) * 100:.3f} % of mask voxels "
+                      f"identical to medvit's fp32 masks (least: {worst})")  # fmt: skip
+            elif out != "separate":
                 differ = [n for n in got if not np.array_equal(got[n], first[n])]
                 if differ:
                     print(f"  note: {way} masks differ from the separate calls' for {', '.join(differ)}")
         base = times["separate calls"]
-        print(f"{'way':<24} {'wall s':>8} {'scans/min':>10} {'vs separate':>12}")
+        monai = times.get("MONAI loop")
+        print(f"{'way':<28} {'wall s':>8} {'scans/min':>10} {'vs separate':>12} {'vs MONAI':>9}")
         for way, t in times.items():
-            print(f"{way:<24} {t:8.1f} {len(scans) * 60 / t:10.1f} {base / t:11.2f}x")
+            ratio = f"{monai / t:8.2f}x" if monai else f"{'-':>9}"
+            print(f"{way:<28} {t:8.1f} {len(scans) * 60 / t:10.1f} {base / t:11.2f}x {ratio}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -12,6 +12,7 @@ from monai.inferers import sliding_window_inference
 
 from medvit.pipelines.stitch import (
     accumulator_device,
+    class_argmax,
     invert_argmax,
     invert_probabilities,
     stream_probabilities,
@@ -126,6 +127,15 @@ def test_inversion_interpolates_linearly_and_clamps_at_edges() -> None:
     m = np.diag([0.5, 1.0, 1.0, 1.0])  # scan voxel i sits at model x = i / 2
     out = invert_probabilities(ramp, m, (12, 2, 2))
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4, 4, 4]))
+
+
+@pytest.mark.parametrize("classes", [1, 5, 300])
+def test_class_argmax_is_torchs_argmax_first_on_ties(classes) -> None:
+    torch.manual_seed(0)
+    p = torch.randint(0, 4, (classes, 7, 6, 5)).float()  # few values: many ties
+    got = class_argmax(p)
+    assert got.dtype == (torch.uint8 if classes <= 256 else torch.int64)
+    assert torch.equal(got.long(), p.argmax(0))
 
 
 def test_accumulator_goes_to_the_cpu_when_it_would_not_fit_the_gpu(monkeypatch) -> None:
