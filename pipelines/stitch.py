@@ -351,10 +351,13 @@ def invert_argmax(
 def class_argmax(p: torch.Tensor) -> torch.Tensor:
     """`p.argmax(0)` (the first class on ties), uint8 for up to 256 classes.
 
-    A running maximum over the classes: each step is an elementwise pass over contiguous
-    planes, where torch's argmax over the outer dimension is a strided reduction about 20x
-    slower on a CPU (0.2 s against 0.01 s for 5 classes of 512 x 512 x 4).
+    With the classes contiguous (innermost in memory) torch's max over them is fast;
+    otherwise a running maximum over the classes: each step is an elementwise pass over
+    contiguous planes, where argmax over the outer dimension is a strided reduction about
+    20x slower on a CPU (0.2 s against 0.01 s for 5 classes of 512 x 512 x 4).
     """
+    if p.stride(0) == 1 and p.ndim > 1:  # classes innermost: a contiguous reduction is the fast one
+        return p.movedim(0, -1).max(-1).indices.to(torch.uint8 if p.shape[0] <= 256 else torch.int64)
     best = p[0].clone()
     index = torch.zeros(p.shape[1:], dtype=torch.uint8 if p.shape[0] <= 256 else torch.int64, device=p.device)
     for k in range(1, p.shape[0]):

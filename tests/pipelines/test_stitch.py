@@ -133,9 +133,10 @@ def test_inversion_interpolates_linearly_and_clamps_at_edges() -> None:
 def test_class_argmax_is_torchs_argmax_first_on_ties(classes) -> None:
     torch.manual_seed(0)
     p = torch.randint(0, 4, (classes, 7, 6, 5)).float()  # few values: many ties
-    got = class_argmax(p)
-    assert got.dtype == (torch.uint8 if classes <= 256 else torch.int64)
-    assert torch.equal(got.long(), p.argmax(0))
+    for layout in (p, p.movedim(0, -1).contiguous().movedim(-1, 0)):  # classes outermost, and innermost
+        got = class_argmax(layout)
+        assert got.dtype == (torch.uint8 if classes <= 256 else torch.int64)
+        assert torch.equal(got.long(), p.argmax(0))
 
 
 def test_accumulator_goes_to_the_cpu_when_it_would_not_fit_the_gpu(monkeypatch) -> None:
