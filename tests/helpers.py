@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,3 +96,16 @@ def cli_one_line_error(args: list, *fragments: str) -> str:
     for f in fragments:
         assert f in lines[0], lines[0]
     return lines[0]
+
+
+def scan_affines() -> list[np.ndarray]:
+    """Scan affines: LPS, oblique (rotated 17 degrees in plane), and axes permuted."""
+    lps = np.diag([-0.8, -0.8, 2.5, 1.0])
+    lps[:3, 3] = [100.0, 120.0, -40.0]
+    a = np.deg2rad(17)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    oblique = np.eye(4)
+    oblique[:3, :3] = rot @ np.diag([1.1, 0.9, 3.0])
+    oblique[:3, 3] = [-20.0, 5.0, 7.5]
+    permuted = np.array([[0, 0, 2.0, 1.0], [1.5, 0, 0, -3.0], [0, -1.2, 0, 4.0], [0, 0, 0, 1]])
+    return [lps, oblique, permuted]

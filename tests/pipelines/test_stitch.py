@@ -10,9 +10,9 @@ import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 
+from medvit.pipelines.sampling import class_argmax
 from medvit.pipelines.stitch import (
     accumulator_device,
-    class_argmax,
     invert_argmax,
     invert_probabilities,
     stream_probabilities,
