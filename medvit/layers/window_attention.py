@@ -87,12 +87,17 @@ def _biased_attention(
     its math fallback also scans every score row for -inf (a quarter more time per step).
     The masks here are finite (`MASK_VALUE`), so no row is ever fully masked."""
     bw, heads, n, _ = q.shape
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1)) + bias
-    if masks is not None:
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
+    # bias and mask in the scores' precision: an fp32 bias would promote the bf16 scores of
+    # autocast to fp32, and every add, softmax and cast after it would move twice the bytes
+    bias = bias.to(scores.dtype)
+    if masks is None:
+        scores = scores + bias
+    else:
         nw, _, mixed, mask = masks
-        full = mask.new_zeros(nw, 1, n, n)
-        full[mixed] = mask[:, None]
-        scores = (scores.view(bw // nw, nw, heads, n, n) + full).view(bw, heads, n, n)
+        full = mask.new_zeros(nw, 1, n, n, dtype=scores.dtype)
+        full[mixed] = mask[:, None].to(scores.dtype)
+        scores = (scores.view(bw // nw, nw, heads, n, n) + (full + bias)).view(bw, heads, n, n)
     attn = scores.softmax(-1)
     if drop:
         attn = F.dropout(attn, drop)

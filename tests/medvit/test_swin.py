@@ -342,3 +342,34 @@ def test_training_attention_equals_the_inference_path(shift) -> None:
     got.square().sum().backward()
     assert xi.grad is not None and xi.grad.abs().sum() > 0
     assert attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_training_attention_keeps_bf16_scores_under_autocast() -> None:
+    """Under bf16 autocast the fp32 bias and mask join the scores in bf16 (an fp32 bias would
+    promote every score, softmax and cast after it to fp32); the result stays within bf16's
+    precision of the fp32 computation, and the bias still gets its gradient."""
+    from medvit.layers.window_attention import _biased_attention, _shift_masks
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(8, 2, 27, 4) for _ in range(3))
+    bias = torch.randn(2, 27, 27, requires_grad=True)
+    masks = _shift_masks((6, 6, 6), (3, 3, 3), (1, 1, 1), torch.device("cpu"), torch.float32)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SoftmaxInputs(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[torch.dtype] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func is torch.ops.aten._softmax.default:
+                self.seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    want = _biased_attention(q, k, v, bias.detach(), masks, 0.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16), SoftmaxInputs() as mode:
+        got = _biased_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias, masks, 0.0)
+    assert mode.seen == [torch.bfloat16] and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+    got.float().sum().backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
