@@ -11,7 +11,8 @@ A case's folder is named by a hash of what its arrays depend on: the source file
 size, modification time), the preprocessing, the label remapping and this format's
 version. It is written under a temporary name and renamed into place whole, so a folder
 that exists is complete, and two processes filling the same case at once both leave one
-correct folder. The cache lives in ``$MEDVIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/medvit/cases``
+correct folder; a killed fill's temporary folder is removed by the next fill of that case.
+The cache lives in ``$MEDVIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/medvit/cases``
 (``~/.cache/medvit/cases``), or where ``--cache-dir`` says; deleting it is always safe.
 """
 
@@ -22,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,8 @@ FORMAT = 1
 # Crop centres kept per class (and for the foreground / background of the pos-neg sampler):
 # enough to cover an organ, and a 512^3 scan's background is not a gigabyte of indices.
 MAX_CENTRES = 50_000
+# A temporary folder older than this is a killed fill's leftover (a fill takes seconds to minutes)
+STALE_FILL_S = 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -164,6 +168,7 @@ class CaseCache:
         }
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            _remove_stale(self.root, folder.name)
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=self.root))
         except OSError as exc:
             raise DatasetError.at(self.root, f"cannot write the preprocessed-case cache ({one_line(str(exc))})") from None
@@ -181,6 +186,17 @@ class CaseCache:
             raise DatasetError.at(self.root, f"cannot write the preprocessed-case cache ({one_line(str(exc))})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(root: Path, key: str, older_than_s: float = STALE_FILL_S) -> None:
+    """Temporary folders of this case left by a fill that was killed (SIGKILL runs no clean-up);
+    a younger one may be another process's fill still under way, and stays."""
+    for tmp in root.glob(f".{key}.*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def read_box(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:

@@ -4,6 +4,7 @@ batches that do not depend on the number of worker processes."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,23 @@ def test_a_failed_fill_leaves_nothing(dataset, tmp_path) -> None:
     with pytest.raises(DatasetError, match="cannot be read"):
         _cache(tmp_path, broken).get(case)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_killed_fills_leftover_is_removed_and_a_running_fill_is_not(dataset, tmp_path) -> None:
+    case = load_dataset(dataset).cases[2]
+    cache = _cache(tmp_path)
+    key = cache.key(case)
+    killed, running, other = tmp_path / f".{key}.dead", tmp_path / f".{key}.live", tmp_path / ".0123.dead"
+    for leftover in (killed, running, other):
+        leftover.mkdir()
+        (leftover / "image.npy").write_bytes(b"partial")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(killed, (hours_ago, hours_ago))
+    os.utime(other, (hours_ago, hours_ago))
+    cache.get(case)
+    # this case's old leftover is gone; a young one may be another process's fill; another
+    # case's leftover waits for that case's next fill
+    assert not killed.exists() and running.exists() and other.exists()
 
 
 def test_read_box_pads_with_zeros() -> None:
