@@ -162,7 +162,7 @@ def run_medvit(a: argparse.Namespace) -> dict:
         data=a.data, out_dir=a.out, model=a.model, patch_size=tuple(a.patch), spacing=tuple(a.spacing),
         batch_size=2, samples_per_volume=2, max_steps=a.warmup + a.steps, val_fraction=None, fold="all",
         val_every=10**9,  # with --dice: validated and saved once, at the end
-        folds=None, device="cpu", progress=False, workers=a.workers, cache_dir=a.cache,
+        folds=None, device="cpu", progress=False, workers=a.workers, cache_dir=a.cache, recipe=a.recipe,
     )
     trainer = Trainer(cfg)
     trainer.run()
@@ -298,7 +298,8 @@ def dice(a: argparse.Namespace, work: Path) -> None:
     print("| --- " * (8 + len(names)) + "|")
     for model in a.models:
         common = ["--data", str(data), "--model", model, "--patch", *map(str, a.patch), "--steps", str(a.dice),
-                  "--warmup", "0", "--workers", str(workers), "--spacing", *map(str, a.spacing)]  # fmt: skip
+                  "--warmup", "0", "--workers", str(workers), "--spacing", *map(str, a.spacing),
+                  "--recipe", a.recipe]  # fmt: skip
         for side in [s for s in a.sides if s != "monai-persistent"]:
             run, cache = work / f"run_{side}_{model}", work / f"cache_{model}"
             save = work / f"monai_{model}.pt" if side == "monai" else run / "last.safetensors"
@@ -313,7 +314,8 @@ def dice(a: argparse.Namespace, work: Path) -> None:
             medvit_segment(proxy, ckpt, masks, ["-q", "--precision", "fp32"])
             s = shifted_summary(score_masks(proxy, masks, medvit_labels(ckpt)), tuple(names))
             organs = " | ".join(f"{s['per_organ'][n]:.3f}" for n in names)
-            print(f"| {model} | {side} | {r.get('precision', 'float32')} | {a.dice} | {r['times'][-1]:.0f} | "
+            what = side if side == "monai" else f"{side} ({a.recipe})"
+            print(f"| {model} | {what} | {r.get('precision', 'float32')} | {a.dice} | {r['times'][-1]:.0f} | "
                   f"{s['original']:.3f} | {s['mean']:.3f} | {s['worst']:.3f} | {organs} |", flush=True)  # fmt: skip
 
 
@@ -335,6 +337,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cache", default=None, help=argparse.SUPPRESS)
     p.add_argument("--save", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--recipe", default="default", help="medvit's training recipe (default: `medvit train`'s)")
     p.add_argument("--dice", type=int, default=None, metavar="STEPS",
                    help="train both sides STEPS steps on the proxy set's labelled scan and score them on its copies")
     a = p.parse_args()
