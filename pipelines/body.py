@@ -72,12 +72,12 @@ def body_mask_low(hu: torch.Tensor, factor: int = FACTOR, threshold_hu: float = 
 
 def body_mask(
     hu: torch.Tensor, spacing: Sequence[float], factor: int = FACTOR, margin_mm: float = MASK_MARGIN_MM,
-    axial_axis: int | None = 2,
+    axial_axis: int | None = 2, low: np.ndarray | None = None,
 ) -> torch.Tensor | None:
     """The body grown by `margin_mm` and by at least one block (which holds the body voxels of
     the blocks at its edge that are under half body), as a boolean `(X, Y, Z)` over the grid of
     `hu` `(1, X, Y, Z)`; None when no body is found."""
-    low = body_mask_low(hu, factor, axial_axis=axial_axis)
+    low = body_mask_low(hu, factor, axial_axis=axial_axis) if low is None else low
     if not low.any():
         return None
     grow = [max(1, int(np.ceil(margin_mm / (s * factor)))) for s in spacing]
@@ -95,6 +95,7 @@ def body_box(
     margin_mm: float = MARGIN_MM,
     max_fraction: float = MAX_FRACTION,
     axial_axis: int | None = 2,
+    low: np.ndarray | None = None,
 ) -> tuple[slice, slice, slice] | None:
     """The box of the model grid `hu` `(1, X, Y, Z)` (Hounsfield units) that holds the body.
 
@@ -105,11 +106,12 @@ def body_box(
         margin_mm: Margin around the body.
         max_fraction: Above this fraction of the grid's voxels, no box (None).
         axial_axis: The grid's head-foot axis (`body_mask_low`).
+        low: `body_mask_low`'s result when the caller has it (computed otherwise).
 
     Returns:
         One slice per axis, or None when no body is found or the box would save little.
     """
-    mask = body_mask_low(hu, factor, axial_axis=axial_axis)
+    mask = body_mask_low(hu, factor, axial_axis=axial_axis) if low is None else low
     if not mask.any():
         return None
     size = hu.shape[1:]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from medvit.pipelines.atomic import write_json
-from medvit.pipelines.body import body_box, body_mask, head_foot_axis, window_box
+from medvit.pipelines.body import body_box, body_mask, body_mask_low, head_foot_axis, window_box
 from medvit.pipelines.checkpoint import ModelCard, load_model, model_precision, require_task
 from medvit.pipelines.dicom_seg import check_dicom_seg_input, read_seg_sources, write_dicom_seg
 from medvit.pipelines.errors import MedvitError
@@ -267,8 +267,9 @@ class Segmenter:
         box = body = None
         if self.config.body_crop == "auto" and self._is_ct:
             axial = head_foot_axis(self.prep.orientation)
-            box = body_box(resampled, self.prep.spacing, axial_axis=axial)
-            body = body_mask(resampled, self.prep.spacing, axial_axis=axial)
+            low = body_mask_low(resampled, axial_axis=axial)  # found once, for the box and the mask
+            box = body_box(resampled, self.prep.spacing, low=low)
+            body = body_mask(resampled, self.prep.spacing, low=low)
         images: list[torch.Tensor] = []
         scaled: dict[str, torch.Tensor] = {}
         for member in self.members:
